@@ -1,0 +1,44 @@
+"""The backend interface: moves bytes between host storage and guest buffers.
+
+A backend is a byte-addressed slice of host storage. Offsets are relative to the
+start of the slice; the namespace has already checked that every access lies
+inside it. Buffers are memoryviews straight into mmap'd guest memory (zero copy).
+Errors are raised as OSError and turned into NVMe status codes by the caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+
+class Backend(Protocol):
+    #: size of the slice in bytes
+    size: int
+    #: logical block size the storage itself needs for direct I/O (1 for buffered files)
+    block_size: int
+    readonly: bool
+    #: what the user named, for messages and the serial/model strings
+    description: str
+
+    def readv(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        """Fill the buffers, in order, from [offset, offset + total length)."""
+        ...
+
+    def writev(self, offset: int, buffers: Sequence[memoryview], fua: bool) -> None:
+        """Write the buffers, in order; with fua the data is durable on return."""
+        ...
+
+    def flush(self) -> None:
+        """Make every completed write durable."""
+        ...
+
+    def write_zeroes(self, offset: int, length: int, deallocate: bool) -> None:
+        """Make [offset, offset+length) read as zeroes; may release the space if deallocate."""
+        ...
+
+    def deallocate(self, offset: int, length: int) -> None:
+        """Advisory: release the space (punch a hole / discard). Data then reads as zeroes."""
+        ...
+
+    def close(self) -> None: ...

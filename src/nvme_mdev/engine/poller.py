@@ -1,0 +1,157 @@
+"""The I/O thread: polls the guest's I/O queues while there is work, parks when
+there is none, and is woken by the guest's next doorbell.
+
+With shadow doorbells the guest writes new SQ tails into its own memory, and
+the thread sees them by polling. Before parking it arms every EventIdx so the
+guest's next submission rings the real (trapped) doorbell, then looks once more
+for a submission that raced with the arming. Without shadow doorbells every
+doorbell traps anyway, so the thread parks as soon as the queues are empty.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+from ..nvme.controller import Controller
+
+log = logging.getLogger(__name__)
+
+DEFAULT_POLL_TIMEOUT = 0.5
+
+
+class IoThread:
+    def __init__(
+        self, controller: Controller, poll_timeout: float = DEFAULT_POLL_TIMEOUT, name: str = "io"
+    ) -> None:
+        self.controller = controller
+        #: seconds of idle polling before parking; 0 polls forever
+        self.poll_timeout = poll_timeout
+        self._wake = threading.Event()
+        self._cond = threading.Condition()
+        self._pause_requests = 0
+        self._is_paused = False
+        self._running = False
+        # A full memory barrier (an atomic instruction) between arming EventIdx and
+        # re-reading the shadow tails, so neither side misses the other's store.
+        self._barrier = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.parks = 0
+        self.wakeups = 0
+        controller.io_thread = self
+
+    def start(self) -> None:
+        self._running = True
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Finish the commands being processed, then end the thread."""
+        with self._cond:
+            self._running = False
+            self._cond.notify_all()
+        self._wake.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold the thread at the top of its loop, outside any queue."""
+        if threading.current_thread() is self._thread or not self._thread.is_alive():
+            yield
+            return
+        with self._cond:
+            self._pause_requests += 1
+            self._wake.set()
+            while not self._is_paused and self._thread.is_alive() and self._running:
+                self._cond.wait(0.1)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._pause_requests -= 1
+                self._cond.notify_all()
+
+    def _hold_if_asked(self) -> None:
+        with self._cond:
+            while self._pause_requests and self._running:
+                self._is_paused = True
+                self._cond.notify_all()
+                self._cond.wait()
+            self._is_paused = False
+
+    def _run(self) -> None:
+        ctrl = self.controller
+        idle_since = time.monotonic()
+        try:
+            while self._running:
+                if self._pause_requests:
+                    self._hold_if_asked()
+                    continue
+                if ctrl.process_io():
+                    idle_since = time.monotonic()
+                    continue
+                polling = ctrl.shadow_doorbells is not None
+                if polling and (
+                    self.poll_timeout == 0 or time.monotonic() - idle_since < self.poll_timeout
+                ):
+                    time.sleep(0)  # let the transport thread have the GIL
+                    continue
+                self._park()
+                idle_since = time.monotonic()
+        except Exception:
+            log.exception("I/O thread failed")
+            ctrl.fatal("I/O thread failed")
+            raise
+
+    def _park(self) -> None:
+        ctrl = self.controller
+        self._wake.clear()
+        ctrl.arm_event_indexes(parked=True)
+        with self._barrier:
+            pass
+        if ctrl.io_pending() or self._pause_requests or not self._running:
+            ctrl.arm_event_indexes(parked=False)
+            return
+        self.parks += 1
+        self._wake.wait()
+        self.wakeups += 1
+        ctrl.arm_event_indexes(parked=False)
+
+
+class AdminWorker:
+    """Runs admin commands (and delivers asynchronous events) off the transport's
+    thread, so that an admin command may wait on the transport (DMA messages)."""
+
+    def __init__(self, controller: Controller, name: str = "admin") -> None:
+        self.controller = controller
+        self._running = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._running = True
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._running = False
+        self.controller.admin_doorbell.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    def _run(self) -> None:
+        doorbell = self.controller.admin_doorbell
+        while self._running:
+            doorbell.wait()
+            doorbell.clear()
+            if not self._running:
+                break
+            try:
+                self.controller.process_admin()
+            except Exception:
+                log.exception("admin command processing failed")
+                self.controller.fatal("admin worker failed")

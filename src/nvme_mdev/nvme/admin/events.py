@@ -1,0 +1,99 @@
+"""Asynchronous Event Request (NVMe Base 5.2): events held until the host asks,
+and AER commands held until an event arrives."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING
+
+from ..errors import CommandError
+from ..spec import (
+    AER_TYPE_ERROR,
+    AER_TYPE_NOTICE,
+    LogPage,
+    Status,
+)
+
+if TYPE_CHECKING:
+    from ..controller import Controller
+
+ERROR_INVALID_DOORBELL_REGISTER = 0x00  # Write to Invalid Doorbell Register
+ERROR_INVALID_DOORBELL_VALUE = 0x01  # Invalid Doorbell Write Value
+NOTICE_NAMESPACE_ATTRIBUTE_CHANGED = 0x00
+
+# Async Event Configuration (feature 0x0B) bit that enables each notice.
+_NOTICE_ENABLE_BIT = {NOTICE_NAMESPACE_ATTRIBUTE_CHANGED: 1 << 8}
+
+
+class Deferred(Exception):
+    """The command completes later (an AER waiting for an event)."""
+
+
+class AsyncEvents:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.outstanding: deque[int] = deque()  # CIDs of waiting AER commands
+        self.pending: deque[tuple[int, int, int]] = deque()  # (type, info, log page)
+        #: event types reported and not yet cleared by reading their log page (Base 5.2.1)
+        self.masked_types: set[int] = set()
+
+    def reset(self) -> None:
+        self.outstanding.clear()
+        self.pending.clear()
+        self.masked_types.clear()
+
+    def queue(self, event_type: int, info: int, log_page: int) -> None:
+        if (event_type, info, log_page) not in self.pending:
+            self.pending.append((event_type, info, log_page))
+
+    def error(self, info: int, ctrl: Controller) -> None:
+        """An error event (raised from any thread; delivered by the admin worker)."""
+        self.queue(AER_TYPE_ERROR, info, LogPage.ERROR_INFORMATION)
+        ctrl.admin_doorbell.set()
+
+    def notice(self, info: int, log_page: int, ctrl: Controller) -> None:
+        enable = _NOTICE_ENABLE_BIT.get(info, 0)
+        if enable and not ctrl.features.async_event_config & enable:
+            return
+        self.queue(AER_TYPE_NOTICE, info, log_page)
+        ctrl.admin_doorbell.set()
+
+    def log_page_read(self, log_page: int) -> None:
+        """Reading a log page (with RAE clear) unmasks the event type that reported it."""
+        self.masked_types = {
+            t
+            for t in self.masked_types
+            if not (
+                (t == AER_TYPE_ERROR and log_page == LogPage.ERROR_INFORMATION)
+                or (t == AER_TYPE_NOTICE and log_page == LogPage.CHANGED_NAMESPACE_LIST)
+            )
+        }
+
+    def deliverable(self) -> bool:
+        if not self.outstanding:
+            return False
+        return any(t not in self.masked_types for t, _, _ in self.pending)
+
+    def deliver(self, ctrl: Controller) -> None:
+        """Complete waiting AERs with pending events (admin worker, controller lock held)."""
+        cq, sq = ctrl.admin_cq, ctrl.admin_sq
+        if cq is None or sq is None:
+            return
+        for event in list(self.pending):
+            if not self.outstanding or cq.is_full():
+                return
+            event_type, info, log_page = event
+            if event_type in self.masked_types:
+                continue
+            self.pending.remove(event)
+            self.masked_types.add(event_type)
+            cid = self.outstanding.popleft()
+            cq.post(event_type | (info << 8) | (log_page << 16), 0, sq.head, 0, cid, 0)
+
+
+def async_event_request(ctrl: Controller, dw: tuple[int, ...]) -> int:
+    events = ctrl.events
+    if len(events.outstanding) >= events.limit:
+        raise CommandError(Status.ASYNC_EVENT_REQUEST_LIMIT_EXCEEDED)
+    events.outstanding.append(dw[0] >> 16)
+    raise Deferred

@@ -1,0 +1,444 @@
+"""The NVMe controller model: properties, the enable/reset/shutdown/fatal state
+machine (NVMe Base 3.5), queues, and command dispatch.
+
+The model does no I/O of its own and owns no thread. Its callers are:
+- the PCI function, for property and doorbell accesses (`mmio_read`, `mmio_write`);
+- the engine's admin worker (`process_admin`) and I/O thread (`process_io`);
+- the control plane (namespaces, events).
+Guest memory, interrupts and storage are adapters handed in at construction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+from ..guest_memory import DmaError, GuestMemory
+from . import registers as regs
+from .admin import events, features, identify, log_pages
+from .admin import queues as queue_admin
+from .errors import CommandError, ControllerFatal
+from .identity import ControllerConfig
+from .interrupts import InterruptSink
+from .io import IoCommandSet, IoCounters
+from .namespace import Namespace
+from .queues import CompletionQueue, SubmissionQueue, release_views
+from .spec import (
+    CSS_ADMIN_ONLY,
+    CSS_NVM,
+    CSTS_CFS,
+    CSTS_RDY,
+    CSTS_SHST_COMPLETE,
+    CSTS_SHST_NORMAL,
+    DOORBELL_BASE,
+    SQE,
+    AdminOpcode,
+    Reg,
+    Status,
+    with_dnr,
+)
+
+log = logging.getLogger(__name__)
+
+AdminHandler = Callable[["Controller", tuple[int, ...]], int]
+
+
+class IoThreadHooks(Protocol):
+    """What the controller needs from whoever runs its I/O queues."""
+
+    def wake(self) -> None:
+        """New work may be in an I/O queue."""
+        ...
+
+    def paused(self) -> contextlib.AbstractContextManager[None]:
+        """No I/O queue is being processed while this is held."""
+        ...
+
+
+class _Inline:
+    """No I/O thread: tests drive process_io() themselves."""
+
+    def wake(self) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        yield
+
+
+class Controller:
+    def __init__(
+        self,
+        config: ControllerConfig,
+        memory: GuestMemory,
+        interrupts: InterruptSink,
+        namespaces: list[Namespace] | None = None,
+    ) -> None:
+        self.config = config
+        self.memory = memory
+        self.interrupts = interrupts
+        self.io_thread: IoThreadHooks = _Inline()
+        #: woken when an admin doorbell is rung or an event is queued
+        self.admin_doorbell = threading.Event()
+        # Serialises property writes, admin commands and resets against each other.
+        self.lock = threading.RLock()
+        self.registers = regs.RegisterFile(
+            cap=regs.Capabilities(
+                mqes=config.max_queue_entries - 1, timeout_500ms=10
+            ).encode()
+        )
+        self.namespaces: dict[int, Namespace] = {}
+        for ns in namespaces or []:
+            self.add_namespace(ns)
+        self.counters = IoCounters()
+        self.io = IoCommandSet(memory, self.namespaces, config.max_transfer, self.counters)
+        self.features = features.FeatureState(config)
+        self.io.write_cache_enabled = lambda: self.features.volatile_write_cache
+        self.events = events.AsyncEvents(config.aer_limit)
+        self.error_log = log_pages.ErrorLog(config.error_log_entries)
+        self.changed_namespaces: set[int] = set()
+        self.power_on_time = time.monotonic()
+        self.power_cycles = 1
+        self.unsafe_shutdowns = 0
+        self.admin_sq: SubmissionQueue | None = None
+        self.admin_cq: CompletionQueue | None = None
+        self.io_sqs: dict[int, SubmissionQueue] = {}
+        self.io_cqs: dict[int, CompletionQueue] = {}
+        #: the I/O thread's view: replaced whole, never mutated, so it reads without locks
+        self.active_io_sqs: tuple[SubmissionQueue, ...] = ()
+        self.shadow_doorbells: tuple[int, int] | None = None  # (shadow page, eventidx page)
+        self._admin_handlers: dict[int, AdminHandler] = {
+            AdminOpcode.IDENTIFY: identify.identify,
+            AdminOpcode.GET_LOG_PAGE: log_pages.get_log_page,
+            AdminOpcode.GET_FEATURES: features.get_features,
+            AdminOpcode.SET_FEATURES: features.set_features,
+            AdminOpcode.CREATE_IO_CQ: queue_admin.create_io_cq,
+            AdminOpcode.CREATE_IO_SQ: queue_admin.create_io_sq,
+            AdminOpcode.DELETE_IO_SQ: queue_admin.delete_io_sq,
+            AdminOpcode.DELETE_IO_CQ: queue_admin.delete_io_cq,
+            AdminOpcode.DOORBELL_BUFFER_CONFIG: queue_admin.doorbell_buffer_config,
+            AdminOpcode.ASYNC_EVENT_REQUEST: events.async_event_request,
+            AdminOpcode.ABORT: queue_admin.abort,
+            AdminOpcode.KEEP_ALIVE: _keep_alive,
+        }
+
+    # --- namespaces ---------------------------------------------------------
+
+    def add_namespace(self, ns: Namespace) -> None:
+        if not 1 <= ns.nsid <= self.config.max_namespaces:
+            raise ValueError(f"nsid {ns.nsid} outside 1..{self.config.max_namespaces}")
+        if ns.nsid in self.namespaces:
+            raise ValueError(f"nsid {ns.nsid} already in use")
+        self.namespaces[ns.nsid] = ns
+
+    # --- properties (BAR0) ----------------------------------------------------
+
+    def mmio_read(self, offset: int, size: int) -> int:
+        if offset >= DOORBELL_BASE:
+            return 0  # doorbells are write-only
+        with self.lock:
+            return self.registers.read(offset, size)
+
+    def mmio_write(self, offset: int, size: int, value: int) -> None:
+        if size == 8:  # two properties, or two doorbells, written at once
+            self.mmio_write(offset, 4, value & 0xFFFFFFFF)
+            self.mmio_write(offset + 4, 4, value >> 32)
+            return
+        if offset >= DOORBELL_BASE:
+            self._doorbell_write(offset, value & 0xFFFFFFFF)
+            return
+        with self.lock:
+            self._property_write(offset, value & 0xFFFFFFFF)
+
+    def _property_write(self, offset: int, value: int) -> None:
+        r = self.registers
+        if offset == Reg.CC:
+            self._cc_write(value)
+        elif offset == Reg.INTMS:
+            r.intms |= value
+            self._update_intx()
+        elif offset == Reg.INTMC:
+            r.intms &= ~value
+            self._update_intx()
+        elif offset == Reg.AQA:
+            r.aqa = value & 0x0FFF0FFF
+        elif offset in (Reg.ASQ, Reg.ASQ + 4, Reg.ACQ, Reg.ACQ + 4):
+            base = offset & ~0x7
+            shift = 32 if offset & 4 else 0
+            old = r.asq if base == Reg.ASQ else r.acq
+            new = (old & ~(0xFFFFFFFF << shift)) | (value << shift)
+            new &= ~0xFFF  # 4 KiB aligned: bits 11:0 are reserved
+            if base == Reg.ASQ:
+                r.asq = new
+            else:
+                r.acq = new
+        elif offset == Reg.NSSR:
+            pass  # NVM Subsystem Reset is not supported (CAP.NSSRS = 0)
+        # everything else is read-only
+
+    def _cc_write(self, value: int) -> None:
+        r = self.registers
+        old = r.cc
+        r.cc = value & regs.CC_WRITABLE
+        if regs.cc_enabled(old) and not regs.cc_enabled(value):
+            self.reset()
+            r.cc = value & regs.CC_WRITABLE
+            return
+        if not regs.cc_enabled(old) and regs.cc_enabled(value):
+            self._enable()
+        if regs.cc_shn(value) and not regs.cc_shn(old):
+            self._shutdown()
+        elif not regs.cc_shn(value) and regs.cc_shn(old):
+            r.csts = regs.with_shst(r.csts, CSTS_SHST_NORMAL)
+
+    def _enable(self) -> None:
+        r = self.registers
+        if r.fatal:
+            return
+        problem = self._enable_problem()
+        if problem:
+            log.warning("controller enable refused: %s", problem)
+            r.csts |= CSTS_CFS
+            return
+        try:
+            self.admin_cq = CompletionQueue(
+                self.memory, 0, r.acq, r.admin_cq_size(), vector=0, interrupts_enabled=True
+            )
+            self.admin_sq = SubmissionQueue(self.memory, 0, r.asq, r.admin_sq_size(), self.admin_cq)
+        except DmaError as exc:
+            log.warning("controller enable refused: admin queue memory: %s", exc)
+            r.csts |= CSTS_CFS
+            return
+        self.admin_cq.sq_ids.add(0)
+        r.csts |= CSTS_RDY
+
+    def _enable_problem(self) -> str:
+        r = self.registers
+        if regs.cc_mps(r.cc) != 0:
+            return "CC.MPS: only 4 KiB pages are supported"
+        if regs.cc_css(r.cc) not in (CSS_NVM, CSS_ADMIN_ONLY):
+            return "CC.CSS: unsupported command set"
+        if regs.cc_shn(r.cc):
+            return "CC.SHN set while enabling"
+        if (r.aqa & 0xFFF) == 0 or ((r.aqa >> 16) & 0xFFF) == 0:
+            return "AQA: admin queues need at least 2 entries"
+        return ""
+
+    def _shutdown(self) -> None:
+        """Normal or abrupt shutdown: stop processing and make all data durable."""
+        r = self.registers
+        with self.io_thread.paused():
+            for ns in self.namespaces.values():
+                with contextlib.suppress(OSError):
+                    ns.backend.flush()
+        r.csts = regs.with_shst(r.csts, CSTS_SHST_COMPLETE)
+
+    def reset(self) -> None:
+        """Controller Level Reset (CC.EN 1 → 0, FLR, DEVICE_RESET)."""
+        with self.lock, self.io_thread.paused():
+            queues: list[SubmissionQueue | CompletionQueue] = [
+                *self.io_sqs.values(),
+                *self.io_cqs.values(),
+            ]
+            if self.admin_sq and self.admin_cq:
+                queues += [self.admin_sq, self.admin_cq]
+            release_views(queues)
+            self.io_sqs.clear()
+            self.io_cqs.clear()
+            self.active_io_sqs = ()
+            self.admin_sq = self.admin_cq = None
+            self.shadow_doorbells = None
+            self.features.reset()
+            self.events.reset()
+            self.registers.reset()
+            self.interrupts.set_intx(False)
+
+    def fatal(self, reason: str) -> None:
+        """Controller Fatal Status: the host must reset us."""
+        log.error("controller fatal: %s", reason)
+        self.registers.csts |= CSTS_CFS
+
+    def release_memory_views(self) -> None:
+        """Drop every cached view of guest memory (the transport is about to unmap).
+        Queues resolve their memory again on next use."""
+        with self.lock, self.io_thread.paused():
+            queues: list[SubmissionQueue | CompletionQueue] = [
+                *self.io_sqs.values(),
+                *self.io_cqs.values(),
+            ]
+            if self.admin_sq and self.admin_cq:
+                queues += [self.admin_sq, self.admin_cq]
+            release_views(queues)
+
+    # --- doorbells ---------------------------------------------------------------
+
+    def _doorbell_write(self, offset: int, value: int) -> None:
+        index = (offset - DOORBELL_BASE) >> 2
+        qid, is_cq = index >> 1, bool(index & 1)
+        if not self.registers.ready or self.registers.fatal:
+            return
+        if qid == 0:
+            queue: SubmissionQueue | CompletionQueue | None = (
+                self.admin_cq if is_cq else self.admin_sq
+            )
+        else:
+            queue = self.io_cqs.get(qid) if is_cq else self.io_sqs.get(qid)
+        if queue is None:
+            self.events.error(events.ERROR_INVALID_DOORBELL_REGISTER, self)
+            return
+        if isinstance(queue, CompletionQueue):
+            if not queue.set_head(value):
+                self.events.error(events.ERROR_INVALID_DOORBELL_VALUE, self)
+                return
+            if not self.interrupts.msix_enabled():
+                self._update_intx()
+                if queue.shadow is not None:
+                    # QEMU ends an INTx only on a BAR access: have the guest ring each time.
+                    queue.shadow.set_event_index(value)
+            if qid:
+                self.io_thread.wake()  # completions may have waited for room
+            else:
+                self.admin_doorbell.set()
+            return
+        if not queue.set_tail(value):
+            self.events.error(events.ERROR_INVALID_DOORBELL_VALUE, self)
+            return
+        if qid == 0:
+            self.admin_doorbell.set()
+        else:
+            self.io_thread.wake()
+
+    # --- command processing --------------------------------------------------------
+
+    def process_admin(self) -> int:
+        """Run every admin command the guest has submitted; returns how many."""
+        done = 0
+        with self.lock:
+            sq, cq = self.admin_sq, self.admin_cq
+            if sq is None or cq is None or self.registers.fatal:
+                return 0
+            try:
+                while not sq.is_empty() and not cq.is_full():
+                    dw = SQE.unpack(sq.fetch())
+                    self._complete_admin(cq, sq, dw)
+                    done += 1
+                if self.events.deliverable():
+                    self.events.deliver(self)
+            except DmaError as exc:
+                self.fatal(f"admin queue memory: {exc}")
+                return done
+            if done or cq.has_unconsumed():
+                self.signal(cq)
+        return done
+
+    def _complete_admin(
+        self, cq: CompletionQueue, sq: SubmissionQueue, dw: tuple[int, ...]
+    ) -> None:
+        opcode = dw[0] & 0xFF
+        cid = dw[0] >> 16
+        handler = self._admin_handlers.get(opcode)
+        result = 0
+        try:
+            if handler is None:
+                raise CommandError(Status.INVALID_OPCODE, f"admin opcode {opcode:#x}")
+            if dw[0] & 0xC300:  # FUSE or SGL on an admin command
+                raise CommandError(Status.INVALID_FIELD, "fused/SGL admin command")
+            result = handler(self, dw)
+        except events.Deferred:
+            return  # an AER: completed when an event arrives
+        except CommandError as err:
+            self.post_error(cq, sq, dw, err)
+            return
+        except ControllerFatal as exc:
+            self.fatal(str(exc))
+            return
+        cq.post(result, 0, sq.head, 0, cid, Status.SUCCESS)
+
+    def post_error(
+        self, cq: CompletionQueue, sq: SubmissionQueue, dw: tuple[int, ...], err: CommandError
+    ) -> None:
+        sf = with_dnr(err.status)
+        log.debug("sq %d cid %d opcode %#x: %s", sq.qid, dw[0] >> 16, dw[0] & 0xFF, err)
+        self.error_log.record(sq.qid, dw[0] >> 16, sf, dw[1])
+        cq.post(0, 0, sq.head, sq.qid, dw[0] >> 16, sf)
+
+    def process_io(self, burst: int = 32) -> int:
+        """One round-robin pass over the I/O submission queues, at most `burst`
+        commands from each (Base 3.4.4 arbitration burst). Returns commands run."""
+        if self.registers.csts & CSTS_CFS:
+            return 0  # a fatal controller processes nothing until reset
+        done = 0
+        touched: list[CompletionQueue] = []
+        io = self.io
+        try:
+            for sq in self.active_io_sqs:
+                sq.refresh_tail()
+                if sq.head == sq.tail:
+                    continue
+                cq = sq.cq
+                n = 0
+                while n < burst and sq.head != sq.tail and not cq.is_full():
+                    dw = SQE.unpack(sq.fetch())
+                    try:
+                        io.execute(dw)
+                    except CommandError as err:
+                        self.post_error(cq, sq, dw, err)
+                    else:
+                        cq.post(0, 0, sq.head, sq.qid, dw[0] >> 16, 0)
+                    n += 1
+                if n:
+                    done += n
+                    if cq not in touched:
+                        touched.append(cq)
+                    # Keep the guest from ringing while we poll (see queues.arm_event_index).
+                    sq.arm_event_index(parked=False)
+        except DmaError as exc:
+            self.fatal(f"I/O queue memory: {exc}")
+        for cq in touched:
+            self.signal(cq)
+        return done
+
+    def signal(self, cq: CompletionQueue) -> None:
+        """Tell the guest about new completions on `cq`."""
+        if not cq.interrupts_enabled:
+            return
+        if self.interrupts.msix_enabled():
+            self.interrupts.signal(cq.vector)
+        else:
+            self._update_intx()
+
+    def _update_intx(self) -> None:
+        """INTx is level-triggered: asserted while any interrupt-enabled CQ holds
+        entries the host has not consumed and vector 0 is not masked (INTMS)."""
+        if self.interrupts.msix_enabled():
+            return
+        if self.registers.intms & 1:
+            self.interrupts.set_intx(False)
+            return
+        cqs = list(self.io_cqs.values())
+        if self.admin_cq is not None:
+            cqs.append(self.admin_cq)
+        self.interrupts.set_intx(any(cq.interrupts_enabled and cq.has_unconsumed() for cq in cqs))
+
+    def io_pending(self) -> bool:
+        """Whether any I/O submission queue has commands (reads shadow doorbells)."""
+        for sq in self.active_io_sqs:
+            sq.refresh_tail()
+            if sq.head != sq.tail:
+                return True
+        return False
+
+    def arm_event_indexes(self, parked: bool) -> None:
+        for sq in self.active_io_sqs:
+            sq.arm_event_index(parked)
+
+    def uptime_hours(self) -> int:
+        return int((time.monotonic() - self.power_on_time) // 3600)
+
+
+def _keep_alive(ctrl: Controller, dw: tuple[int, ...]) -> int:
+    return 0

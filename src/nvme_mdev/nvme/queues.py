@@ -1,0 +1,262 @@
+"""Submission and completion queues (NVMe Base 3.3), with shadow doorbells.
+
+Queues are physically contiguous (CAP.CQR = 1). A queue's memory is resolved
+to a zero-copy view once; where guest memory is only reachable by messages the
+queue falls back to copying one entry at a time.
+
+Shadow doorbells (Doorbell Buffer Config, Base 5.9): the guest writes its SQ
+tails and CQ heads into a page of its own memory and rings the real doorbell
+only when our EventIdx says so (Linux's nvme_dbbuf_need_event rule:
+ring iff (u16)(new - event_idx - 1) < (u16)(new - old)).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from ..guest_memory import DmaError, GuestMemory
+from .spec import CQE_SIZE, SQE_SIZE
+
+_U32 = struct.Struct("<I")
+_DW0_11 = struct.Struct("<III")  # CQE DW0, DW1, DW2 (SQHD | SQID << 16)
+_DW3 = struct.Struct("<I")  # CQE DW3 (CID | phase << 16 | status << 17)
+
+
+class _GuestSlots:
+    """A fixed guest range, reached through a cached zero-copy view when there is one.
+
+    release() drops the view (the transport is about to unmap memory); the next access
+    looks the range up again, and copies through the GuestMemory if that fails."""
+
+    __slots__ = ("_memory", "_stale", "_view", "base", "length")
+
+    def __init__(self, memory: GuestMemory, base: int, length: int) -> None:
+        self._memory = memory
+        self.base = base
+        self.length = length
+        self._view: memoryview | None = memory.view(base, length, True)  # DmaError if unmapped
+        self._stale = False
+
+    def release(self) -> None:
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        self._stale = True
+
+    def view(self) -> memoryview | None:
+        if self._stale:
+            self._stale = False
+            try:
+                self._view = self._memory.view(self.base, self.length, True)
+            except DmaError:
+                self._view = None  # reads/writes will report it
+        return self._view
+
+    def read(self, offset: int, length: int) -> bytes | memoryview:
+        view = self._view if not self._stale else self.view()
+        if view is not None:
+            return view[offset : offset + length]
+        return self._memory.read(self.base + offset, length)
+
+    def write(self, offset: int, data: bytes) -> None:
+        view = self._view if not self._stale else self.view()
+        if view is not None:
+            view[offset : offset + len(data)] = data
+        else:
+            self._memory.write(self.base + offset, data)
+
+
+class QueueMemory(_GuestSlots):
+    """`entries` fixed-size slots at a guest address."""
+
+    __slots__ = ("entries", "entry_size")
+
+    def __init__(self, memory: GuestMemory, base: int, entries: int, entry_size: int) -> None:
+        super().__init__(memory, base, entries * entry_size)
+        self.entries = entries
+        self.entry_size = entry_size
+
+    def read_entry(self, index: int) -> bytes | memoryview:
+        return self.read(index * self.entry_size, self.entry_size)
+
+    def write_cqe(self, index: int, dw0: int, dw1: int, dw2: int, dw3: int) -> None:
+        off = index * CQE_SIZE
+        view = self._view if not self._stale else self.view()
+        if view is not None:
+            # DW3 carries the phase tag: it must become visible last (x86 keeps store order).
+            _DW0_11.pack_into(view, off, dw0, dw1, dw2)
+            _DW3.pack_into(view, off + 12, dw3)
+        else:
+            self._memory.write(self.base + off, _DW0_11.pack(dw0, dw1, dw2))
+            self._memory.write(self.base + off + 12, _DW3.pack(dw3))
+
+
+class ShadowDoorbell:
+    """One queue's slots in the shadow doorbell and EventIdx buffers."""
+
+    __slots__ = ("_eventidx", "_shadow")
+
+    def __init__(self, memory: GuestMemory, shadow_addr: int, eventidx_addr: int) -> None:
+        self._shadow = _GuestSlots(memory, shadow_addr, 4)
+        self._eventidx = _GuestSlots(memory, eventidx_addr, 4)
+
+    def value(self) -> int:
+        return int(_U32.unpack(self._shadow.read(0, 4))[0])
+
+    def set_value(self, value: int) -> None:
+        self._shadow.write(0, _U32.pack(value))
+
+    def set_event_index(self, value: int) -> None:
+        self._eventidx.write(0, _U32.pack(value & 0xFFFF))
+
+    def release(self) -> None:
+        self._shadow.release()
+        self._eventidx.release()
+
+
+class CompletionQueue:
+    __slots__ = (
+        "head",
+        "interrupts_enabled",
+        "memory",
+        "phase",
+        "qid",
+        "shadow",
+        "size",
+        "sq_ids",
+        "tail",
+        "vector",
+    )
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        qid: int,
+        base: int,
+        size: int,
+        vector: int,
+        interrupts_enabled: bool,
+    ) -> None:
+        self.qid = qid
+        self.size = size
+        self.vector = vector
+        self.interrupts_enabled = interrupts_enabled
+        self.memory = QueueMemory(memory, base, size, CQE_SIZE)
+        self.head = 0
+        self.tail = 0
+        self.phase = 1
+        self.shadow: ShadowDoorbell | None = None
+        self.sq_ids: set[int] = set()
+
+    def refresh_head(self) -> None:
+        """Take the head from the shadow doorbell, if the guest uses one."""
+        if self.shadow is not None:
+            head = self.shadow.value()
+            if head < self.size:
+                self.head = head
+
+    def is_full(self) -> bool:
+        if (self.tail + 1) % self.size != self.head:
+            return False
+        self.refresh_head()
+        return (self.tail + 1) % self.size == self.head
+
+    def has_unconsumed(self) -> bool:
+        return self.head != self.tail
+
+    def post(self, dw0: int, dw1: int, sq_head: int, sq_id: int, cid: int, status: int) -> None:
+        """Write one completion; the caller has checked is_full()."""
+        self.memory.write_cqe(
+            self.tail, dw0, dw1, sq_head | (sq_id << 16), cid | (self.phase << 16) | (status << 17)
+        )
+        self.tail += 1
+        if self.tail == self.size:
+            self.tail = 0
+            self.phase ^= 1
+
+    def set_head(self, head: int) -> bool:
+        """A CQ head doorbell write; False if the value is invalid (Base 3.3.1.2)."""
+        if head >= self.size or not self._between_head_and_tail(head):
+            return False
+        self.head = head
+        return True
+
+    def _between_head_and_tail(self, value: int) -> bool:
+        # The new head may advance over posted entries only, never past the tail.
+        consumed = (value - self.head) % self.size
+        posted = (self.tail - self.head) % self.size
+        return consumed <= posted
+
+
+class SubmissionQueue:
+    __slots__ = ("cq", "head", "memory", "priority", "qid", "shadow", "size", "tail")
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        qid: int,
+        base: int,
+        size: int,
+        cq: CompletionQueue,
+        priority: int = 0,
+    ) -> None:
+        self.qid = qid
+        self.size = size
+        self.cq = cq
+        self.priority = priority
+        self.memory = QueueMemory(memory, base, size, SQE_SIZE)
+        self.head = 0
+        self.tail = 0
+        self.shadow: ShadowDoorbell | None = None
+
+    def refresh_tail(self) -> None:
+        """Take the tail from the shadow doorbell, if the guest uses one."""
+        if self.shadow is not None:
+            tail = self.shadow.value()
+            if tail < self.size:
+                self.tail = tail
+
+    def set_tail(self, tail: int) -> bool:
+        """An SQ tail doorbell write; False if the value is invalid (Base 3.3.1.1)."""
+        if tail >= self.size:
+            return False
+        self.tail = tail
+        return True
+
+    def is_empty(self) -> bool:
+        return self.head == self.tail
+
+    def pending(self) -> int:
+        return (self.tail - self.head) % self.size
+
+    def fetch(self) -> bytes | memoryview:
+        """The entry at the head, consuming it."""
+        entry = self.memory.read_entry(self.head)
+        self.head += 1
+        if self.head == self.size:
+            self.head = 0
+        return entry
+
+    def arm_event_index(self, parked: bool) -> None:
+        """Ask the guest to ring the real doorbell on its next submission (parked) or not."""
+        if self.shadow is not None:
+            # EventIdx = consumed tail: next new tail rings. tail - 1: a polling thread
+            # sees new entries by itself, so the guest can skip the doorbell.
+            self.shadow.set_event_index(self.tail if parked else self.tail - 1)
+
+
+def release_views(queues: list[SubmissionQueue | CompletionQueue]) -> None:
+    for q in queues:
+        q.memory.release()
+        if q.shadow is not None:
+            q.shadow.release()
+
+
+__all__ = [
+    "CompletionQueue",
+    "DmaError",
+    "QueueMemory",
+    "ShadowDoorbell",
+    "SubmissionQueue",
+    "release_views",
+]

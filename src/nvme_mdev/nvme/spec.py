@@ -1,0 +1,309 @@
+"""Constants and wire structures of the NVMe Base and NVM Command Set specifications.
+
+Numbers here are the specification's; section references are to NVMe Base 2.0c
+and NVM Command Set 1.0c.
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum
+
+PAGE_SIZE = 4096
+SQE_SIZE = 64  # 2^6, SQES
+CQE_SIZE = 16  # 2^4, CQES
+
+# --- Controller registers (Base 3.1.4) --------------------------------------
+
+
+class Reg(IntEnum):
+    CAP = 0x00
+    VS = 0x08
+    INTMS = 0x0C
+    INTMC = 0x10
+    CC = 0x14
+    CSTS = 0x1C
+    NSSR = 0x20
+    AQA = 0x24
+    ASQ = 0x28
+    ACQ = 0x30
+    CMBLOC = 0x38
+    CMBSZ = 0x3C
+    BPINFO = 0x40
+    BPRSEL = 0x44
+    BPMBL = 0x48
+    CMBMSC = 0x50
+    CMBSTS = 0x58
+    PMRCAP = 0xE00
+
+
+DOORBELL_BASE = 0x1000
+
+# CC fields
+CC_EN = 1 << 0
+CC_CSS_SHIFT, CC_CSS_MASK = 4, 0x7
+CC_MPS_SHIFT, CC_MPS_MASK = 7, 0xF
+CC_AMS_SHIFT, CC_AMS_MASK = 11, 0x7
+CC_SHN_SHIFT, CC_SHN_MASK = 14, 0x3
+CC_IOSQES_SHIFT, CC_IOSQES_MASK = 16, 0xF
+CC_IOCQES_SHIFT, CC_IOCQES_MASK = 20, 0xF
+
+# CSTS fields
+CSTS_RDY = 1 << 0
+CSTS_CFS = 1 << 1
+CSTS_SHST_SHIFT = 2
+CSTS_SHST_NORMAL, CSTS_SHST_OCCURRING, CSTS_SHST_COMPLETE = 0, 1, 2
+CSTS_NSSRO = 1 << 4
+CSTS_PP = 1 << 5
+
+CSS_NVM = 0
+CSS_ADMIN_ONLY = 7
+
+# --- Opcodes (Base 5, NVM 3) --------------------------------------------------
+
+
+class AdminOpcode(IntEnum):
+    DELETE_IO_SQ = 0x00
+    CREATE_IO_SQ = 0x01
+    GET_LOG_PAGE = 0x02
+    DELETE_IO_CQ = 0x04
+    CREATE_IO_CQ = 0x05
+    IDENTIFY = 0x06
+    ABORT = 0x08
+    SET_FEATURES = 0x09
+    GET_FEATURES = 0x0A
+    ASYNC_EVENT_REQUEST = 0x0C
+    NAMESPACE_MANAGEMENT = 0x0D
+    FIRMWARE_COMMIT = 0x10
+    FIRMWARE_DOWNLOAD = 0x11
+    DEVICE_SELF_TEST = 0x14
+    NAMESPACE_ATTACHMENT = 0x15
+    KEEP_ALIVE = 0x18
+    DIRECTIVE_SEND = 0x19
+    DIRECTIVE_RECEIVE = 0x1A
+    VIRTUALIZATION_MANAGEMENT = 0x1C
+    NVME_MI_SEND = 0x1D
+    NVME_MI_RECEIVE = 0x1E
+    DOORBELL_BUFFER_CONFIG = 0x7C
+    FORMAT_NVM = 0x80
+    SECURITY_SEND = 0x81
+    SECURITY_RECEIVE = 0x82
+    SANITIZE = 0x84
+
+
+class IoOpcode(IntEnum):
+    FLUSH = 0x00
+    WRITE = 0x01
+    READ = 0x02
+    WRITE_UNCORRECTABLE = 0x04
+    COMPARE = 0x05
+    WRITE_ZEROES = 0x08
+    DATASET_MANAGEMENT = 0x09
+    VERIFY = 0x0C
+    RESERVATION_REGISTER = 0x0D
+    RESERVATION_REPORT = 0x0E
+    RESERVATION_ACQUIRE = 0x11
+    RESERVATION_RELEASE = 0x15
+    COPY = 0x19
+
+
+# --- Status codes (Base 4.6.1.2) ---------------------------------------------
+
+SCT_GENERIC = 0x0
+SCT_COMMAND_SPECIFIC = 0x1
+SCT_MEDIA = 0x2
+SCT_PATH = 0x3
+
+
+def status(sct: int, sc: int, dnr: bool = False, more: bool = False) -> int:
+    """The 15-bit Status Field of a completion entry (bits 15:1 of DW3 >> 1)."""
+    return (int(dnr) << 14) | (int(more) << 13) | (sct << 8) | sc
+
+
+class Status(IntEnum):
+    """Status Field values (SCT << 8 | SC), without DNR; see status_with_dnr()."""
+
+    SUCCESS = 0x000
+    INVALID_OPCODE = 0x001
+    INVALID_FIELD = 0x002
+    CID_CONFLICT = 0x003
+    DATA_TRANSFER_ERROR = 0x004
+    POWER_LOSS_ABORT = 0x005
+    INTERNAL_ERROR = 0x006
+    ABORT_REQUESTED = 0x007
+    ABORT_SQ_DELETED = 0x008
+    ABORT_FUSE_FAILED = 0x009
+    ABORT_FUSE_MISSING = 0x00A
+    INVALID_NAMESPACE = 0x00B
+    COMMAND_SEQUENCE_ERROR = 0x00C
+    INVALID_SGL_SEGMENT_DESCRIPTOR = 0x00D
+    INVALID_NUMBER_OF_SGL_DESCRIPTORS = 0x00E
+    DATA_SGL_LENGTH_INVALID = 0x00F
+    METADATA_SGL_LENGTH_INVALID = 0x010
+    SGL_DESCRIPTOR_TYPE_INVALID = 0x011
+    INVALID_USE_OF_CMB = 0x012
+    PRP_OFFSET_INVALID = 0x013
+    SGL_OFFSET_INVALID = 0x016
+    HOST_ID_INCONSISTENT = 0x018
+    KEEP_ALIVE_EXPIRED = 0x019
+    KEEP_ALIVE_INVALID = 0x01A
+    ABORT_PREEMPT = 0x01B
+    SANITIZE_FAILED = 0x01C
+    SANITIZE_IN_PROGRESS = 0x01D
+    SGL_DATA_BLOCK_GRANULARITY_INVALID = 0x01E
+    NAMESPACE_WRITE_PROTECTED = 0x020
+    COMMAND_INTERRUPTED = 0x021
+    TRANSIENT_TRANSPORT_ERROR = 0x022
+    LBA_OUT_OF_RANGE = 0x080
+    CAPACITY_EXCEEDED = 0x081
+    NAMESPACE_NOT_READY = 0x082
+    # Command specific (SCT 1)
+    COMPLETION_QUEUE_INVALID = 0x100
+    INVALID_QUEUE_IDENTIFIER = 0x101
+    INVALID_QUEUE_SIZE = 0x102
+    ABORT_COMMAND_LIMIT_EXCEEDED = 0x103
+    ASYNC_EVENT_REQUEST_LIMIT_EXCEEDED = 0x105
+    INVALID_FIRMWARE_SLOT = 0x106
+    INVALID_FIRMWARE_IMAGE = 0x107
+    INVALID_INTERRUPT_VECTOR = 0x108
+    INVALID_LOG_PAGE = 0x109
+    INVALID_FORMAT = 0x10A
+    INVALID_QUEUE_DELETION = 0x10C
+    FEATURE_ID_NOT_SAVEABLE = 0x10D
+    FEATURE_NOT_CHANGEABLE = 0x10E
+    FEATURE_NOT_NAMESPACE_SPECIFIC = 0x10F
+    NAMESPACE_ALREADY_ATTACHED = 0x118
+    NAMESPACE_IS_PRIVATE = 0x119
+    NAMESPACE_NOT_ATTACHED = 0x11A
+    CONTROLLER_LIST_INVALID = 0x11C
+    INVALID_CONTROLLER_IDENTIFIER = 0x11F
+    CONFLICTING_ATTRIBUTES = 0x180
+    INVALID_PROTECTION_INFORMATION = 0x181
+    WRITE_TO_READ_ONLY_RANGE = 0x182
+    COMMAND_SIZE_LIMIT_EXCEEDED = 0x183
+    # Media and data integrity errors (SCT 2)
+    WRITE_FAULT = 0x280
+    UNRECOVERED_READ_ERROR = 0x281
+    COMPARE_FAILURE = 0x285
+    ACCESS_DENIED = 0x286
+    DEALLOCATED_OR_UNWRITTEN = 0x287
+
+
+DNR = 1 << 14
+
+# Errors that the same command would hit again: the host must not retry them.
+_RETRYABLE = {
+    Status.SUCCESS,
+    Status.DATA_TRANSFER_ERROR,
+    Status.INTERNAL_ERROR,
+    Status.ABORT_REQUESTED,
+    Status.ABORT_SQ_DELETED,
+    Status.COMMAND_INTERRUPTED,
+    Status.TRANSIENT_TRANSPORT_ERROR,
+    Status.NAMESPACE_NOT_READY,
+    Status.WRITE_FAULT,
+    Status.UNRECOVERED_READ_ERROR,
+}
+
+
+def with_dnr(sf: int) -> int:
+    """The status field with Do Not Retry set where retrying cannot help."""
+    return sf if sf in _RETRYABLE else sf | DNR
+
+
+# --- Feature identifiers (Base 5.27.1) -----------------------------------------
+
+
+class FeatureId(IntEnum):
+    ARBITRATION = 0x01
+    POWER_MANAGEMENT = 0x02
+    LBA_RANGE_TYPE = 0x03
+    TEMPERATURE_THRESHOLD = 0x04
+    ERROR_RECOVERY = 0x05
+    VOLATILE_WRITE_CACHE = 0x06
+    NUMBER_OF_QUEUES = 0x07
+    INTERRUPT_COALESCING = 0x08
+    INTERRUPT_VECTOR_CONFIG = 0x09
+    WRITE_ATOMICITY = 0x0A
+    ASYNC_EVENT_CONFIG = 0x0B
+    AUTONOMOUS_POWER_STATE_TRANSITION = 0x0C
+    HOST_MEMORY_BUFFER = 0x0D
+    TIMESTAMP = 0x0E
+    KEEP_ALIVE_TIMER = 0x0F
+    HOST_CONTROLLED_THERMAL_MGMT = 0x10
+    NON_OPERATIONAL_POWER_STATE = 0x11
+    READ_RECOVERY_LEVEL = 0x12
+    PREDICTABLE_LATENCY_CONFIG = 0x13
+    PREDICTABLE_LATENCY_WINDOW = 0x14
+    HOST_BEHAVIOR_SUPPORT = 0x16
+    SANITIZE_CONFIG = 0x17
+    ENDURANCE_GROUP_EVENT_CONFIG = 0x18
+    IO_COMMAND_SET_PROFILE = 0x19
+    SOFTWARE_PROGRESS_MARKER = 0x80
+    HOST_IDENTIFIER = 0x81
+    RESERVATION_NOTIFICATION_MASK = 0x82
+    RESERVATION_PERSISTENCE = 0x83
+    NAMESPACE_WRITE_PROTECTION = 0x84
+
+
+# --- Log pages (Base 5.16.1) ---------------------------------------------------
+
+
+class LogPage(IntEnum):
+    SUPPORTED_LOG_PAGES = 0x00
+    ERROR_INFORMATION = 0x01
+    SMART_HEALTH = 0x02
+    FIRMWARE_SLOT = 0x03
+    CHANGED_NAMESPACE_LIST = 0x04
+    COMMANDS_SUPPORTED_AND_EFFECTS = 0x05
+    DEVICE_SELF_TEST = 0x06
+    TELEMETRY_HOST = 0x07
+    ENDURANCE_GROUP = 0x09
+    FEATURE_IDENTIFIERS_SUPPORTED = 0x12
+
+
+# --- Identify CNS values (Base 5.17.1) -----------------------------------------
+
+
+class Cns(IntEnum):
+    NAMESPACE = 0x00
+    CONTROLLER = 0x01
+    ACTIVE_NAMESPACE_LIST = 0x02
+    NAMESPACE_ID_DESCRIPTORS = 0x03
+    NVM_SET_LIST = 0x04
+    CS_NAMESPACE = 0x05
+    CS_CONTROLLER = 0x06
+    CS_ACTIVE_NAMESPACE_LIST = 0x07
+    CS_INDEPENDENT_NAMESPACE = 0x08
+    ALLOCATED_NAMESPACE_LIST = 0x10
+    ALLOCATED_NAMESPACE = 0x11
+    NAMESPACE_ATTACHED_CONTROLLER_LIST = 0x12
+    CONTROLLER_LIST = 0x13
+    PRIMARY_CONTROLLER_CAPABILITIES = 0x14
+    SECONDARY_CONTROLLER_LIST = 0x15
+    NAMESPACE_GRANULARITY_LIST = 0x16
+    UUID_LIST = 0x17
+    DOMAIN_LIST = 0x18
+    ENDURANCE_GROUP_LIST = 0x19
+    CS_ALLOCATED_NAMESPACE_LIST = 0x1A
+    CS_ALLOCATED_NAMESPACE = 0x1B
+    IO_COMMAND_SET = 0x1C
+
+
+CSI_NVM = 0x00
+
+# --- Asynchronous events (Base 5.2) --------------------------------------------
+
+AER_TYPE_ERROR = 0x0
+AER_TYPE_SMART = 0x1
+AER_TYPE_NOTICE = 0x2
+AER_TYPE_IO_CMD_SET = 0x6
+
+# --- Submission and completion queue entries ------------------------------------
+
+# Command Dword 0..15 as little-endian u32s; struct offsets of the named fields.
+SQE = struct.Struct("<16I")
+CQE = struct.Struct("<IIHHHH")  # DW0, DW1, SQHD, SQID, CID, status+phase
+
+PSDT_PRP = 0
+FUSE_NONE = 0

@@ -1,0 +1,305 @@
+"""Queue management admin commands (NVMe Base 2.0: Create/Delete I/O Completion Queue,
+Create/Delete I/O Submission Queue, Doorbell Buffer Config, Abort, Keep Alive)."""
+
+from __future__ import annotations
+
+import pytest
+from harness import PAGE, UNMAPPED, Host, HostQueue, prp, with_dnr
+
+from nvme_mdev.nvme.spec import AdminOpcode, FeatureId, IoOpcode, Status
+
+
+def flush(nsid: int = 1) -> list[int]:
+    return [IoOpcode.FLUSH, nsid]
+
+
+# --- Create I/O Completion Queue -------------------------------------------------
+
+
+def test_create_cq_success_and_use(host: Host) -> None:
+    q = host.create_io_queue_pair(1, entries=16)
+    c = host.io_cmd(1, flush())
+    assert c.status == 0 and c.sq_id == 1 and c.sq_head == 1
+    assert q.cq_head == 1
+
+
+@pytest.mark.parametrize("qid", [0, 65, 0xFFFF])
+def test_create_cq_invalid_qid(host: Host, qid: int) -> None:
+    assert host.create_cq(qid, 16).status == with_dnr(Status.INVALID_QUEUE_IDENTIFIER)
+
+
+def test_create_cq_duplicate_qid(host: Host) -> None:
+    assert host.create_cq(3, 16).status == 0
+    assert host.create_cq(3, 16).status == with_dnr(Status.INVALID_QUEUE_IDENTIFIER)
+
+
+def test_create_cq_highest_qid(host: Host) -> None:
+    assert host.create_cq(64, 16, vector=1).status == 0
+
+
+@pytest.mark.parametrize("entries", [1, 1025, 0x10000])
+def test_create_cq_invalid_size(host: Host, entries: int) -> None:
+    addr = host.alloc(PAGE)
+    assert host.create_cq(1, entries, addr).status == with_dnr(Status.INVALID_QUEUE_SIZE)
+
+
+def test_create_cq_size_limits(host: Host) -> None:
+    assert host.create_cq(1, 2).status == 0  # the smallest queue
+    assert host.create_cq(2, 1024).status == 0  # CAP.MQES + 1
+
+
+def test_create_cq_not_contiguous(host: Host) -> None:
+    assert host.create_cq(1, 16, pc=False).status == with_dnr(Status.INVALID_FIELD)
+
+
+@pytest.mark.parametrize("vector", [65, 0xFFFF])
+def test_create_cq_invalid_vector(host: Host, vector: int) -> None:
+    c = host.create_cq(1, 16, vector=vector)
+    assert c.status == with_dnr(Status.INVALID_INTERRUPT_VECTOR)
+
+
+def test_create_cq_vector_limit(host: Host) -> None:
+    assert host.create_cq(1, 16, vector=64).status == 0  # 65 MSI-X vectors: 0..64
+    assert host.create_cq(2, 16, vector=0).status == 0  # may share the admin vector
+
+
+def test_create_cq_nonzero_vector_without_msix(host: Host) -> None:
+    """With MSI-X off only vector 0 exists (the Create I/O CQ IV field 'shall be cleared
+    to 0h' then; QEMU answers Invalid Interrupt Vector)."""
+    host.interrupts.msix = False
+    assert host.create_cq(1, 16, vector=1).status == with_dnr(Status.INVALID_INTERRUPT_VECTOR)
+    assert host.create_cq(1, 16, vector=0).status == 0
+
+
+def test_create_cq_misaligned_base(host: Host) -> None:
+    addr = host.alloc(2 * PAGE) + 0x100
+    assert host.create_cq(1, 16, addr).status == with_dnr(Status.PRP_OFFSET_INVALID)
+
+
+def test_create_cq_unmapped_base(host: Host) -> None:
+    assert host.create_cq(1, 16, UNMAPPED).status == Status.DATA_TRANSFER_ERROR
+
+
+def test_create_cq_respects_number_of_queues_per_type(host: Host) -> None:
+    """NCQA and NSQA are separate limits (Number of Queues feature)."""
+    c = host.set_feature(FeatureId.NUMBER_OF_QUEUES, 1 | (3 << 16))  # 2 SQs, 4 CQs
+    assert c.status == 0 and c.dw0 == 1 | (3 << 16)
+    assert host.create_cq(4, 16).status == 0
+    assert host.create_cq(5, 16).status == with_dnr(Status.INVALID_QUEUE_IDENTIFIER)
+    assert host.create_sq(2, 16, 4).status == 0
+    assert host.create_sq(3, 16, 4).status == with_dnr(Status.INVALID_QUEUE_IDENTIFIER)
+
+
+# --- Create I/O Submission Queue -------------------------------------------------
+
+
+def test_create_sq_cq_missing(host: Host) -> None:
+    assert host.create_sq(1, 16, 1).status == with_dnr(Status.COMPLETION_QUEUE_INVALID)
+    # CQ 0 is the admin CQ: an I/O SQ may not use it.
+    assert host.create_sq(1, 16, 0).status == with_dnr(Status.COMPLETION_QUEUE_INVALID)
+
+
+@pytest.mark.parametrize("qid", [0, 65])
+def test_create_sq_invalid_qid(host: Host, qid: int) -> None:
+    assert host.create_cq(1, 16).status == 0
+    assert host.create_sq(qid, 16, 1).status == with_dnr(Status.INVALID_QUEUE_IDENTIFIER)
+
+
+def test_create_sq_duplicate_qid(host: Host) -> None:
+    assert host.create_cq(1, 16).status == 0
+    assert host.create_sq(1, 16, 1).status == 0
+    assert host.create_sq(1, 16, 1).status == with_dnr(Status.INVALID_QUEUE_IDENTIFIER)
+
+
+@pytest.mark.parametrize("entries", [1, 1025])
+def test_create_sq_invalid_size(host: Host, entries: int) -> None:
+    assert host.create_cq(1, 16).status == 0
+    addr = host.alloc(PAGE)
+    assert host.create_sq(1, entries, 1, addr).status == with_dnr(Status.INVALID_QUEUE_SIZE)
+
+
+def test_create_sq_not_contiguous(host: Host) -> None:
+    assert host.create_cq(1, 16).status == 0
+    assert host.create_sq(1, 16, 1, pc=False).status == with_dnr(Status.INVALID_FIELD)
+
+
+def test_create_sq_misaligned_and_unmapped_base(host: Host) -> None:
+    assert host.create_cq(1, 16).status == 0
+    addr = host.alloc(2 * PAGE) + 64
+    assert host.create_sq(1, 16, 1, addr).status == with_dnr(Status.PRP_OFFSET_INVALID)
+    assert host.create_sq(1, 16, 1, UNMAPPED).status == Status.DATA_TRANSFER_ERROR
+
+
+# --- Delete I/O queues --------------------------------------------------------------
+
+
+def test_delete_cq_with_sq_attached(host: Host) -> None:
+    host.create_io_queue_pair(1)
+    assert host.delete_cq(1).status == with_dnr(Status.INVALID_QUEUE_DELETION)
+    assert host.delete_sq(1).status == 0
+    assert host.delete_cq(1).status == 0
+    assert not host.ctrl.io_sqs and not host.ctrl.io_cqs
+
+
+def test_delete_nonexistent_queues(host: Host) -> None:
+    for delete in (host.delete_sq, host.delete_cq):
+        assert delete(0).status == with_dnr(Status.INVALID_QUEUE_IDENTIFIER)
+        assert delete(7).status == with_dnr(Status.INVALID_QUEUE_IDENTIFIER)
+    host.create_io_queue_pair(1)
+    assert host.delete_sq(1).status == 0
+    assert host.delete_sq(1).status == with_dnr(Status.INVALID_QUEUE_IDENTIFIER)
+
+
+def test_deleted_sq_is_no_longer_processed(host: Host) -> None:
+    q = host.create_io_queue_pair(1)
+    assert host.delete_sq(1).status == 0
+    q.submit(flush(), ring=False)
+    assert host.ctrl.process_io() == 0
+    # Its id can be used again, with the queue starting empty.
+    assert host.create_sq(1, 16, 1).status == 0
+    assert host.ctrl.io_sqs[1].head == host.ctrl.io_sqs[1].tail == 0
+
+
+def test_delete_cq_frees_the_id(host: Host) -> None:
+    assert host.create_cq(2, 16).status == 0
+    assert host.delete_cq(2).status == 0
+    assert host.create_cq(2, 16).status == 0
+
+
+# --- Abort, Keep Alive -------------------------------------------------------------------
+
+
+def test_abort_answers_not_aborted(host: Host) -> None:
+    host.create_io_queue_pair(1)
+    for sqid in (0, 1):
+        c = host.admin_cmd([AdminOpcode.ABORT, 0, 0, 0, 0, 0, 0, 0, 0, 0, sqid | (5 << 16)])
+        assert c.status == 0
+        assert c.dw0 & 1 == 1  # not aborted
+
+
+def test_abort_unknown_sq(host: Host) -> None:
+    c = host.admin_cmd([AdminOpcode.ABORT, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9 | (5 << 16)])
+    assert c.status == with_dnr(Status.INVALID_FIELD)
+
+
+def test_keep_alive(host: Host) -> None:
+    c = host.admin_cmd([AdminOpcode.KEEP_ALIVE])
+    assert c.status == 0 and c.dw0 == 0
+
+
+# --- Doorbell Buffer Config -------------------------------------------------------
+
+
+def dbbc(host: Host, shadow: int, eventidx: int) -> int:
+    c = host.admin_cmd(
+        [AdminOpcode.DOORBELL_BUFFER_CONFIG, 0, 0, 0, 0, 0, *prp(shadow), *prp(eventidx)]
+    )
+    return c.status
+
+
+def use_shadow(q: HostQueue, shadow: int) -> None:
+    q.shadow_sq = shadow + 8 * q.qid
+    q.shadow_cq = shadow + 8 * q.qid + 4
+
+
+def test_doorbell_buffer_config_misaligned_or_bad_pages(host: Host) -> None:
+    a, b = host.alloc(PAGE), host.alloc(PAGE)
+    assert dbbc(host, a + 8, b) == with_dnr(Status.INVALID_FIELD)
+    assert dbbc(host, a, b + 0x800) == with_dnr(Status.INVALID_FIELD)
+    assert dbbc(host, a, a) == with_dnr(Status.INVALID_FIELD)  # one page for both
+    assert dbbc(host, UNMAPPED, b) == with_dnr(Status.INVALID_FIELD)
+    assert dbbc(host, a, UNMAPPED) == with_dnr(Status.INVALID_FIELD)
+    assert host.ctrl.shadow_doorbells is None
+    assert dbbc(host, a, b) == 0
+    assert host.ctrl.shadow_doorbells == (a, b)
+
+
+def test_doorbell_buffer_config_shadow_tail_processed_without_mmio(host: Host) -> None:
+    shadow, eventidx = host.alloc(PAGE), host.alloc(PAGE)
+    assert dbbc(host, shadow, eventidx) == 0
+    q = host.create_io_queue_pair(1, entries=8)
+    use_shadow(q, shadow)
+    # EventIdx as the queue code seeds it: SQ = its tail, CQ = head - 1.
+    assert host.memory.u32(eventidx + 8) == 0
+    assert host.memory.u32(eventidx + 12) == 0xFFFF
+    for _ in range(3):
+        q.submit(flush())  # tail goes to the shadow buffer only
+    assert host.memory.u32(shadow + 8) == 3
+    assert host.ctrl.io_pending()
+    assert host.ctrl.process_io() == 3
+    done = q.reap()  # head goes to the shadow buffer
+    assert [c.status for c in done] == [0, 0, 0]
+    assert host.memory.u32(shadow + 12) == 3
+    assert not host.ctrl.io_pending()
+
+
+def need_event(event_idx: int, new: int, old: int) -> bool:
+    """Linux's nvme_dbbuf_need_event: ring iff (u16)(new - ei - 1) < (u16)(new - old)."""
+    return ((new - event_idx - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+
+
+def test_doorbell_buffer_config_event_index_arming(host: Host) -> None:
+    shadow, eventidx = host.alloc(PAGE), host.alloc(PAGE)
+    assert dbbc(host, shadow, eventidx) == 0
+    q = host.create_io_queue_pair(2, entries=8)
+    use_shadow(q, shadow)
+    q.submit(flush())
+    q.submit(flush())
+    host.ctrl.process_io()
+    host.ctrl.arm_event_indexes(parked=True)
+    assert host.memory.u32(eventidx + 16) == 2  # ring on the next new tail
+    host.ctrl.arm_event_indexes(parked=False)
+    assert host.memory.u32(eventidx + 16) == 1  # tail - 1: no doorbell needed
+    assert not need_event(1, 3, 2)
+    host.ctrl.arm_event_indexes(parked=True)
+    assert need_event(2, 3, 2)
+
+
+def test_doorbell_buffer_config_event_index_wraps_at_zero(host: Host) -> None:
+    shadow, eventidx = host.alloc(PAGE), host.alloc(PAGE)
+    assert dbbc(host, shadow, eventidx) == 0
+    host.create_io_queue_pair(1, entries=8)
+    host.ctrl.arm_event_indexes(parked=False)
+    assert host.memory.u32(eventidx + 8) == 0xFFFF  # tail 0 - 1, as a u16
+
+
+def test_doorbell_buffer_config_after_queues_exist_seeds_shadow(host: Host) -> None:
+    q = host.create_io_queue_pair(1, entries=8)
+    host.io_cmd(1, flush())  # tail 1, head 1 through MMIO doorbells
+    shadow, eventidx = host.alloc(PAGE), host.alloc(PAGE)
+    host.memory.write(shadow, b"\xff" * PAGE)
+    assert dbbc(host, shadow, eventidx) == 0
+    assert host.memory.u32(shadow + 8) == 1  # SQ 1 tail
+    assert host.memory.u32(shadow + 12) == 1  # CQ 1 head
+    assert host.memory.u32(eventidx + 8) == 1
+    assert host.memory.u32(eventidx + 12) == 0
+    use_shadow(q, shadow)
+    q.submit(flush())
+    assert host.ctrl.process_io() == 1
+    assert q.reap()[0].status == 0
+
+
+def test_doorbell_buffer_config_shadow_cq_head_frees_a_full_cq(host: Host) -> None:
+    shadow, eventidx = host.alloc(PAGE), host.alloc(PAGE)
+    assert dbbc(host, shadow, eventidx) == 0
+    q = host.create_io_queue_pair(1, entries=16, cq_entries=4)
+    use_shadow(q, shadow)
+    for _ in range(7):
+        q.submit(flush())
+    assert host.ctrl.process_io() == 3  # a 4-entry CQ holds 3
+    assert host.ctrl.process_io() == 0
+    assert len(q.reap()) == 3  # the new head reaches the controller through memory only
+    assert host.ctrl.process_io() == 3
+    assert len(q.reap()) == 3
+    assert host.ctrl.process_io() == 1
+    assert len(q.reap()) == 1
+
+
+def test_doorbell_buffer_config_reset_forgets_shadow_doorbells(host: Host) -> None:
+    shadow, eventidx = host.alloc(PAGE), host.alloc(PAGE)
+    assert dbbc(host, shadow, eventidx) == 0
+    host.disable()
+    host.enable()
+    assert host.ctrl.shadow_doorbells is None
+    q = host.create_io_queue_pair(1, entries=8)
+    assert q.qid == 1 and host.ctrl.io_sqs[1].shadow is None
