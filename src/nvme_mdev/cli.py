@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def serve(args: argparse.Namespace) -> int:
     from .virtual_controller import VirtualController
+    from .vfio_user.server import SocketInUse
 
     if args.poll_timeout_ms < 0:
         raise ConfigError("--poll-timeout-ms: must be 0 or more")
@@ -102,9 +103,14 @@ def serve(args: argparse.Namespace) -> int:
         for ns in namespaces:
             ns.backend.close()
         raise
-    device = VirtualController(
-        args.socket, namespaces, config, poll_timeout=args.poll_timeout_ms / 1000
-    )
+    try:
+        device = VirtualController(
+            args.socket, namespaces, config, poll_timeout=args.poll_timeout_ms / 1000
+        )
+    except SocketInUse as exc:
+        for ns in namespaces:
+            ns.backend.close()
+        raise ConfigError(f"{exc} (choose another --socket)") from exc
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:

@@ -4,6 +4,7 @@ Create/Delete I/O Completion/Submission Queue, Doorbell Buffer Config, Abort."""
 from __future__ import annotations
 
 from collections.abc import Container
+import logging
 from typing import TYPE_CHECKING
 
 from ...guest_memory import DmaError
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
     from ..controller import Controller
 
 _PAGE_MASK = PAGE_SIZE - 1
+log = logging.getLogger(__name__)
 
 
 def _queue_id_and_size(
@@ -142,8 +144,10 @@ def doorbell_buffer_config(ctrl: Controller, dw: tuple[int, ...]) -> int:
     if shadow_page & _PAGE_MASK or eventidx_page & _PAGE_MASK or shadow_page == eventidx_page:
         raise CommandError(Status.INVALID_FIELD, "doorbell buffers must be distinct pages")
     try:
-        ctrl.memory.view(shadow_page, PAGE_SIZE, True)
-        ctrl.memory.view(eventidx_page, PAGE_SIZE, True)
+        for page in (shadow_page, eventidx_page):
+            view = ctrl.memory.view(page, PAGE_SIZE, True)
+            if view is not None:
+                view.release()
     except DmaError as exc:
         # No data moves with this command: a buffer we cannot reach is a bad PRP field.
         raise CommandError(Status.INVALID_FIELD, f"doorbell buffer: {exc}") from exc
@@ -158,6 +162,7 @@ def doorbell_buffer_config(ctrl: Controller, dw: tuple[int, ...]) -> int:
                 queue.shadow.release()
                 queue.shadow = None
             _attach_shadow(ctrl, queue)
+    log.info("shadow doorbells enabled (buffer %#x, EventIdx %#x)", shadow_page, eventidx_page)
     return 0
 
 
