@@ -77,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from .virtual_controller import VirtualController
     from .vfio_user.server import SocketInUse
+    from .virtual_controller import VirtualController
 
     if args.poll_timeout_ms < 0:
         raise ConfigError("--poll-timeout-ms: must be 0 or more")

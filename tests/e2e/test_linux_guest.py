@@ -3,6 +3,7 @@ its disk: nvme-cli, a partition table and ext4, fio with verification."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -123,5 +124,58 @@ def test_guest_killed_mid_write_loses_no_acknowledged_data(tmp_path: Path) -> No
         )
         assert again.status == 0, again.output
         assert "nvme-mdev" in again.output
+    finally:
+        assert dev.stop() == 0
+
+
+SMALL_CHECK = """
+set -euo pipefail
+for _ in $(seq 300); do [ -b /dev/nvme0n1 ] && break; sleep 0.1; done
+[ -b /dev/nvme0n1 ]
+nvme list
+grep -i nvme /proc/interrupts
+head -c 4M /dev/urandom > /tmp/x
+dd if=/tmp/x of=/dev/nvme0n1 oflag=direct bs=64k seek=7 status=none
+dd if=/dev/nvme0n1 of=/tmp/y iflag=direct bs=64k skip=7 count=64 status=none
+cmp /tmp/x /tmp/y
+sha256sum /tmp/x
+echo SMALL-CHECK-PASS
+"""
+
+
+@pytest.mark.parametrize(
+    ("kernel_args", "shared_memory", "interrupts"),
+    [
+        # No MSI in the guest: the level-triggered INTx pin.
+        ("pci=nomsi", True, "IO-APIC"),
+        # Private guest RAM has no fd: every DMA is a DMA_READ/DMA_WRITE message.
+        ("", False, "PCI-MSIX"),
+    ],
+    ids=["intx", "dma-messages"],
+)
+def test_guest_without_msix_or_shared_memory(
+    tmp_path: Path, kernel_args: str, shared_memory: bool, interrupts: str
+) -> None:
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(64 << 20)
+    dev = Device(tmp_path, str(image))
+    try:
+        result = guestvm.run_guest(
+            SMALL_CHECK,
+            sockets=[str(dev.socket)],
+            timeout=300,
+            kernel_args=kernel_args,
+            shared_memory=shared_memory,
+        )
+        print(result.output)
+        assert result.status == 0, dev.log()
+        assert "SMALL-CHECK-PASS" in result.output
+        assert interrupts in result.output
+        digest = next(
+            line.split()[0] for line in result.output.splitlines() if line.endswith("/tmp/x")
+        )
+        on_disk = image.read_bytes()[7 * 65536 : 7 * 65536 + (4 << 20)]
+        assert hashlib.sha256(on_disk).hexdigest() == digest
     finally:
         assert dev.stop() == 0

@@ -21,7 +21,6 @@ import json
 import lzma
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,8 +44,9 @@ for m in $(cat /modules.order); do
     insmod "/lib/modules/$m" 2>/dev/null || echo "guestvm: insmod $m failed"
 done
 mkdir -p /newroot /host
-mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 root /newroot || echo "guestvm: no root"
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 host /host || echo "guestvm: no host dir"
+opts=trans=virtio,version=9p2000.L,msize=512000
+mount -t 9p -o "$opts,ro" root /newroot || echo "guestvm: no root"
+mount -t 9p -o "$opts" host /host || echo "guestvm: no host dir"
 mount -t proc proc /newroot/proc
 mount -t sysfs sys /newroot/sys
 mount -t devtmpfs dev /newroot/dev
@@ -166,6 +166,8 @@ def qemu_command(
     memory_mb: int,
     smp: int,
     extra_args: list[str],
+    kernel_args: str = "",
+    shared_memory: bool = True,
 ) -> tuple[list[str], dict[str, str]]:
     kernel, _ = _kernel(root)
     libs = f"{root}/usr/lib/x86_64-linux-gnu:{root}/lib/x86_64-linux-gnu"
@@ -175,11 +177,15 @@ def qemu_command(
         "-L", f"{root}/usr/share/qemu", "-L", f"{root}/usr/share/seabios",
         "-machine", "q35,memory-backend=mem", "-accel", "tcg", "-cpu", "max",
         "-smp", str(smp), "-m", f"{memory_mb}M",
-        "-object", f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on",
+        # Shared RAM reaches the device as an fd to mmap; anonymous RAM has no fd, so
+        # the device must go through DMA_READ/DMA_WRITE messages.
+        "-object",
+        f"memory-backend-{'memfd' if shared_memory else 'ram'},id=mem,size={memory_mb}M"
+        + (",share=on" if shared_memory else ""),
         "-nodefaults", "-display", "none", "-serial", "stdio", "-monitor", "none",
         "-no-reboot",
         "-kernel", str(kernel), "-initrd", str(initramfs),
-        "-append", "console=ttyS0 panic=-1 loglevel=4 rdinit=/init",
+        "-append", f"console=ttyS0 panic=-1 loglevel=4 rdinit=/init {kernel_args}".strip(),
         "-virtfs", f"local,path={root},mount_tag=root,security_model=none,readonly=on",
         "-virtfs", f"local,path={host_dir},mount_tag=host,security_model=none",
     ]  # fmt: skip
@@ -206,6 +212,8 @@ def run_guest(
     extra_args: list[str] | None = None,
     echo: bool = False,
     root: Path = GUEST_DIR,
+    kernel_args: str = "",
+    shared_memory: bool = True,
 ) -> GuestResult:
     """Boot the guest, run `script` (bash) in it, and return its status and the console."""
     initramfs = build_initramfs(root, root.parent / "initramfs")
@@ -215,7 +223,7 @@ def run_guest(
         (host_dir / "script.sh").write_text(script)
         cmd, env = qemu_command(
             root, initramfs, host_dir, sockets or [], emulated_nvme_images or [],
-            memory_mb, smp, extra_args or [],
+            memory_mb, smp, extra_args or [], kernel_args, shared_memory,
         )  # fmt: skip
         proc = subprocess.Popen(
             cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -257,12 +265,15 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--memory", type=int, default=1024, help="guest RAM in MiB")
     run.add_argument("--smp", type=int, default=2)
     run.add_argument("--timeout", type=float, default=900)
+    run.add_argument("--kernel-args", default="", help="extra kernel command line")
+    run.add_argument("--no-shared-memory", action="store_true",
+                     help="private guest RAM: the device must use DMA_READ/DMA_WRITE messages")
     args = parser.parse_args(argv)
     script = args.script.read_text() if args.script else (args.command or "nvme list")
     try:
         result = run_guest(
             script, args.socket, args.emulated_nvme, args.memory, args.smp, args.timeout,
-            echo=True,
+            echo=True, kernel_args=args.kernel_args, shared_memory=not args.no_shared_memory,
         )  # fmt: skip
     except GuestNotPrepared as exc:
         print(f"guestvm: {exc}", file=sys.stderr)
@@ -274,5 +285,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-__all__ = ["GuestNotPrepared", "GuestResult", "run_guest", "shutil"]

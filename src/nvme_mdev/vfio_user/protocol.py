@@ -51,11 +51,10 @@ REGION_INFO = struct.Struct("<IIIIQQ")  # argsz, flags, index, cap_offset, size,
 IRQ_INFO = struct.Struct("<IIII")  # argsz, flags, index, count
 IRQ_SET = struct.Struct("<IIIII")  # argsz, flags, index, start, count
 REGION_RW = struct.Struct("<QII")  # offset, region, count, then data
-# QEMU's VFIOUserDMARW is {hdr; u64 offset; u32 count; char data[]}: data starts 12
-# bytes into the payload and sizeof() pads the message by 4 more (the spec's u64
-# count disagrees; QEMU is the client we serve).
-DMA_RW = struct.Struct("<QI")
-DMA_RW_PAD = 4
+# DMA_READ/DMA_WRITE: u64 address, u64 count, data. QEMU 11.1 reads the count as 64
+# bits, as the spec says (older QEMU trees declared it u32 with 4 bytes of padding;
+# a u32 count puts the data's first bytes into the count's upper half there).
+DMA_RW = struct.Struct("<QQ")
 WRITE_MULTI_COUNT = struct.Struct("<Q")
 WRITE_ONE = struct.Struct("<QII8s")  # offset, region, count, data[8]
 WRITE_MULTI_MAX = 200
@@ -258,11 +257,11 @@ def decode_write_multi(payload: bytes | memoryview) -> list[tuple[int, int, byte
 
 
 def encode_dma_read(addr: int, count: int) -> bytes:
-    return DMA_RW.pack(addr, count) + bytes(DMA_RW_PAD)
+    return DMA_RW.pack(addr, count)
 
 
 def encode_dma_write(addr: int, data: bytes | bytearray | memoryview) -> bytes:
-    return DMA_RW.pack(addr, len(data)) + bytes(data) + bytes(DMA_RW_PAD)
+    return DMA_RW.pack(addr, len(data)) + bytes(data)
 
 
 def decode_dma_rw(payload: bytes | memoryview) -> tuple[int, int, bytes]:

@@ -3,8 +3,8 @@ Create/Delete I/O Completion/Submission Queue, Doorbell Buffer Config, Abort."""
 
 from __future__ import annotations
 
-from collections.abc import Container
 import logging
+from collections.abc import Container
 from typing import TYPE_CHECKING
 
 from ...guest_memory import DmaError
