@@ -1,0 +1,131 @@
+"""The I/O thread's polling, parking and waking, with the controller model and fake
+guest memory (no socket)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nvme_mdev.backends.file import FileBackend
+from nvme_mdev.engine.poller import IoThread
+from nvme_mdev.nvme.namespace import Namespace
+from tests.unit.nvme.harness import Host, rw
+
+
+def wait_for(predicate: object, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.002)
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Iterator[Host]:
+    image = tmp_path / "ns.img"
+    image.write_bytes(bytes(1 << 20))
+    h = Host([Namespace(1, FileBackend(str(image)))])
+    h.enable()
+    yield h
+
+
+def shadow_setup(host: Host) -> tuple[int, int]:
+    shadow, eventidx = host.alloc(4096), host.alloc(4096)
+    c = host.admin_cmd([0x7C, 0, 0, 0, 0, 0, shadow, 0, eventidx, 0])
+    assert c.status == 0
+    return shadow, eventidx
+
+
+def test_idle_parked_woken_polling_again_without_losing_commands(host: Host) -> None:
+    shadow, eventidx = shadow_setup(host)
+    q = host.create_io_queue_pair(1)
+    io = IoThread(host.ctrl, poll_timeout=0.05)
+    io.start()
+    try:
+        buf = host.buffer(4096)
+        # Polling: a submission in the shadow doorbell alone is seen.
+        q.submit(rw(0x02, 1, buf, 0, 8), ring=False)
+        host.memory.write(shadow + 8, q.sq_tail.to_bytes(4, "little"))
+        wait_for(lambda: len(q.reap()) == 1)
+        # Idle past the timeout: parked, with EventIdx armed at the consumed tail.
+        wait_for(lambda: io.parks >= 1)
+        assert int.from_bytes(host.memory.read(eventidx + 8, 4), "little") == q.sq_tail
+        parks = io.parks
+        # While parked a shadow-only submission is not seen...
+        q.submit(rw(0x02, 1, buf, 0, 8), ring=False)
+        host.memory.write(shadow + 8, q.sq_tail.to_bytes(4, "little"))
+        time.sleep(0.05)
+        assert q.reap() == []
+        # ...until the guest rings, as EventIdx told it to: woken, it polls again.
+        q.ring_sq()
+        wait_for(lambda: len(q.reap()) == 1)
+        assert io.wakeups >= 1
+        burst = 20
+        for _ in range(burst):
+            q.submit(rw(0x02, 1, buf, 0, 8), ring=False)
+        host.memory.write(shadow + 8, q.sq_tail.to_bytes(4, "little"))
+        got: list[object] = []
+        wait_for(lambda: got.extend(q.reap()) or len(got) == burst)
+        assert io.parks == parks or io.parks == parks + 1  # no spurious park mid-burst
+    finally:
+        io.stop()
+
+
+def need_event(event_idx: int, new: int, old: int) -> bool:
+    """Linux's nvme_dbbuf_need_event: ring the real doorbell or not."""
+    return (new - event_idx - 1) & 0xFFFF < (new - old) & 0xFFFF
+
+
+def test_submission_racing_the_park_is_not_lost(host: Host) -> None:
+    """A guest that rings only when EventIdx asks (as Linux does), submitting at
+    moments that race with the thread going to sleep: every command completes."""
+    shadow, eventidx = shadow_setup(host)
+    q = host.create_io_queue_pair(1)
+    io = IoThread(host.ctrl, poll_timeout=0.001)
+    io.start()
+    try:
+        buf = host.buffer(4096)
+        for i in range(200):
+            old = q.sq_tail
+            q.submit(rw(0x02, 1, buf, 0, 1), ring=False)
+            host.memory.write(shadow + 8, q.sq_tail.to_bytes(4, "little"))
+            ei = int.from_bytes(host.memory.read(eventidx + 8, 4), "little")
+            if need_event(ei, q.sq_tail, old):
+                q.ring_sq()
+            wait_for(lambda: len(q.reap()) == 1)
+            if i % 3 == 0:
+                time.sleep(0.002)  # sometimes long enough to park
+        assert io.parks > 0
+    finally:
+        io.stop()
+
+
+def test_without_shadow_doorbells_the_thread_parks_at_once(host: Host) -> None:
+    q = host.create_io_queue_pair(1)
+    io = IoThread(host.ctrl, poll_timeout=10)
+    io.start()
+    try:
+        wait_for(lambda: io.parks >= 1)
+        buf = host.buffer(4096)
+        q.submit(rw(0x02, 1, buf, 0, 8))  # trapped doorbell wakes it
+        wait_for(lambda: len(q.reap()) == 1)
+    finally:
+        io.stop()
+
+
+def test_paused_holds_the_thread_outside_the_queues(host: Host) -> None:
+    q = host.create_io_queue_pair(1)
+    io = IoThread(host.ctrl, poll_timeout=0)
+    io.start()
+    try:
+        buf = host.buffer(4096)
+        with io.paused():
+            q.submit(rw(0x02, 1, buf, 0, 8))
+            time.sleep(0.05)
+            assert q.reap() == []
+        wait_for(lambda: len(q.reap()) == 1)
+    finally:
+        io.stop()
