@@ -36,6 +36,14 @@ die() { echo "prepare.sh: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "must run as root (debootstrap, chroot)"
 [ "$(uname -m)" = x86_64 ] || die "only x86_64 hosts are supported"
 
+# One preparation at a time; whoever waited finds the work done.
+mkdir -p "$(dirname "$dir")"
+exec 9>"$dir.lock"
+flock 9
+if [ "$rebuild" = 0 ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$recipe" ]; then
+    exit 0
+fi
+
 # The Debian mirror this host already uses; no mirror is named in this repository.
 host_mirror() {
     local f=/etc/apt/sources.list.d/debian.sources
@@ -134,7 +142,6 @@ failed() {
 }
 trap failed EXIT
 trap 'exit 130' INT TERM
-mkdir -p "$(dirname "$dir")"
 
 if [ "$rebuild" = 0 ] && [ -f "$stamp" ]; then
     # A tree built from an older recipe: install what it lacks.

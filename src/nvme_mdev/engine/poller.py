@@ -88,26 +88,27 @@ class IoThread:
     def _run(self) -> None:
         ctrl = self.controller
         idle_since = time.monotonic()
-        try:
-            while self._running:
-                if self._pause_requests:
-                    self._hold_if_asked()
-                    continue
+        while self._running:
+            if self._pause_requests:
+                self._hold_if_asked()
+                continue
+            try:
                 if ctrl.process_io():
                     idle_since = time.monotonic()
                     continue
-                polling = ctrl.shadow_doorbells is not None
-                if polling and (
-                    self.poll_timeout == 0 or time.monotonic() - idle_since < self.poll_timeout
-                ):
-                    time.sleep(0)  # let the transport thread have the GIL
-                    continue
-                self._park()
-                idle_since = time.monotonic()
-        except Exception:
-            log.exception("I/O thread failed")
-            ctrl.fatal("I/O thread failed")
-            raise
+            except Exception:
+                # A bug, not a guest error (those become status codes): stop this
+                # controller until the guest resets it, but keep serving.
+                log.exception("I/O processing failed")
+                ctrl.fatal("I/O processing failed")
+            polling = ctrl.shadow_doorbells is not None and not ctrl.registers.fatal
+            if polling and (
+                self.poll_timeout == 0 or time.monotonic() - idle_since < self.poll_timeout
+            ):
+                time.sleep(0)  # let the transport thread have the GIL
+                continue
+            self._park()
+            idle_since = time.monotonic()
 
     def _park(self) -> None:
         ctrl = self.controller

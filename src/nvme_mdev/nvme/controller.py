@@ -326,12 +326,14 @@ class Controller:
                     dw = SQE.unpack(sq.fetch())
                     self._complete_admin(cq, sq, dw)
                     done += 1
+                tail = cq.tail
                 if self.events.deliverable():
                     self.events.deliver(self)
+                posted = done or cq.tail != tail
             except DmaError as exc:
                 self.fatal(f"admin queue memory: {exc}")
                 return done
-            if done or cq.has_unconsumed():
+            if posted:
                 self.signal(cq)
         return done
 

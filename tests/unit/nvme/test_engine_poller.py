@@ -8,11 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from harness import Host, rw
 
 from nvme_mdev.backends.file import FileBackend
 from nvme_mdev.engine.poller import IoThread
 from nvme_mdev.nvme.namespace import Namespace
-from tests.unit.nvme.harness import Host, rw
 
 
 def wait_for(predicate: object, timeout: float = 5.0) -> None:
