@@ -101,3 +101,35 @@ def test_client_disconnect_resets_and_next_client_works(device: VirtualControlle
         assert host.reg32(0x1C) & 1 == 0  # CSTS.RDY: reset when the last client left
         host.enable()
         assert host.create_queue_pair(1).qid == 1
+
+
+def test_sixteen_namespaces_mixed_block_sizes(tmp_path: Path) -> None:
+    namespaces = []
+    for nsid in range(1, 17):
+        path = tmp_path / f"ns{nsid}.img"
+        with open(path, "wb") as f:
+            f.truncate(nsid << 20)
+        options = ",bs=4096" if nsid % 2 == 0 else ""
+        options += ",ro" if nsid == 16 else ""
+        namespaces.append(NamespaceSpec.parse(f"{path}{options}").open(nsid))
+    vc = VirtualController(str(tmp_path / "s.sock"), namespaces)
+    vc.start()
+    try:
+        with NvmeHost(str(tmp_path / "s.sock")) as host:
+            host.enable()
+            active = host.identify(2)
+            ids = [int.from_bytes(active[i : i + 4], "little") for i in range(0, 64 * 4, 4)]
+            assert ids[:17] == [*range(1, 17), 0]
+            for nsid in (1, 2, 16):
+                ident = host.identify(0, nsid)
+                block = 4096 if nsid % 2 == 0 else 512
+                assert int.from_bytes(ident[0:8], "little") == (nsid << 20) // block
+                assert ident[128 + 2] == block.bit_length() - 1  # LBAF0.LBADS
+                assert ident[99] == (1 if nsid == 16 else 0)  # NSATTR write protected
+            q = host.create_queue_pair(1)
+            buf = host.alloc(4096)
+            c = q.command(read_write(0x01, 16, buf, 0, 1))
+            assert c.status & 0x7FF == 0x020  # Namespace Is Write Protected
+            assert q.command(read_write(0x01, 15, buf, 0, 1)).ok
+    finally:
+        vc.stop()
