@@ -8,7 +8,6 @@ DMA_READ/DMA_WRITE messages, which a background thread answers.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import errno
 import json
@@ -20,8 +19,7 @@ import threading
 from dataclasses import dataclass
 
 from . import protocol as p
-
-_FD_SPACE = socket.CMSG_SPACE(p.MAX_MSG_FDS * struct.calcsize("i"))
+from .framing import receive_message, send_message
 
 
 class ClientError(Exception):
@@ -100,12 +98,7 @@ class VfioUserClient:
 
     def send_raw(self, data: bytes, fds: list[int] | None = None) -> None:
         with self._send_lock:
-            if fds:
-                self.sock.sendmsg(
-                    [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                )
-            else:
-                self.sock.sendall(data)
+            send_message(self.sock, data, fds)
 
     def request(
         self,
@@ -163,24 +156,7 @@ class VfioUserClient:
             event.set()
 
     def _receive(self) -> tuple[p.Header, bytes, list[int]]:
-        fds: list[int] = []
-        raw = self._read(p.HEADER_SIZE, fds)
-        header = p.Header.decode(raw)
-        return header, self._read(header.size - p.HEADER_SIZE, fds), fds
-
-    def _read(self, count: int, fds: list[int]) -> bytes:
-        buf = bytearray()
-        while len(buf) < count:
-            data, ancdata, _, _ = self.sock.recvmsg(count - len(buf), _FD_SPACE)
-            for level, kind, cdata in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    got = array.array("i")
-                    got.frombytes(cdata[: len(cdata) - len(cdata) % got.itemsize])
-                    fds.extend(got)
-            if not data:
-                raise ConnectionError("server closed the connection")
-            buf += data
-        return bytes(buf)
+        return receive_message(self.sock)
 
     def _serve_request(self, header: p.Header, payload: bytes) -> None:
         """Answer DMA_READ/DMA_WRITE for regions registered without an fd."""

@@ -9,7 +9,6 @@ threads, and their replies are routed to them by message id.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import errno
 import logging
@@ -17,12 +16,12 @@ import os
 import select
 import socket
 import stat
-import struct
 import threading
 from collections.abc import Callable
 
 from . import protocol as p
 from .device import Device, DeviceError, IrqAction, IrqSet
+from .framing import receive_message, send_message
 from .memory import DmaMemory
 
 log = logging.getLogger(__name__)
@@ -31,7 +30,6 @@ log = logging.getLogger(__name__)
 Reply = bytes | tuple[bytes, list[int]]
 
 REPLY_TIMEOUT = 5.0  # what QEMU allows us; we allow it the same
-_FD_SPACE = socket.CMSG_SPACE(p.MAX_MSG_FDS * struct.calcsize("i"))
 
 
 class SocketInUse(Exception):
@@ -77,13 +75,7 @@ class Connection:
 
     def send(self, data: bytes, fds: list[int] | None = None) -> None:
         with self._send_lock:
-            if fds:
-                ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                sent = self.sock.sendmsg([data], ancillary)
-                if sent < len(data):
-                    self.sock.sendall(data[sent:])
-            else:
-                self.sock.sendall(data)
+            send_message(self.sock, data, fds)
 
     def request(self, command: int, payload: bytes) -> tuple[p.Header, bytes]:
         """Send a request to the client and wait for its reply (device threads only)."""
@@ -147,30 +139,7 @@ class Connection:
 
     def receive(self) -> tuple[p.Header, bytes, list[int]]:
         """The next whole message and the fds that came with it."""
-        fds: list[int] = []
-        try:
-            raw = self._read_exactly(p.HEADER_SIZE, fds)
-            header = p.Header.decode(raw)
-            payload = self._read_exactly(header.size - p.HEADER_SIZE, fds)
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
-            raise
-        return header, payload, fds
-
-    def _read_exactly(self, count: int, fds: list[int]) -> bytes:
-        buf = bytearray()
-        while len(buf) < count:
-            data, ancdata, _, _ = self.sock.recvmsg(count - len(buf), _FD_SPACE)
-            for level, kind, cdata in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    got = array.array("i")
-                    got.frombytes(cdata[: len(cdata) - len(cdata) % got.itemsize])
-                    fds.extend(got)
-            if not data:
-                raise Disconnected("client closed the connection")
-            buf += data
-        return bytes(buf)
+        return receive_message(self.sock)
 
 
 class VfioUserServer:
