@@ -15,7 +15,8 @@ Library (tests put tools/guest on sys.path, then `import guestvm`):
 CLI:
     guestvm.py run [--socket PATH]... [--emulated-nvme IMAGE]... [--script FILE | --command CODE]
                    [--memory 1G] [--smp 2] [--timeout S] [--env NAME=VALUE]...
-                   [--kernel-args ARGS] [--no-shared-memory] [-- EXTRA-QEMU-ARGS...]
+                   [--kernel-args ARGS] [--no-shared-memory] [--log FILE] [--quiet]
+                   [--extra-qemu-arg=ARG]... [-- EXTRA-QEMU-ARGS...]
     guestvm.py info     # the prepared tree: QEMU version, vfio-user-pci, kernel
 """
 
@@ -38,6 +39,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 GUEST_DIR = Path(os.environ.get("NVME_MDEV_GUEST_DIR", "/var/cache/nvme-mdev/guest"))
 STAMP = ".nvme-mdev-ready"
@@ -68,7 +70,7 @@ for m in $(cat /modules.order); do
     insmod "/lib/modules/$m" || echo "guestvm: insmod $m failed"
 done
 mkdir -p /newroot /host
-mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 root /newroot \
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose root /newroot \
     || echo "guestvm: cannot mount the root tree"
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 host /host \
     || echo "guestvm: cannot mount the host directory"
@@ -102,6 +104,7 @@ class GuestResult:
     seconds: float  # from starting QEMU until it exited
     boot_seconds: float | None = None  # from starting QEMU until the script started
     timed_out: bool = False  # QEMU was killed when the timeout ran out
+    qemu_returncode: int | None = None  # QEMU's own exit status (negative: killed by signal)
 
     @property
     def ok(self) -> bool:
@@ -255,11 +258,14 @@ class GuestVM:
         kernel, _ = _kernel(self.root)
         cmd, env = qemu_base_command(self.root)
         mem = f"{self.memory_mb}M"
-        share = "on" if self.shared_memory else "off"
+        # Shared RAM reaches the device as an fd to mmap; anonymous RAM has no fd, so the
+        # device must go through DMA_READ/DMA_WRITE messages. (A memfd with share=off is
+        # wrong for this: QEMU still passes the fd, but the guest's writes stay private.)
+        backend = "memfd,share=on" if self.shared_memory else "ram"
         cmd += [
             "-machine", "q35,memory-backend=mem", "-accel", "tcg", "-cpu", "max",
             "-smp", str(self.smp), "-m", mem,
-            "-object", f"memory-backend-memfd,id=mem,size={mem},share={share}",
+            "-object", f"memory-backend-{backend},id=mem,size={mem}",
             "-nodefaults", "-display", "none", "-serial", "stdio", "-monitor", "none",
             "-no-reboot",
             "-kernel", str(kernel), "-initrd", str(initramfs),
@@ -286,10 +292,12 @@ class GuestVM:
         timeout: float = 900,
         env: Mapping[str, str] | None = None,
         echo: bool = False,
+        log_path: str | os.PathLike[str] | None = None,
     ) -> GuestResult:
         """Boot, run `script` with bash in the guest (as root, cwd /, environment `env`,
         the tree's tools on PATH, /tmp a tmpfs), and return its status and the console.
-        QEMU is killed after `timeout` seconds (status -1, timed_out)."""
+        QEMU is killed after `timeout` seconds (status -1, timed_out). The console is
+        also echoed to stdout (`echo`) and written to `log_path` as it arrives."""
         initramfs = build_initramfs(self.root)
         with tempfile.TemporaryDirectory(prefix="guestvm-") as tmp:
             host_dir = Path(tmp)
@@ -297,10 +305,15 @@ class GuestVM:
             exports = "".join(f"{k}={shlex.quote(v)}\n" for k, v in (env or {}).items())
             (host_dir / "env.sh").write_text(exports)
             cmd, qemu_env = self.command(initramfs, host_dir)
-            return _run_qemu(cmd, qemu_env, timeout, echo)
+            if log_path is None:
+                return _run_qemu(cmd, qemu_env, timeout, echo, None)
+            with open(log_path, "w", buffering=1) as log:
+                return _run_qemu(cmd, qemu_env, timeout, echo, log)
 
 
-def _run_qemu(cmd: list[str], env: dict[str, str], timeout: float, echo: bool) -> GuestResult:
+def _run_qemu(
+    cmd: list[str], env: dict[str, str], timeout: float, echo: bool, log: TextIO | None
+) -> GuestResult:
     start = time.monotonic()
     boot_seconds: float | None = None
     killed = threading.Event()
@@ -322,6 +335,8 @@ def _run_qemu(cmd: list[str], env: dict[str, str], timeout: float, echo: bool) -
             if boot_seconds is None and line.startswith(START_MARKER):
                 boot_seconds = time.monotonic() - start
             lines.append(line)
+            if log is not None:
+                log.write(line)
             if echo:
                 sys.stdout.write(line)
                 sys.stdout.flush()
@@ -334,7 +349,9 @@ def _run_qemu(cmd: list[str], env: dict[str, str], timeout: float, echo: bool) -
     output = "".join(lines)
     found = EXIT_MARKER.findall(output)
     status = int(found[-1]) if found else -1
-    return GuestResult(status, output, time.monotonic() - start, boot_seconds, killed.is_set())
+    return GuestResult(
+        status, output, time.monotonic() - start, boot_seconds, killed.is_set(), proc.returncode
+    )
 
 
 def run_guest(
@@ -350,6 +367,7 @@ def run_guest(
     kernel_args: str = "",
     shared_memory: bool = True,
     env: Mapping[str, str] | None = None,
+    log_path: str | os.PathLike[str] | None = None,
 ) -> GuestResult:
     """Boot the guest, run `script` (bash) in it, and return its status and the console."""
     vm = GuestVM(
@@ -357,7 +375,7 @@ def run_guest(
         memory_mb=memory_mb, smp=smp, extra_args=extra_args or (), kernel_args=kernel_args,
         shared_memory=shared_memory, root=root,
     )  # fmt: skip
-    return vm.run(script, timeout=timeout, env=env, echo=echo)
+    return vm.run(script, timeout=timeout, env=env, echo=echo, log_path=log_path)
 
 
 def _mebibytes(text: str) -> int:
@@ -415,6 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--no-shared-memory", action="store_true",
         help="private guest RAM: the device must use DMA_READ/DMA_WRITE messages",
     )  # fmt: skip
+    run.add_argument("--log", type=Path, help="also write the console to this file")
     run.add_argument("--quiet", action="store_true", help="do not echo the console")
     commands.add_parser("info", help="show the prepared tree's QEMU and kernel")
     args = parser.parse_args(args_in)
@@ -434,7 +453,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             memory_mb=args.memory, smp=args.smp, extra_args=[*args.extra_qemu_arg, *extra],
             kernel_args=args.kernel_args, shared_memory=not args.no_shared_memory,
         )  # fmt: skip
-        result = vm.run(script, timeout=args.timeout, env=dict(args.env), echo=not args.quiet)
+        result = vm.run(
+            script, timeout=args.timeout, env=dict(args.env), echo=not args.quiet,
+            log_path=args.log,
+        )  # fmt: skip
     except GuestNotPrepared as exc:
         print(f"guestvm: {exc}", file=sys.stderr)
         return 2
@@ -442,11 +464,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result.timed_out and result.status < 0:
         print(f"guestvm: timed out after {result.seconds:.1f} s", file=sys.stderr)
         return TIMEOUT_STATUS
+    if result.status < 0:
+        print(
+            f"guestvm: the guest reported no exit status (QEMU exited {result.qemu_returncode})",
+            file=sys.stderr,
+        )
+        return 1
     print(
         f"guestvm: script exited {result.status} (boot {boot}, total {result.seconds:.1f} s)",
         file=sys.stderr,
     )
-    return result.status if result.status >= 0 else 1
+    return result.status
 
 
 if __name__ == "__main__":

@@ -51,7 +51,9 @@ host_mirror() {
         # deb822: the first stanza of type deb that is not a security suite.
         awk '
             function flush() {
-                if (uri != "" && types ~ /(^| )deb( |$)/ && suites !~ /security/) { print uri; exit }
+                if (!found && uri != "" && types ~ /(^| )deb( |$)/ && suites !~ /security/) {
+                    print uri; found = 1; exit
+                }
                 uri = types = suites = ""
             }
             /^[ \t]*$/ { flush(); next }

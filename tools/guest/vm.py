@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from guestvm import main  # noqa: E402
+from guestvm import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,51 +1,174 @@
-"""Whole vfio-user messages off a UNIX socket, with the fds that came along.
-Both ends (server.py, client.py) frame messages this one way."""
+"""Whole vfio-user messages off a UNIX stream socket, with the fds that came
+along, and sending them. Both ends (server.py, client.py) frame messages this
+one way.
+
+Reading is buffered: one recvmsg() may bring several small messages (a burst of
+posted doorbell writes), which saves a system call per message on the hot path.
+The fds of SCM_RIGHTS then need attributing to the right message. Linux hands
+out an skb's fds with the read that consumes its first byte and ends that read
+right after the skb; a sender passes fds with the sendmsg() that starts the
+message they belong to (QEMU and our client send one message per call). So the
+fds of one read belong to the last message that starts within the bytes that
+read returned.
+"""
 
 from __future__ import annotations
 
 import array
+import contextlib
 import os
 import socket
-import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from . import protocol as p
 
-_FD_SPACE = socket.CMSG_SPACE(p.MAX_MSG_FDS * struct.calcsize("i"))
+_INT_SIZE = array.array("i").itemsize
+#: room for the most fds the kernel passes in one message, so none are truncated
+_ANCILLARY_SPACE = socket.CMSG_SPACE(p.SCM_MAX_FD * _INT_SIZE)
+_RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+_BUFFER_SIZE = 64 * 1024
 
 
-def receive_message(sock: socket.socket) -> tuple[p.Header, bytes, list[int]]:
-    """The next message: header, payload and the fds passed with it (the caller owns
-    them). Raises ConnectionError at end of stream, ProtocolError for a bad header."""
-    fds: list[int] = []
-    try:
-        header = p.Header.decode(_read_exactly(sock, p.HEADER_SIZE, fds))
-        payload = _read_exactly(sock, header.size - p.HEADER_SIZE, fds)
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
-    return header, payload, fds
+@dataclass(slots=True)
+class Message:
+    header: p.Header
+    payload: bytes
+    #: received with the message; whoever handles it owns (and closes) them
+    fds: list[int] = field(default_factory=list)
+    #: the kernel dropped fds that did not fit (MSG_CTRUNC): the message is unusable
+    fds_truncated: bool = False
+
+    def close_fds(self) -> None:
+        fds, self.fds = self.fds, []
+        close_fds(fds)
 
 
-def _read_exactly(sock: socket.socket, count: int, fds: list[int]) -> bytes:
-    buf = bytearray()
-    while len(buf) < count:
-        data, ancdata, _, _ = sock.recvmsg(count - len(buf), _FD_SPACE)
-        for level, kind, cdata in ancdata:
+def close_fds(fds: Sequence[int]) -> None:
+    for fd in fds:
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+class MessageReader:
+    """Reads whole messages from one socket; not thread-safe (one reader thread)."""
+
+    def __init__(self, sock: socket.socket, max_size: int = p.MAX_MESSAGE_SIZE) -> None:
+        self._sock = sock
+        self._max_size = max_size
+        self._buf = bytearray(_BUFFER_SIZE)
+        self._view = memoryview(self._buf)
+        self._start = 0  # first unread byte
+        self._end = 0  # end of received data
+        self._base = 0  # stream offset of _buf[0]
+        #: fds waiting for their message, by the stream offset where it starts
+        self._fds: dict[int, list[int]] = {}
+        self._truncated: set[int] = set()
+
+    def buffered(self) -> bool:
+        """A whole message is already here (receive() will not block)."""
+        avail = self._end - self._start
+        if avail < p.HEADER_SIZE:
+            return False
+        size = int.from_bytes(self._buf[self._start + 4 : self._start + 8], "little")
+        return p.HEADER_SIZE <= size <= avail
+
+    def receive(self) -> Message:
+        """The next message. Raises ConnectionError at end of stream (EOF), ProtocolError
+        when the framing cannot be trusted (the connection must then be dropped),
+        OSError from the socket."""
+        while True:
+            start, avail = self._start, self._end - self._start
+            need = p.HEADER_SIZE
+            if avail >= p.HEADER_SIZE:
+                header = p.Header.unpack_from(self._buf, start, self._max_size)
+                if avail >= header.size:
+                    return self._take(header)
+                need = header.size
+            self._fill(need)
+
+    def _take(self, header: p.Header) -> Message:
+        start = self._start
+        payload = bytes(self._view[start + p.HEADER_SIZE : start + header.size])
+        key = self._base + start
+        message = Message(header, payload)
+        if self._fds:
+            message.fds = self._fds.pop(key, [])
+        if self._truncated:
+            message.fds_truncated = key in self._truncated
+            self._truncated.discard(key)
+        self._start = start + header.size
+        if self._start == self._end:  # empty: start over at the front, no copy
+            self._base += self._start
+            self._start = self._end = 0
+        return message
+
+    def _fill(self, need: int) -> None:
+        """Receive more, making room for a message of `need` bytes from _start."""
+        if self._start + need > len(self._buf):
+            self._compact(need)
+        nbytes, ancdata, msg_flags, _ = self._sock.recvmsg_into(
+            [self._view[self._end :]], _ANCILLARY_SPACE, _RECV_FLAGS
+        )
+        fds: list[int] = []
+        for level, kind, data in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 got = array.array("i")
-                got.frombytes(cdata[: len(cdata) - len(cdata) % got.itemsize])
+                got.frombytes(data[: len(data) - len(data) % _INT_SIZE])
                 fds.extend(got)
-        if not data:
-            raise ConnectionError("peer closed the connection")
-        buf += data
-    return bytes(buf)
+        truncated = bool(msg_flags & socket.MSG_CTRUNC)
+        if nbytes == 0:
+            close_fds(fds)
+            raise ConnectionError("end of stream")
+        self._end += nbytes
+        if fds or truncated:
+            key = self._owner_of()
+            self._fds.setdefault(key, []).extend(fds)
+            if truncated:
+                self._truncated.add(key)
+
+    def _owner_of(self) -> int:
+        """Stream offset of the last message that starts before _end: the last one
+        starting in the bytes just read or, if none does, the one they continue (a
+        sender that passed fds mid-message; its fd count check will then fail)."""
+        pos = owner = self._start
+        while pos < self._end:
+            owner = pos
+            if pos + 8 > self._end:
+                break
+            size = int.from_bytes(self._buf[pos + 4 : pos + 8], "little")
+            if size < p.HEADER_SIZE:
+                break  # receive() reports the broken framing
+            pos += size
+        return self._base + owner
+
+    def _compact(self, need: int) -> None:
+        held = self._end - self._start
+        if need > len(self._buf):
+            self._view.release()
+            grown = bytearray(max(need, 2 * len(self._buf)))
+            grown[:held] = self._buf[self._start : self._end]
+            self._buf = grown
+            self._view = memoryview(self._buf)
+        else:
+            self._buf[:held] = self._buf[self._start : self._end]
+        self._base += self._start
+        self._start, self._end = 0, held
+
+    def close(self) -> None:
+        """Close fds that never found their message."""
+        pending, self._fds = self._fds, {}
+        for fds in pending.values():
+            close_fds(fds)
 
 
-def send_message(sock: socket.socket, data: bytes, fds: list[int] | None = None) -> None:
-    if fds:
-        sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-        if sent < len(data):
-            sock.sendall(data[sent:])
-    else:
+def send_message(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:
+    """One message, its fds passed with its first byte (see the module doc).
+    Callers serialise senders on a socket."""
+    if not fds:
         sock.sendall(data)
+        return
+    sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    if sent < len(data):
+        sock.sendall(memoryview(data)[sent:])

@@ -1,10 +1,20 @@
-"""Guest memory as the client maps it for DMA (DMA_MAP / DMA_UNMAP).
+"""Guest memory as the client maps it for DMA (DMA_MAP / DMA_UNMAP): implements
+`nvme_mdev.guest_memory.GuestMemory` for the controller.
 
-Regions that come with a file descriptor are mmap'd, so the device reads and
-writes guest RAM in place (zero copy). Regions without one are reached with
-DMA_READ / DMA_WRITE messages through the connection. Lookups take no lock: the
-region table is replaced whole on every change, and unmapping happens while the
-device is quiesced (see VfioUserServer), so no view outlives its mapping.
+A region that comes with a file descriptor is mmap'd (MAP_SHARED) so the device
+reads and writes guest RAM in place: `view()` hands out zero-copy memoryviews. A
+region without one is reached with DMA_READ / DMA_WRITE messages through the
+connection (`attach()`ed by the server): `view()` returns None there and
+`read()` / `write()` copy through messages.
+
+Lookups are the hot path and take no lock: the region table is an immutable
+snapshot replaced whole (one attribute store) on every map and unmap; a reader
+binds it once and bisects its sorted starts. Unmapping happens while the device
+is quiesced (the server holds `Device.quiesced()`), so no view handed out before
+outlives its mapping as long as the device drops its views then.
+
+A range that spans two adjacent regions has no single view: `view()` checks it
+and returns None, and `read()` / `write()` go region by region.
 """
 
 from __future__ import annotations
@@ -14,16 +24,26 @@ import errno
 import logging
 import mmap
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Final, Protocol
 
 from ..guest_memory import DmaError
-from .protocol import ProtocolError
+from .protocol import MAX_DMA_MAPS, Bytes, ProtocolError
 
 log = logging.getLogger(__name__)
 
-DmaReader = Callable[[int, int], bytes]
-DmaWriter = Callable[[int, bytes | bytearray | memoryview], None]
+_PAGE: Final = mmap.ALLOCATIONGRANULARITY
+
+
+class MessageDma(Protocol):
+    """DMA_READ / DMA_WRITE through the connection (the server's session). Both
+    raise DmaError when the client refuses or is gone."""
+
+    def dma_read(self, addr: int, length: int) -> bytes: ...
+
+    def dma_write(self, addr: int, data: Bytes) -> None: ...
 
 
 @dataclass(eq=False)
@@ -32,184 +52,272 @@ class DmaRegion:
     size: int
     readable: bool
     writable: bool
-    mapping: mmap.mmap | None = None
-    #: where the guest range starts inside `mapping` (the fd offset rounded down to a page)
-    delta: int = 0
-    view: memoryview | None = field(default=None, repr=False)
+    #: the mapping of the client's fd; None: reached through messages
+    mapping: mmap.mmap | None = field(default=None, repr=False)
+    #: exactly [iova, iova+size) of the mapping (read-only unless writable)
+    buffer: memoryview | None = field(default=None, repr=False)
 
     @property
     def end(self) -> int:
         return self.iova + self.size
 
+    @property
+    def fd_backed(self) -> bool:
+        return self.mapping is not None
+
     def close(self) -> None:
-        if self.view is not None:
-            self.view.release()
-            self.view = None
+        """munmap. A view the device still holds keeps the mapping alive until it
+        goes (the quiesce contract says it should not hold any)."""
+        if self.buffer is not None:
+            self.buffer.release()
+            self.buffer = None
         if self.mapping is not None:
             try:
                 self.mapping.close()
             except BufferError:
-                # A view is still exported somewhere; the mapping goes when it does.
-                log.warning("DMA region %#x+%#x unmapped while still in use", self.iova, self.size)
+                log.warning(
+                    "DMA region %#x+%#x unmapped while a view of it is held", self.iova, self.size
+                )
             self.mapping = None
 
 
+@dataclass(frozen=True, slots=True)
+class _Table:
+    starts: tuple[int, ...] = ()
+    regions: tuple[DmaRegion, ...] = ()
+    message_regions: int = 0
+
+
 class DmaMemory:
-    """Implements nvme_mdev.guest_memory.GuestMemory over the client's DMA regions."""
+    """The client's DMA regions (GuestMemory). Map and unmap from one thread (the
+    server's); view/read/write from any."""
 
-    def __init__(self, max_regions: int = 65535) -> None:
+    def __init__(self, max_regions: int = MAX_DMA_MAPS) -> None:
         self.max_regions = max_regions
-        self._regions: tuple[DmaRegion, ...] = ()
-        self._starts: tuple[int, ...] = ()
-        #: set by the server while a client that can answer DMA_READ/DMA_WRITE is connected
-        self.dma_read: DmaReader | None = None
-        self.dma_write: DmaWriter | None = None
+        self._table = _Table()
+        self._transport: MessageDma | None = None
+        self._lock = threading.Lock()  # serialises writers; readers take none
 
-    # --- DMA_MAP / DMA_UNMAP (server thread) ------------------------------------
+    # --- DMA_MAP / DMA_UNMAP (server thread) --------------------------------------------
 
-    def add(
-        self, iova: int, size: int, readable: bool, writable: bool, fd: int | None, offset: int
-    ) -> None:
-        """Map [iova, iova+size). Takes ownership of fd (closed here)."""
+    def map(
+        self,
+        iova: int,
+        size: int,
+        readable: bool,
+        writable: bool,
+        fd: int | None = None,
+        offset: int = 0,
+    ) -> DmaRegion:
+        """Add [iova, iova+size), mmap'd from fd at offset when there is one. Takes
+        ownership of fd (closed here: the mapping keeps what it needs). Raises
+        ProtocolError with the errno for the reply."""
         try:
             if size <= 0 or iova < 0 or iova + size > 1 << 64:
                 raise ProtocolError(errno.EINVAL, f"DMA_MAP {iova:#x}+{size:#x}: bad range")
-            if len(self._regions) >= self.max_regions:
-                raise ProtocolError(errno.ENOSPC, "too many DMA regions")
-            if self._overlapping(iova, size):
-                raise ProtocolError(errno.EEXIST, f"DMA_MAP {iova:#x}+{size:#x} overlaps")
+            if not (readable or writable):
+                raise ProtocolError(errno.EINVAL, f"DMA_MAP {iova:#x}: no access")
             region = DmaRegion(iova, size, readable, writable)
-            if fd is not None:
-                start = offset - offset % mmap.ALLOCATIONGRANULARITY
-                region.delta = offset - start
-                prot = (mmap.PROT_READ if readable else 0) | (mmap.PROT_WRITE if writable else 0)
-                try:
-                    region.mapping = mmap.mmap(
-                        fd, size + region.delta, mmap.MAP_SHARED, prot or mmap.PROT_READ,
-                        offset=start,
-                    )
-                except (OSError, ValueError) as exc:
-                    err = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL
-                    raise ProtocolError(err, f"DMA_MAP {iova:#x}: mmap: {exc}") from exc
-                region.view = memoryview(region.mapping)
-                if not writable:
-                    region.view = region.view.toreadonly()
+            with self._lock:
+                table = self._table
+                if len(table.regions) >= self.max_regions:
+                    raise ProtocolError(errno.ENOSPC, f"DMA_MAP: {len(table.regions)} regions")
+                if _overlapping(table, iova, size):
+                    raise ProtocolError(errno.EEXIST, f"DMA_MAP {iova:#x}+{size:#x} overlaps")
+                if fd is not None:
+                    region.mapping, region.buffer = _mmap(fd, offset, size, readable, writable)
+                i = bisect.bisect_left(table.starts, iova)
+                self._table = _table(
+                    (*table.regions[:i], region, *table.regions[i:]),
+                )
+            return region
         finally:
             if fd is not None:
                 os.close(fd)
-        regions = sorted((*self._regions, region), key=lambda r: r.iova)
-        self._publish(regions)
 
-    def remove(self, iova: int, size: int, everything: bool = False) -> list[DmaRegion]:
-        """Unmap whole regions inside [iova, iova+size); the caller closes them once
-        the device no longer uses them."""
-        if everything:
-            removed = list(self._regions)
-        else:
-            removed = [r for r in self._regions if r.iova >= iova and r.end <= iova + size]
-            partial = [r for r in self._overlapping(iova, size) if r not in removed]
-            if partial:
-                raise ProtocolError(errno.EINVAL, f"DMA_UNMAP {iova:#x}+{size:#x} splits a region")
-            if not removed:
-                raise ProtocolError(errno.ENOENT, f"DMA_UNMAP {iova:#x}+{size:#x}: not mapped")
-        self._publish([r for r in self._regions if r not in removed])
+    def unmap(self, iova: int, size: int) -> list[DmaRegion]:
+        """Remove the region mapped as exactly [iova, iova+size), as the spec asks
+        (QEMU unmaps exactly what it mapped). The caller closes it (release())
+        once the device no longer uses it."""
+        with self._lock:
+            table = self._table
+            i = bisect.bisect_left(table.starts, iova)
+            if i < len(table.regions) and table.regions[i].iova == iova:
+                region = table.regions[i]
+                if region.size == size:
+                    self._table = _table((*table.regions[:i], *table.regions[i + 1 :]))
+                    return [region]
+            if _overlapping(table, iova, size):
+                raise ProtocolError(
+                    errno.EINVAL, f"DMA_UNMAP {iova:#x}+{size:#x} is not one whole mapping"
+                )
+            raise ProtocolError(errno.ENOENT, f"DMA_UNMAP {iova:#x}+{size:#x}: not mapped")
+
+    def unmap_all(self) -> list[DmaRegion]:
+        with self._lock:
+            removed, self._table = list(self._table.regions), _Table()
         return removed
 
-    def clear(self) -> list[DmaRegion]:
-        return self.remove(0, 0, everything=True)
+    @staticmethod
+    def release(regions: Sequence[DmaRegion]) -> None:
+        """munmap regions removed by unmap()/unmap_all()."""
+        for region in regions:
+            region.close()
 
-    def _publish(self, regions: list[DmaRegion]) -> None:
-        # Readers may run concurrently: swap both tables in one step.
-        self._regions, self._starts = tuple(regions), tuple(r.iova for r in regions)
-
-    def _overlapping(self, iova: int, size: int) -> list[DmaRegion]:
-        return [r for r in self._regions if r.iova < iova + size and iova < r.end]
+    def attach(self, transport: MessageDma | None) -> None:
+        """Where DMA_READ/DMA_WRITE go (None: no client, message DMA fails)."""
+        self._transport = transport
 
     @property
     def regions(self) -> tuple[DmaRegion, ...]:
-        return self._regions
+        return self._table.regions
 
-    # --- GuestMemory --------------------------------------------------------------
+    @property
+    def has_message_regions(self) -> bool:
+        return self._table.message_regions > 0
 
-    def _find(self, addr: int) -> DmaRegion | None:
-        regions = self._regions
-        i = bisect.bisect_right(self._starts, addr) - 1
-        if i >= 0:
-            region = regions[i]
-            if addr < region.end:
-                return region
-        return None
+    # --- GuestMemory -------------------------------------------------------------------
 
     def view(self, addr: int, length: int, writable: bool) -> memoryview | None:
-        region = self._find(addr)
-        if region is None:
-            raise DmaError(f"{addr:#x} is not mapped for DMA")
-        if addr + length > region.end:
-            self._check_range(addr, length, writable)
-            return None  # spans regions: read()/write() handle it piece by piece
-        if writable and not region.writable:
-            raise DmaError(f"{addr:#x} is mapped read-only")
-        if region.view is None:
-            return None
-        start = addr - region.iova + region.delta
-        return region.view[start : start + length]
+        table = self._table
+        i = bisect.bisect_right(table.starts, addr) - 1
+        if i >= 0 and length > 0:
+            region = table.regions[i]
+            offset = addr - region.iova
+            if offset + length <= region.size:
+                if not (region.writable if writable else region.readable):
+                    raise DmaError(_denied(addr, length, writable))
+                buffer = region.buffer
+                if buffer is None:
+                    return None
+                return buffer[offset : offset + length]
+        return self._view_slow(addr, length, writable)
 
-    def _check_range(self, addr: int, length: int, writable: bool) -> None:
-        for _, _, region in self._pieces(addr, length):
-            if writable and not region.writable:
-                raise DmaError(f"{addr:#x} is mapped read-only")
+    def _view_slow(self, addr: int, length: int, writable: bool) -> memoryview | None:
+        if length == 0:
+            return memoryview(bytearray()) if writable else memoryview(b"")
+        for piece_addr, n, region in self._pieces(addr, length):
+            if not (region.writable if writable else region.readable):
+                raise DmaError(_denied(piece_addr, n, writable))
+        return None  # spans regions: read()/write() go piece by piece
+
+    def read(self, addr: int, length: int) -> bytes:
+        table = self._table
+        i = bisect.bisect_right(table.starts, addr) - 1
+        if i >= 0 and length > 0:
+            region = table.regions[i]
+            offset = addr - region.iova
+            if offset + length <= region.size and region.buffer is not None and region.readable:
+                return bytes(region.buffer[offset : offset + length])
+        if length == 0:
+            return b""
+        out = []
+        for piece_addr, n, region in self._pieces(addr, length):
+            if not region.readable:
+                raise DmaError(_denied(piece_addr, n, False))
+            if region.buffer is not None:
+                offset = piece_addr - region.iova
+                out.append(bytes(region.buffer[offset : offset + n]))
+            else:
+                out.append(self._transport_for(piece_addr).dma_read(piece_addr, n))
+        return b"".join(out)
+
+    def write(self, addr: int, data: Bytes) -> None:
+        if isinstance(data, memoryview) and (data.format != "B" or data.ndim != 1):
+            data = data.cast("B")
+        length = len(data)
+        table = self._table
+        i = bisect.bisect_right(table.starts, addr) - 1
+        if i >= 0 and length > 0:
+            region = table.regions[i]
+            offset = addr - region.iova
+            if offset + length <= region.size and region.buffer is not None and region.writable:
+                region.buffer[offset : offset + length] = data
+                return
+        if length == 0:
+            return
+        pieces = self._pieces(addr, length)
+        for piece_addr, n, region in pieces:  # all or nothing as far as we can tell
+            if not region.writable:
+                raise DmaError(_denied(piece_addr, n, True))
+        pos = 0
+        for piece_addr, n, region in pieces:
+            chunk = data[pos : pos + n]
+            if region.buffer is not None:
+                offset = piece_addr - region.iova
+                region.buffer[offset : offset + n] = chunk
+            else:
+                self._transport_for(piece_addr).dma_write(piece_addr, chunk)
+            pos += n
 
     def _pieces(self, addr: int, length: int) -> list[tuple[int, int, DmaRegion]]:
+        """[addr, addr+length) split at region boundaries; DmaError for a gap."""
+        if length < 0 or addr < 0:
+            raise DmaError(f"DMA range {addr:#x}+{length:#x} is invalid")
+        table = self._table
         pieces = []
+        i = bisect.bisect_right(table.starts, addr) - 1
         while length > 0:
-            region = self._find(addr)
-            if region is None:
-                raise DmaError(f"{addr:#x} is not mapped for DMA")
+            if (
+                i < 0
+                or i >= len(table.regions)
+                or not table.regions[i].iova <= addr < table.regions[i].end
+            ):
+                raise DmaError(f"DMA to {addr:#x}+{length:#x}: not mapped")
+            region = table.regions[i]
             n = min(length, region.end - addr)
             pieces.append((addr, n, region))
             addr += n
             length -= n
+            i += 1
         return pieces
 
-    def read(self, addr: int, length: int) -> bytes:
-        out = []
-        for piece_addr, n, region in self._pieces(addr, length):
-            if not region.readable:
-                raise DmaError(f"{piece_addr:#x} is not readable")
-            if region.view is not None:
-                start = piece_addr - region.iova + region.delta
-                out.append(bytes(region.view[start : start + n]))
-            else:
-                out.append(self._message_read(piece_addr, n))
-        return b"".join(out)
+    def _transport_for(self, addr: int) -> MessageDma:
+        transport = self._transport
+        if transport is None:
+            raise DmaError(f"DMA to {addr:#x}: needs messages and no client is connected")
+        return transport
 
-    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
-        pos = 0
-        for piece_addr, n, region in self._pieces(addr, len(data)):
-            if not region.writable:
-                raise DmaError(f"{piece_addr:#x} is mapped read-only")
-            chunk = data[pos : pos + n]
-            if region.view is not None:
-                start = piece_addr - region.iova + region.delta
-                region.view[start : start + n] = chunk
-            else:
-                self._message_write(piece_addr, chunk)
-            pos += n
 
-    def _message_read(self, addr: int, length: int) -> bytes:
-        reader = self.dma_read
-        if reader is None:
-            raise DmaError("no client to carry DMA_READ")
-        try:
-            return reader(addr, length)
-        except (OSError, ProtocolError, TimeoutError) as exc:
-            raise DmaError(f"DMA_READ {addr:#x}+{length:#x}: {exc}") from exc
+def _table(regions: Sequence[DmaRegion]) -> _Table:
+    return _Table(
+        tuple(r.iova for r in regions),
+        tuple(regions),
+        sum(1 for r in regions if r.mapping is None),
+    )
 
-    def _message_write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
-        writer = self.dma_write
-        if writer is None:
-            raise DmaError("no client to carry DMA_WRITE")
-        try:
-            writer(addr, data)
-        except (OSError, ProtocolError, TimeoutError) as exc:
-            raise DmaError(f"DMA_WRITE {addr:#x}+{len(data):#x}: {exc}") from exc
+
+def _overlapping(table: _Table, iova: int, size: int) -> bool:
+    i = bisect.bisect_right(table.starts, iova) - 1
+    if i >= 0 and table.regions[i].end > iova:
+        return True
+    return i + 1 < len(table.regions) and table.regions[i + 1].iova < iova + size
+
+
+def _denied(addr: int, length: int, writable: bool) -> str:
+    return f"DMA {'write to' if writable else 'read from'} {addr:#x}+{length:#x}: not permitted"
+
+
+def _mmap(
+    fd: int, offset: int, size: int, readable: bool, writable: bool
+) -> tuple[mmap.mmap, memoryview]:
+    """Map [offset, offset+size) of fd. mmap wants a page-aligned file offset: map
+    from the page below and slice the difference off."""
+    start = offset - offset % _PAGE
+    delta = offset - start
+    try:
+        if writable:
+            prot = mmap.PROT_WRITE | (mmap.PROT_READ if readable else 0)
+            mapping = mmap.mmap(fd, delta + size, mmap.MAP_SHARED, prot, offset=start)
+        else:
+            mapping = mmap.mmap(fd, delta + size, access=mmap.ACCESS_READ, offset=start)
+    except OSError as exc:
+        # e.g. EACCES for PROT_WRITE on an fd opened read-only, ENODEV for a pipe
+        raise ProtocolError(exc.errno or errno.EINVAL, f"DMA_MAP mmap: {exc}") from None
+    except (ValueError, OverflowError) as exc:
+        # CPython refuses a range beyond the end of a regular file (it would SIGBUS)
+        raise ProtocolError(errno.EINVAL, f"DMA_MAP mmap: {exc}") from None
+    buffer = memoryview(mapping)[delta : delta + size]
+    if not writable:
+        buffer = buffer.toreadonly()
+    return mapping, buffer

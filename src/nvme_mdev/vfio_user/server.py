@@ -1,177 +1,373 @@
-"""The vfio-user server: one UNIX socket, one client at a time, messages handled
-strictly in order on the connection's thread.
+"""The vfio-user server: one UNIX socket, one client at a time, the client's
+commands handled strictly in order by the Device interface (device.py).
 
-The device sees only the Device interface; guest memory lives in DmaMemory. The
-connection thread never waits for the client (QEMU may be blocked waiting for
-our reply), so DMA_READ/DMA_WRITE requests are only sent from the device's own
-threads, and their replies are routed to them by message id.
+Threads. The server thread reads and handles the client's messages. An acceptor
+thread takes connections: one client is served, one more may wait its turn (a
+restarted QEMU connecting before we finished cleaning up after the old one),
+any other is closed at once. The device's own threads (I/O, admin) reach
+fd-less guest memory through DMA_READ/DMA_WRITE requests (Session.dma_read/
+dma_write): any thread may send; replies are routed to the waiting thread by
+message id.
+
+The device is called from the server thread only (region_read/region_write,
+set_irqs, reset, quiesced), one call at a time, in the client's order. A
+posted write (NO_REPLY) gets no reply, not even when it fails (logged).
+
+Deadlocks this design avoids:
+
+- The server thread may be inside a device call that waits for the device's
+  threads (a controller reset, a quiesce) while one of them waits for a DMA
+  reply only the socket reader would see. Whoever holds the reader role reads:
+  normally the server thread; while it is busy in a device call, a thread
+  waiting for a DMA reply takes the role, routes replies and queues the
+  client's commands for the server thread, in order.
+- QEMU cannot answer our DMA requests while it waits for one of our replies
+  (it holds its big lock). So a DMA wait that overlaps a reply we have owed for
+  longer than DMA_ABORT_GRACE fails with DmaError, letting the device finish
+  and us reply within QEMU's 5 s timeout (a late reply would desynchronise
+  QEMU's stream).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import logging
 import os
+import queue
 import select
 import socket
 import stat
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
+from typing import Final, TypeVar
 
+from ..guest_memory import DmaError
 from . import protocol as p
 from .device import Device, DeviceError, IrqAction, IrqSet
-from .framing import receive_message, send_message
+from .framing import Message, MessageReader, send_message
 from .memory import DmaMemory
 
 log = logging.getLogger(__name__)
 
-#: a reply payload, or a payload and the fds to pass with it
-Reply = bytes | tuple[bytes, list[int]]
+_T = TypeVar("_T")
+#: a reply payload and the fds to pass with it
+Reply = tuple[bytes, Sequence[int]]
 
-REPLY_TIMEOUT = 5.0  # what QEMU allows us; we allow it the same
+#: QEMU's default x-msg-timeout; we allow the client the same for DMA replies
+REPLY_TIMEOUT: Final = 5.0
+#: how long a DMA wait may overlap a reply we owe the client (see module doc)
+DMA_ABORT_GRACE: Final = 0.5
+#: how long the server thread must have been busy before a DMA waiter reads
+_TAKEOVER_AFTER: Final = 0.002
+_POLL: Final = 0.005
+#: data bytes per DMA_READ. QEMU (11.1) sends a reply with one non-blocking write
+#: and drops whatever did not fit in its socket send buffer (~208 KiB by default,
+#: less what we have not read yet; vfio_user_send_qio() takes a partial write for a
+#: whole one): the reply arrives truncated and the stream is out of step from then
+#: on. So DMA_READs are small and one at a time (replies of several in flight add
+#: up). DMA_WRITE (QEMU reads those in pieces) is not limited this way.
+DMA_READ_MAX: Final = 64 * 1024
+
+_ACTIONS: Final = {
+    p.IRQ_SET_ACTION_MASK: IrqAction.MASK,
+    p.IRQ_SET_ACTION_UNMASK: IrqAction.UNMASK,
+    p.IRQ_SET_ACTION_TRIGGER: IrqAction.TRIGGER,
+}
+#: GET_IRQ_INFO flags when the device does not say (vfio-pci's usual ones)
+_DEFAULT_IRQ_FLAGS: Final = (
+    p.IRQ_INFO_EVENTFD | p.IRQ_INFO_MASKABLE | p.IRQ_INFO_AUTOMASKED,  # INTx
+    p.IRQ_INFO_EVENTFD | p.IRQ_INFO_NORESIZE,  # MSI
+    p.IRQ_INFO_EVENTFD | p.IRQ_INFO_NORESIZE,  # MSI-X
+    p.IRQ_INFO_EVENTFD,  # ERR
+    p.IRQ_INFO_EVENTFD,  # REQ
+)
 
 
 class SocketInUse(Exception):
-    """The socket path is taken (a live server, or not a socket at all)."""
+    """The socket path is taken: a live server, or not a socket at all."""
 
 
-class Disconnected(Exception):
-    pass
+class _Pending:
+    __slots__ = ("done", "error", "reply")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.reply: Message | None = None
+        self.error: str | None = None
 
 
-def _prepare_socket_path(path: str) -> None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise SocketInUse(f"{path}: exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)  # stale: nobody listens
-        return
-    finally:
-        probe.close()
-    raise SocketInUse(f"{path}: in use by a running server")
-
-
-class Connection:
-    """One client. The reading thread dispatches its commands; any thread may send
-    a request of its own (DMA_READ/DMA_WRITE) and wait for the reply."""
+class Session:
+    """One connected client: its socket, negotiated capabilities, and our own
+    requests to it (MessageDma for DmaMemory)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.caps = p.ClientCapabilities()
+        self.reader = MessageReader(sock)
+        self.negotiated = False
+        self.client_caps = p.Capabilities()
+        self.limits = p.Limits()
+        #: data bytes per DMA_READ/DMA_WRITE: what both sides accept
+        self.dma_chunk = p.MAX_DATA_XFER_SIZE
         self._send_lock = threading.Lock()
-        self._waiters: dict[int, tuple[threading.Event, list[tuple[p.Header, bytes]]]] = {}
-        self._waiters_lock = threading.Lock()
+        #: the reader role (see module doc)
+        self._read_lock = threading.Lock()
+        self._backlog: collections.deque[Message] = collections.deque()
+        self._eof: BaseException | None = None
+        self._pending: dict[int, _Pending] = {}
+        self._pending_lock = threading.Lock()
+        #: one DMA_READ in flight at a time (see DMA_READ_MAX)
+        self._dma_read_lock = threading.Lock()
         self._next_id = 0
-        self.closed = False
+        self._closed: str | None = None
+        #: when the server thread began a device call, and whether it owes a reply
+        self._busy_since: float | None = None
+        self._busy_thread = 0
+        self._owed_since: float | None = None
 
-    # --- sending -------------------------------------------------------------------
+    # --- receiving (server thread) ------------------------------------------------------
 
-    def send(self, data: bytes, fds: list[int] | None = None) -> None:
+    def next_command(self) -> Message:
+        """The client's next command, in order; replies met on the way are routed.
+        Raises ConnectionError / OSError / ProtocolError when the stream ends."""
+        while True:
+            with self._read_lock:
+                if self._backlog:
+                    return self._backlog.popleft()
+                if self._eof is not None:
+                    raise self._eof
+                message = self._receive_locked()
+            if message.header.is_reply:
+                self._route(message)
+            else:
+                return message
+
+    def _receive_locked(self) -> Message:
+        try:
+            return self.reader.receive()
+        except (OSError, p.ProtocolError) as exc:  # ConnectionError is an OSError
+            self._eof = exc
+            self.close(f"connection lost: {exc}")
+            raise
+
+    def busy(self, owes_reply: bool) -> None:
+        """The server thread enters a device call."""
+        now = time.monotonic()
+        self._busy_thread = threading.get_ident()
+        self._busy_since = now
+        self._owed_since = now if owes_reply else None
+
+    def idle(self) -> None:
+        self._busy_since = self._owed_since = None
+
+    # --- sending --------------------------------------------------------------------
+
+    def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
         with self._send_lock:
             send_message(self.sock, data, fds)
 
-    def request(self, command: int, payload: bytes) -> tuple[p.Header, bytes]:
-        """Send a request to the client and wait for its reply (device threads only)."""
-        event = threading.Event()
-        box: list[tuple[p.Header, bytes]] = []
-        with self._waiters_lock:
-            if self.closed:
-                raise Disconnected("client gone")
-            msg_id = self._next_id
-            self._next_id = (self._next_id + 1) & 0xFFFF
-            self._waiters[msg_id] = (event, box)
-        try:
-            self.send(p.encode(msg_id, command, payload))
-            if not event.wait(REPLY_TIMEOUT):
-                raise TimeoutError(f"no reply to command {command} in {REPLY_TIMEOUT} s")
-        finally:
-            with self._waiters_lock:
-                self._waiters.pop(msg_id, None)
-        if not box:
-            raise Disconnected("client gone")
-        header, reply = box[0]
-        if header.flags & p.FLAG_ERROR:
-            raise p.ProtocolError(header.error or errno.EIO, f"client error {header.error}")
-        return header, reply
-
-    def deliver_reply(self, header: p.Header, payload: bytes) -> None:
-        with self._waiters_lock:
-            waiter = self._waiters.get(header.msg_id)
-        if waiter is None:
-            log.warning("reply to unknown message %d dropped", header.msg_id)
-            return
-        waiter[1].append((header, payload))
-        waiter[0].set()
-
-    def fail_waiters(self) -> None:
-        with self._waiters_lock:
-            self.closed = True
-            waiters = list(self._waiters.values())
-        for event, _ in waiters:
-            event.set()
+    # --- our requests (DMA_READ / DMA_WRITE) ---------------------------------------------
 
     def dma_read(self, addr: int, length: int) -> bytes:
         out = []
-        chunk = self.caps.max_data_xfer_size
-        for pos in range(0, length, chunk):
-            n = min(chunk, length - pos)
-            _, reply = self.request(p.Command.DMA_READ, p.encode_dma_read(addr + pos, n))
-            _, count, data = p.decode_dma_rw(reply)
-            if count != n:
-                raise p.ProtocolError(errno.EIO, f"DMA_READ returned {count} of {n} bytes")
+        while length > 0:
+            sent = p.DmaAccess(addr, min(length, self.dma_chunk, DMA_READ_MAX))
+            self._acquire_dma_read(sent)
+            try:
+                reply = self._request(p.Command.DMA_READ, sent)
+            finally:
+                self._dma_read_lock.release()
+            try:
+                data = p.DmaAccess.decode_read_reply(reply.payload, sent)
+            except p.ProtocolError as exc:
+                raise DmaError(f"DMA_READ {addr:#x}+{sent.count:#x}: bad reply: {exc}") from None
+            if not data:
+                raise DmaError(f"DMA_READ {addr:#x}+{sent.count:#x}: the client read nothing")
             out.append(data)
+            addr += len(data)
+            length -= len(data)
         return b"".join(out)
 
-    def dma_write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
-        chunk = self.caps.max_data_xfer_size
-        for pos in range(0, len(data), chunk):
-            piece = data[pos : pos + chunk]
-            self.request(p.Command.DMA_WRITE, p.encode_dma_write(addr + pos, piece))
+    def dma_write(self, addr: int, data: p.Bytes) -> None:
+        view = memoryview(data).cast("B") if not isinstance(data, bytes) else data
+        pos = 0
+        while pos < len(view):
+            sent = p.DmaAccess(addr + pos, min(len(view) - pos, self.dma_chunk))
+            sent = p.DmaAccess(sent.address, sent.count, bytes(view[pos : pos + sent.count]))
+            reply = self._request(p.Command.DMA_WRITE, sent)
+            try:
+                written = p.DmaAccess.decode_write_reply(reply.payload, sent)
+            except p.ProtocolError as exc:
+                raise DmaError(f"DMA_WRITE {sent.address:#x}: bad reply: {exc}") from None
+            if not written:
+                raise DmaError(f"DMA_WRITE {sent.address:#x}: the client wrote nothing")
+            pos += written
 
-    # --- receiving -----------------------------------------------------------------
+    def _acquire_dma_read(self, access: p.DmaAccess) -> None:
+        """Wait for the DMA_READ in flight (another thread's) to be answered, as long
+        as we would wait for our own reply."""
+        deadline = time.monotonic() + REPLY_TIMEOUT
+        while not self._dma_read_lock.acquire(timeout=_POLL):
+            self._check_wait(None, p.Command.DMA_READ, access, deadline)
+            if self._closed is not None:
+                raise DmaError(f"DMA_READ: {self._closed}")
 
-    def receive(self) -> tuple[p.Header, bytes, list[int]]:
-        """The next whole message and the fds that came with it."""
-        return receive_message(self.sock)
+    def _request(self, command: p.Command, access: p.DmaAccess) -> Message:
+        pending = _Pending()
+        with self._pending_lock:
+            if self._closed is not None:
+                raise DmaError(f"{command.name}: {self._closed}")
+            msg_id = self._next_id
+            while msg_id in self._pending:
+                msg_id = (msg_id + 1) & 0xFFFF
+            self._next_id = (msg_id + 1) & 0xFFFF
+            self._pending[msg_id] = pending
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("-> id=%d %s %#x+%#x", msg_id, command.name, access.address, access.count)
+        try:
+            try:
+                self.send(p.encode_message(msg_id, command, access.encode()))
+            except OSError as exc:
+                raise DmaError(f"{command.name}: {exc}") from None
+            self._wait(pending, command, access)
+        finally:
+            with self._pending_lock:
+                self._pending.pop(msg_id, None)
+        reply = pending.reply
+        assert reply is not None
+        if reply.header.is_error:
+            err = reply.header.error or errno.EIO
+            raise DmaError(
+                f"{command.name} {access.address:#x}+{access.count:#x}: "
+                f"client error {err} ({os.strerror(err)})"
+            )
+        return reply
+
+    def _wait(self, pending: _Pending, command: p.Command, access: p.DmaAccess) -> None:
+        deadline = time.monotonic() + REPLY_TIMEOUT
+        while not pending.done.is_set():
+            self._check_wait(pending, command, access, deadline)
+            busy = self._busy_since
+            if (
+                busy is not None
+                # at once when a device call on the server thread itself does DMA
+                and (
+                    self._busy_thread == threading.get_ident()
+                    or time.monotonic() - busy > _TAKEOVER_AFTER
+                )
+                and self._read_lock.acquire(blocking=False)
+            ):
+                try:
+                    self._pump(pending, command, access, deadline)
+                finally:
+                    self._read_lock.release()
+            else:
+                pending.done.wait(_POLL)
+        if pending.error is not None:
+            raise DmaError(f"{command.name} {access.address:#x}+{access.count:#x}: {pending.error}")
+
+    def _check_wait(
+        self, pending: _Pending | None, command: p.Command, access: p.DmaAccess, deadline: float
+    ) -> None:
+        now = time.monotonic()
+        what = f"{command.name} {access.address:#x}+{access.count:#x}"
+        if now > deadline:
+            raise DmaError(f"{what}: no reply in {REPLY_TIMEOUT} s")
+        owed = self._owed_since
+        if owed is not None and now - owed > DMA_ABORT_GRACE:
+            raise DmaError(f"{what}: abandoned, the client is waiting for our reply")
+
+    def _pump(
+        self, pending: _Pending, command: p.Command, access: p.DmaAccess, deadline: float
+    ) -> None:
+        """Read for the busy server thread until our reply is in (reader lock held)."""
+        while not pending.done.is_set() and self._eof is None:
+            self._check_wait(pending, command, access, deadline)
+            if not self.reader.buffered():
+                ready, _, _ = select.select([self.sock], [], [], _POLL)
+                if not ready:
+                    continue
+            try:
+                message = self._receive_locked()
+            except (OSError, p.ProtocolError):
+                return  # close() failed every waiter, us included
+            if message.header.is_reply:
+                self._route(message)
+            else:
+                self._backlog.append(message)
+
+    def _route(self, message: Message) -> None:
+        message.close_fds()  # no reply to DMA_READ/WRITE carries fds
+        with self._pending_lock:
+            pending = self._pending.get(message.header.msg_id)
+        if pending is None or pending.done.is_set():
+            log.info(
+                "dropped a reply to message %d (command %d): nobody waits for it",
+                message.header.msg_id,
+                message.header.command,
+            )
+            return
+        pending.reply = message
+        pending.done.set()
+
+    def close(self, reason: str) -> None:
+        """No more requests; every waiter fails."""
+        with self._pending_lock:
+            if self._closed is None:
+                self._closed = reason
+            waiting = list(self._pending.values())
+        for pending in waiting:
+            if not pending.done.is_set():
+                pending.error = reason
+                pending.done.set()
+
+    def discard(self) -> None:
+        """Close the socket and whatever fds are still unclaimed."""
+        with self._read_lock:
+            for message in self._backlog:
+                message.close_fds()
+            self._backlog.clear()
+            self.reader.close()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+Handler = Callable[[Session, p.Decoded, Message], Reply]
 
 
 class VfioUserServer:
+    """Serves `device` on a UNIX socket at `socket_path` (created owner-only).
+
+    `memory` is the guest memory the device does its DMA through: construct it
+    first and give it to both the device layer and the server (a fresh one is made
+    when omitted; `server.memory` returns it either way). `irq_info_flags`
+    overrides the VFIO_IRQ_INFO_* flags per IRQ index (default: the device's
+    `irq_info_flags` attribute if it has one, else vfio-pci's usual flags).
+    """
+
     def __init__(
         self,
         socket_path: str,
         device: Device,
-        memory: DmaMemory,
-        irq_info_flags: tuple[int, ...] | None = None,
+        memory: DmaMemory | None = None,
+        *,
+        irq_info_flags: Sequence[int] | None = None,
     ) -> None:
         self.socket_path = socket_path
         self.device = device
-        self.memory = memory
-        self.irq_info_flags = irq_info_flags or tuple(
-            getattr(device, "irq_info_flags", (1,) * len(device.irq_counts))
-        )
-        _prepare_socket_path(socket_path)
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)  # whoever connects can read and write the namespaces
-        try:
-            self._listener.bind(socket_path)
-        except OSError as exc:
-            self._listener.close()
-            raise SocketInUse(f"{socket_path}: {exc.strerror}") from exc
-        finally:
-            os.umask(old_umask)
-        os.chmod(socket_path, 0o600)
-        self._listener.listen(1)
-        self._stop_r, self._stop_w = os.pipe()
-        self._thread = threading.Thread(target=self.serve_forever, name="vfio-user", daemon=True)
-        self.connection: Connection | None = None
-        self._handlers: dict[int, Callable[[Connection, p.Header, bytes, list[int]], Reply]] = {
+        self._memory = memory if memory is not None else DmaMemory()
+        self._irq_info_flags = irq_info_flags
+        self._stopping = threading.Event()
+        self._lifecycle = threading.Lock()
+        self._session: Session | None = None
+        self._waiting: queue.Queue[socket.socket | None] = queue.Queue(maxsize=1)
+        self._thread: threading.Thread | None = None
+        self._acceptor: threading.Thread | None = None
+        self._listener = _listen(socket_path)
+        self._inode = os.stat(socket_path).st_ino
+        self._handlers: dict[p.Command, Handler] = {
             p.Command.VERSION: self._version,
             p.Command.DMA_MAP: self._dma_map,
             p.Command.DMA_UNMAP: self._dma_unmap,
@@ -185,240 +381,419 @@ class VfioUserServer:
             p.Command.DEVICE_RESET: self._device_reset,
         }
 
+    @property
+    def memory(self) -> DmaMemory:
+        """The GuestMemory the device does its DMA through."""
+        return self._memory
+
+    @property
+    def connected(self) -> bool:
+        return self._session is not None
+
+    # --- life cycle ----------------------------------------------------------------------
+
     def start(self) -> None:
+        """Serve in background threads."""
+        if self._thread is not None:
+            raise RuntimeError("already started")
+        self._start_acceptor()
+        self._thread = threading.Thread(target=self.serve_forever, name="vfio-user", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        os.write(self._stop_w, b"x")
-        conn = self.connection
-        if conn is not None:
-            with contextlib.suppress(OSError):
-                conn.sock.shutdown(socket.SHUT_RDWR)
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join()
-        self._listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)
-        os.close(self._stop_r)
-        os.close(self._stop_w)
-
     def serve_forever(self) -> None:
-        while True:
-            ready, _, _ = select.select([self._listener.fileno(), self._stop_r], [], [])
-            if self._stop_r in ready:
-                return
+        """Serve clients one after another until stop()."""
+        self._start_acceptor()
+        while not self._stopping.is_set():
+            sock = self._waiting.get()
+            if sock is None or self._stopping.is_set():
+                if sock is not None:
+                    sock.close()
+                break
+            self._serve(Session(sock))
+
+    def _start_acceptor(self) -> None:
+        with self._lifecycle:
+            if self._acceptor is None and not self._stopping.is_set():
+                self._acceptor = threading.Thread(
+                    target=self._accept_loop, name="vfio-user-accept", daemon=True
+                )
+                self._acceptor.start()
+
+    def stop(self) -> None:
+        """Disconnect the client (the device is reset as for any disconnect), stop
+        the threads and remove the socket file."""
+        with self._lifecycle:
+            self._stopping.set()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
+        session = self._session
+        if session is not None:
+            with contextlib.suppress(OSError):
+                session.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader
+        with contextlib.suppress(queue.Full):
+            self._waiting.put_nowait(None)
+        me = threading.current_thread()
+        with self._lifecycle:
+            threads = (self._acceptor, self._thread)
+        for thread in threads:
+            if thread is not None and thread is not me and thread.ident is not None:
+                thread.join()
+        self._listener.close()
+        while True:  # a client queued behind the stop sentinel
+            try:
+                sock = self._waiting.get_nowait()
+            except queue.Empty:
+                break
+            if sock is not None:
+                sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(self.socket_path).st_ino == self._inode:  # still ours
+                os.unlink(self.socket_path)
+
+    def __enter__(self) -> VfioUserServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
             try:
                 sock, _ = self._listener.accept()
             except OSError:
+                if self._stopping.is_set():
+                    return
+                time.sleep(0.01)  # EMFILE and friends: do not spin
                 continue
-            log.info("client connected")
-            conn = Connection(sock)
-            self.connection = conn
+            if self._stopping.is_set():
+                sock.close()
+                return
             try:
-                self._serve(conn)
-            finally:
-                self._disconnect(conn)
-            if select.select([self._stop_r], [], [], 0)[0]:
-                return
+                self._waiting.put_nowait(sock)
+            except queue.Full:
+                log.warning("refused a client: one is being served and one is waiting")
+                sock.close()
 
-    def _serve(self, conn: Connection) -> None:
-        while True:
-            try:
-                header, payload, fds = conn.receive()
-            except (Disconnected, OSError) as exc:
-                log.info("client disconnected: %s", exc)
-                return
-            except p.ProtocolError as exc:
-                log.error("dropping client: unusable message framing: %s", exc)
-                return
-            if header.is_reply:
-                for fd in fds:
-                    os.close(fd)
-                conn.deliver_reply(header, payload)
-                continue
-            self._dispatch(conn, header, payload, fds)
+    # --- one client --------------------------------------------------------------------
 
-    def _dispatch(self, conn: Connection, header: p.Header, payload: bytes, fds: list[int]) -> None:
-        handler = self._handlers.get(header.command)
-        error = 0
-        reply: Reply = b""
+    def _serve(self, session: Session) -> None:
+        log.info("client connected")
+        self._session = session
+        if self._stopping.is_set():  # stop() came before it could see this session
+            with contextlib.suppress(OSError):
+                session.sock.shutdown(socket.SHUT_RDWR)
         try:
-            if handler is None:
-                raise p.ProtocolError(errno.ENOTSUP, f"command {header.command} not supported")
-            reply = handler(conn, header, payload, fds)
-            fds = []  # the handler owns them now
+            while True:
+                try:
+                    message = session.next_command()
+                except ConnectionError:
+                    log.info("client disconnected")
+                    return
+                except OSError as exc:
+                    log.info("client connection failed: %s", exc)
+                    return
+                except p.ProtocolError as exc:
+                    log.error("dropping the client: message framing broken: %s", exc)
+                    return
+                self._dispatch(session, message)
+        finally:
+            self._disconnect(session)
+
+    def _dispatch(self, session: Session, message: Message) -> None:
+        header = message.header
+        debug = log.isEnabledFor(logging.DEBUG)
+        payload: bytes = b""
+        reply_fds: Sequence[int] = ()
+        error = 0
+        session.busy(owes_reply=not header.no_reply)
+        try:
+            header.check_command_flags()
+            if message.fds_truncated:
+                raise p.ProtocolError(errno.EINVAL, "more fds than could be received")
+            decoded = p.decode_request(
+                header.command, message.payload, len(message.fds), session.limits
+            )
+            if debug:
+                log.debug(
+                    "<- id=%d%s fds=%d %s %s",
+                    header.msg_id,
+                    " posted" if header.no_reply else "",
+                    len(message.fds),
+                    decoded.command.name,
+                    decoded.request,
+                )
+            if not session.negotiated and decoded.command != p.Command.VERSION:
+                raise p.ProtocolError(errno.EINVAL, f"{decoded.command.name} before VERSION")
+            payload, reply_fds = self._handlers[decoded.command](session, decoded, message)
         except (p.ProtocolError, DeviceError) as exc:
             error = exc.errno or errno.EINVAL
-            log.debug("command %d failed: %s", header.command, exc)
-        except Exception as exc:  # a bug must not take the server down with it
-            log.exception("command %d failed", header.command)
+            if debug:
+                log.debug("<- id=%d %s refused: %s", header.msg_id, header, exc)
+        except Exception as exc:  # a device bug must not take the server down with it
+            log.exception("%s failed", _command_name(header.command))
             error = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
         finally:
-            for fd in fds:
-                os.close(fd)
-        if not header.wants_reply:
+            session.idle()
+            message.close_fds()  # whatever no handler took
+        if header.no_reply:
+            if error:
+                log.warning(
+                    "posted %s failed: %s", _command_name(header.command), os.strerror(error)
+                )
             return
-        reply_fds: list[int] = []
-        if isinstance(reply, tuple):
-            reply, reply_fds = reply
-        message = p.encode(header.msg_id, header.command, b"" if error else reply, True, error)
+        reply = p.encode_message(header.msg_id, header.command, payload, reply=True, error=error)
+        if debug:
+            log.debug(
+                "-> reply id=%d size=%d error=%d fds=%d",
+                header.msg_id,
+                len(reply),
+                error,
+                len(reply_fds),
+            )
         try:
-            conn.send(message, reply_fds if not error else None)
+            session.send(reply, () if error else reply_fds)
         except OSError as exc:
             log.info("reply not sent: %s", exc)
 
-    def _disconnect(self, conn: Connection) -> None:
-        conn.fail_waiters()
-        self.memory.dma_read = self.memory.dma_write = None
-        self.connection = None
-        with contextlib.suppress(OSError):
-            conn.sock.close()
+    def _disconnect(self, session: Session) -> None:
+        """The client is gone: the device goes back to power-on state and every
+        mapping of the client's memory goes (spec: Client Disconnection)."""
+        session.close("the client disconnected")
+        self._memory.attach(None)
         try:
             self.device.reset()
-            with self.device.quiesced():
-                removed = self.memory.clear()
-            for region in removed:
-                region.close()
         except Exception:
             log.exception("resetting the device after the client left")
-        log.info("device reset; waiting for the next client")
+        try:
+            with self.device.quiesced():
+                DmaMemory.release(self._memory.unmap_all())
+        except Exception:
+            log.exception("dropping the client's DMA mappings")
+        session.discard()
+        self._session = None
+        log.info("device reset; ready for the next client")
 
-    # --- command handlers ---------------------------------------------------------------
-    # Each returns the reply payload, or raises ProtocolError / DeviceError.
+    # --- handlers: (session, decoded request, message) -> (reply payload, reply fds) -------
 
-    def _version(self, conn: Connection, h: p.Header, payload: bytes, fds: list[int]) -> bytes:
-        major, minor, caps = p.decode_version(payload)
-        if major != 0:
-            raise p.ProtocolError(errno.ENOTSUP, f"vfio-user version {major}.{minor}")
-        reply, conn.caps = p.encode_version_reply(caps)
-        self.memory.max_regions = conn.caps.max_dma_maps
-        self.memory.dma_read = conn.dma_read
-        self.memory.dma_write = conn.dma_write
-        return reply
-
-    def _dma_map(self, conn: Connection, h: p.Header, payload: bytes, fds: list[int]) -> bytes:
-        _, flags, offset, iova, size = p.unpack(p.DMA_MAP, payload, "DMA_MAP")
-        if len(fds) > 1:
-            raise p.ProtocolError(errno.EINVAL, f"DMA_MAP with {len(fds)} fds")
-        fd = fds.pop() if fds else None
-        readable = bool(flags & p.DMA_MAP_FLAG_READ)
-        writable = bool(flags & p.DMA_MAP_FLAG_WRITE)
-        self.memory.add(iova, size, readable, writable, fd, offset)
-        log.debug("DMA_MAP %#x+%#x fd=%s", iova, size, fd)
-        return b""
-
-    def _dma_unmap(self, conn: Connection, h: p.Header, payload: bytes, fds: list[int]) -> bytes:
-        _, flags, iova, size = p.unpack(p.DMA_UNMAP, payload, "DMA_UNMAP")
-        if flags & p.DMA_UNMAP_FLAG_GET_DIRTY_BITMAP:
-            raise p.ProtocolError(errno.ENOTSUP, "dirty page tracking is not supported")
-        if flags & ~(p.DMA_UNMAP_FLAG_ALL | p.DMA_UNMAP_FLAG_GET_DIRTY_BITMAP):
-            raise p.ProtocolError(errno.EINVAL, f"DMA_UNMAP flags {flags:#x}")
-        with self.device.quiesced():
-            removed = self.memory.remove(iova, size, bool(flags & p.DMA_UNMAP_FLAG_ALL))
-            for region in removed:
-                region.close()
-        return p.DMA_UNMAP.pack(p.DMA_UNMAP.size, flags, iova, size)
-
-    def _device_info(self, conn: Connection, h: p.Header, payload: bytes, fds: list[int]) -> bytes:
-        p.unpack(p.DEVICE_INFO, payload[:4].ljust(16, b"\0"), "DEVICE_GET_INFO")
-        flags = p.DEVICE_FLAGS_PCI | p.DEVICE_FLAGS_RESET
-        return p.DEVICE_INFO.pack(
-            p.DEVICE_INFO.size, flags, len(self.device.regions), len(self.device.irq_counts)
+    def _version(self, session: Session, decoded: p.Decoded, message: Message) -> Reply:
+        request = _request(decoded, p.Version)
+        if session.negotiated:
+            raise p.ProtocolError(errno.EINVAL, "VERSION again")
+        if request.major != p.MAJOR:
+            raise p.ProtocolError(errno.ENOTSUP, f"protocol {request.major}.{request.minor}")
+        client = request.capabilities or p.Capabilities()
+        ours = p.negotiate(client)
+        session.client_caps = client
+        session.limits = p.Limits(max_data_xfer_size=ours.effective_max_data_xfer_size)
+        session.dma_chunk = min(
+            ours.effective_max_data_xfer_size, client.effective_max_data_xfer_size
         )
+        self._memory.max_regions = ours.effective_max_dma_maps
+        session.negotiated = True
+        self._memory.attach(session)
+        log.info("client speaks vfio-user %d.%d: %s", request.major, request.minor, client)
+        return p.Version(p.MAJOR, min(request.minor, p.MINOR), ours).encode(), ()
 
-    def _region_info(
-        self, conn: Connection, h: p.Header, payload: bytes, fds: list[int]
-    ) -> Reply:
-        argsz, _, index, _, _, _ = p.unpack(p.REGION_INFO, payload, "GET_REGION_INFO")
-        if argsz < p.REGION_INFO.size:
-            raise p.ProtocolError(errno.EINVAL, f"GET_REGION_INFO argsz {argsz}")
-        if index >= len(self.device.regions):
-            raise p.ProtocolError(errno.EINVAL, f"no region {index}")
-        region = self.device.regions[index]
+    def _dma_map(self, session: Session, decoded: p.Decoded, message: Message) -> Reply:
+        request = _request(decoded, p.DmaMap)
+        fd = message.fds.pop() if message.fds else None
+        region = self._memory.map(
+            request.iova, request.size, request.readable, request.writable, fd, request.offset
+        )
+        log.debug(
+            "DMA_MAP %#x+%#x %s",
+            request.iova,
+            request.size,
+            "mmap" if region.fd_backed else "messages",
+        )
+        return b"", ()
+
+    def _dma_unmap(self, session: Session, decoded: p.Decoded, message: Message) -> Reply:
+        request = _request(decoded, p.DmaUnmap)
+        memory = self._memory
+        if request.unmap_all:
+            mapped = memory.regions
+        else:
+            mapped = tuple(
+                r for r in memory.regions if r.iova == request.iova and r.size == request.size
+            )
+        if any(r.fd_backed for r in mapped):
+            # Views of these may be in use: the device lets go of them first.
+            with self.device.quiesced():
+                removed = (
+                    memory.unmap_all()
+                    if request.unmap_all
+                    else memory.unmap(request.iova, request.size)
+                )
+                DmaMemory.release(removed)
+        else:
+            # Message-based regions hand out no views: nothing to wait for.
+            removed = (
+                memory.unmap_all()
+                if request.unmap_all
+                else memory.unmap(request.iova, request.size)
+            )
+        log.debug("DMA_UNMAP %#x+%#x: %d region(s)", request.iova, request.size, len(removed))
+        return request.encode(), ()
+
+    def _device_info(self, session: Session, decoded: p.Decoded, message: Message) -> Reply:
+        info = p.DeviceInfo(
+            p.DEVICE_FLAGS_PCI | p.DEVICE_FLAGS_RESET,
+            len(self.device.regions),
+            len(self.device.irq_counts),
+        )
+        return info.encode(), ()
+
+    def _region_info(self, session: Session, decoded: p.Decoded, message: Message) -> Reply:
+        request = _request(decoded, p.RegionInfoRequest)
+        regions = self.device.regions
+        if request.index >= len(regions):
+            raise p.ProtocolError(errno.EINVAL, f"no region {request.index}")
+        region = regions[request.index]
         flags = 0
         if region.size:
             flags |= p.REGION_INFO_FLAG_READ if region.read else 0
             flags |= p.REGION_INFO_FLAG_WRITE if region.write else 0
-        areas = [(a.offset, a.size) for a in region.mmap_areas]
-        reply_fds: list[int] = []
-        if region.mmap_fd is not None and areas:
-            flags |= p.REGION_INFO_FLAG_MMAP
-            reply_fds = [region.mmap_fd]
-        reply = p.encode_region_info(argsz, index, flags, region.size, areas)
-        return (reply, reply_fds)
-
-    def _irq_info(self, conn: Connection, h: p.Header, payload: bytes, fds: list[int]) -> bytes:
-        _, _, index, _ = p.unpack(p.IRQ_INFO, payload, "GET_IRQ_INFO")
-        if index >= len(self.device.irq_counts):
-            raise p.ProtocolError(errno.EINVAL, f"no IRQ index {index}")
-        return p.IRQ_INFO.pack(
-            p.IRQ_INFO.size, self.irq_info_flags[index], index, self.device.irq_counts[index]
+        mmap_fd = (
+            region.mmap_fd if region.size and session.client_caps.effective_max_msg_fds else None
         )
+        areas: list[tuple[int, int]] = []
+        if mmap_fd is not None:
+            # The fd maps the region at its own offset 0; no areas: all of it.
+            flags |= p.REGION_INFO_FLAG_MMAP
+            areas = [(a.offset, a.size) for a in region.mmap_areas]
+        info, payload = p.RegionInfo.build(
+            request.argsz, request.index, flags, region.size, 0, areas
+        )
+        # The fd goes with the complete reply only (QEMU closes one sent with a short one).
+        fds = [mmap_fd] if mmap_fd is not None and info.argsz <= request.argsz else []
+        return payload, fds
 
-    def _set_irqs(self, conn: Connection, h: p.Header, payload: bytes, fds: list[int]) -> bytes:
-        _, flags, index, start, count = p.unpack(p.IRQ_SET, payload, "SET_IRQS")
-        data_type = flags & p.IRQ_SET_DATA_MASK
-        action_bits = flags & p.IRQ_SET_ACTION_MASK_BITS
-        actions = {
-            p.IRQ_SET_ACTION_MASK: IrqAction.MASK,
-            p.IRQ_SET_ACTION_UNMASK: IrqAction.UNMASK,
-            p.IRQ_SET_ACTION_TRIGGER: IrqAction.TRIGGER,
-        }
-        if action_bits not in actions or data_type not in (
-            p.IRQ_SET_DATA_NONE,
-            p.IRQ_SET_DATA_BOOL,
-            p.IRQ_SET_DATA_EVENTFD,
-        ):
-            raise p.ProtocolError(errno.EINVAL, f"SET_IRQS flags {flags:#x}")
-        if index >= len(self.device.irq_counts):
-            raise p.ProtocolError(errno.EINVAL, f"no IRQ index {index}")
-        if count and start + count > self.device.irq_counts[index]:
-            raise p.ProtocolError(errno.EINVAL, f"SET_IRQS {start}+{count} out of range")
-        if not count and (flags != p.IRQ_SET_DATA_NONE | p.IRQ_SET_ACTION_TRIGGER or start):
-            raise p.ProtocolError(errno.EINVAL, "SET_IRQS with count 0 only disables")
-        request_fds: list[int] | None = None
-        bools: list[bool] | None = None
-        if data_type == p.IRQ_SET_DATA_EVENTFD:
-            if fds and len(fds) != count:
-                raise p.ProtocolError(errno.EINVAL, f"SET_IRQS: {len(fds)} fds for {count}")
-            request_fds = list(fds) if fds else [-1] * count
-        elif data_type == p.IRQ_SET_DATA_BOOL:
-            raw = payload[p.IRQ_SET.size : p.IRQ_SET.size + count]
-            if len(raw) != count:
-                raise p.ProtocolError(errno.EINVAL, "SET_IRQS: missing bool data")
-            bools = [bool(b) for b in raw]
-        if fds and data_type != p.IRQ_SET_DATA_EVENTFD:
-            raise p.ProtocolError(errno.EINVAL, "SET_IRQS: fds without DATA_EVENTFD")
-        request = IrqSet(index, actions[action_bits], start, count, request_fds, bools)
-        try:
-            self.device.set_irqs(request)
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
-            fds.clear()
-            raise
-        fds.clear()  # the device owns them
-        return b""
+    def _irq_info(self, session: Session, decoded: p.Decoded, message: Message) -> Reply:
+        request = _request(decoded, p.IrqInfo)
+        counts = self.device.irq_counts
+        if request.index >= len(counts):
+            raise p.ProtocolError(errno.EINVAL, f"no IRQ index {request.index}")
+        count = counts[request.index]
+        return p.IrqInfo(request.index, self._irq_flags(request.index, count), count).encode(), ()
 
-    def _region_read(self, conn: Connection, h: p.Header, payload: bytes, fds: list[int]) -> bytes:
-        offset, region, count, _ = p.decode_region_rw(payload, with_data=False)
-        data = self.device.region_read(region, offset, count)
-        return p.REGION_RW.pack(offset, region, len(data)) + data
+    def _irq_flags(self, index: int, count: int) -> int:
+        flags = self._irq_info_flags
+        if flags is None:
+            flags = getattr(self.device, "irq_info_flags", None)
+        if flags is not None and index < len(flags):
+            return int(flags[index])
+        if not count:
+            return 0
+        return _DEFAULT_IRQ_FLAGS[index] if index < len(_DEFAULT_IRQ_FLAGS) else p.IRQ_INFO_EVENTFD
 
-    def _region_write(
-        self, conn: Connection, h: p.Header, payload: bytes, fds: list[int]
-    ) -> bytes:
-        offset, region, count, data = p.decode_region_rw(payload, with_data=True)
-        self.device.region_write(region, offset, data)
-        return p.REGION_RW.pack(offset, region, count)
+    def _set_irqs(self, session: Session, decoded: p.Decoded, message: Message) -> Reply:
+        request = _request(decoded, p.IrqSet)
+        counts = self.device.irq_counts
+        if request.index >= len(counts):
+            raise p.ProtocolError(errno.EINVAL, f"no IRQ index {request.index}")
+        if request.count and request.start + request.count > counts[request.index]:
+            raise p.ProtocolError(
+                errno.EINVAL,
+                f"IRQ index {request.index}: vectors {request.start}+{request.count} "
+                f"of {counts[request.index]}",
+            )
+        fds: list[int] | None = None
+        if request.data_type == p.IRQ_SET_DATA_EVENTFD:
+            # No fds at all: QEMU's way to detach a run of vectors.
+            fds = message.fds or [-1] * request.count
+            message.fds = []  # the device owns them from here on, even if it fails
+        self.device.set_irqs(
+            IrqSet(
+                index=request.index,
+                action=_ACTIONS[request.action],
+                start=request.start,
+                count=request.count,
+                fds=fds,
+                flags=request.bools,
+            )
+        )
+        return b"", ()
 
-    def _region_write_multi(
-        self, conn: Connection, h: p.Header, payload: bytes, fds: list[int]
-    ) -> bytes:
-        for region, offset, data in p.decode_write_multi(payload):
-            self.device.region_write(region, offset, data)
-        return b""
+    def _region_read(self, session: Session, decoded: p.Decoded, message: Message) -> Reply:
+        request = _request(decoded, p.RegionAccess)
+        self._check_region(request.region)
+        data = self.device.region_read(request.region, request.offset, request.count)
+        if len(data) != request.count:
+            raise p.ProtocolError(errno.EIO, f"device read {len(data)} of {request.count} bytes")
+        return p.RegionAccess(
+            request.region, request.offset, request.count, bytes(data)
+        ).encode(), ()
 
-    def _device_reset(self, conn: Connection, h: p.Header, payload: bytes, fds: list[int]) -> bytes:
+    def _region_write(self, session: Session, decoded: p.Decoded, message: Message) -> Reply:
+        request = _request(decoded, p.RegionAccess)
+        self._check_region(request.region)
+        self.device.region_write(request.region, request.offset, request.data)
+        return p.REGION_RW.pack(request.offset, request.region, request.count), ()
+
+    def _region_write_multi(self, session: Session, decoded: p.Decoded, message: Message) -> Reply:
+        request = _request(decoded, p.WriteMulti)
+        for write in request.writes:  # in order; the first failure stops the rest
+            self._check_region(write.region)
+            self.device.region_write(write.region, write.offset, write.data)
+        return p.WRITE_MULTI_COUNT.pack(len(request.writes)), ()
+
+    def _device_reset(self, session: Session, decoded: p.Decoded, message: Message) -> Reply:
         self.device.reset()
-        return b""
+        return b"", ()
+
+    def _check_region(self, index: int) -> None:
+        if index >= len(self.device.regions):
+            raise p.ProtocolError(errno.EINVAL, f"no region {index}")
+
+
+def _request(decoded: p.Decoded, kind: type[_T]) -> _T:
+    request = decoded.request
+    if not isinstance(request, kind):
+        raise p.ProtocolError(errno.EINVAL, f"expected {kind.__name__}")
+    return request
+
+
+def _command_name(command: int) -> str:
+    try:
+        return p.Command(command).name
+    except ValueError:
+        return f"command {command}"
+
+
+def _listen(path: str) -> socket.socket:
+    """A listening socket at `path`, owner-only from the start; a stale socket file
+    (nobody listening) is replaced, anything else refused."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise SocketInUse(f"{path}: exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)  # stale: its server is gone
+        except OSError as exc:
+            raise SocketInUse(f"{path}: {exc.strerror}") from None
+        else:
+            raise SocketInUse(f"{path}: in use by a running server")
+        finally:
+            probe.close()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with _UMASK_LOCK:
+        old = os.umask(0o177)  # bind() creates the file 0600: never wider, not even briefly
+        try:
+            listener.bind(path)
+        except OSError as exc:
+            listener.close()
+            raise SocketInUse(f"{path}: {exc.strerror}") from None
+        finally:
+            os.umask(old)
+    listener.listen(2)
+    return listener
+
+
+_UMASK_LOCK = threading.Lock()

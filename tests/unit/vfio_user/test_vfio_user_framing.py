@@ -1,0 +1,160 @@
+"""Message framing (vfio_user/framing.py): whole messages off a stream, buffered,
+with each SCM_RIGHTS fd given to the message it came with."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nvme_mdev.vfio_user import protocol as p
+from nvme_mdev.vfio_user.framing import MessageReader, send_message
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a.settimeout(5)
+    b.settimeout(5)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def same_file(fd_a: int, fd_b: int) -> bool:
+    sa, sb = os.fstat(fd_a), os.fstat(fd_b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def test_burst_of_messages_in_order(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    burst = b"".join(p.encode_message(i, p.Command.REGION_WRITE, bytes([i]) * i) for i in range(50))
+    a.sendall(burst)
+    reader = MessageReader(b)
+    for i in range(50):
+        m = reader.receive()
+        assert (m.header.msg_id, m.payload, m.fds) == (i, bytes([i]) * i, [])
+    assert not reader.buffered()
+
+
+def test_fds_go_to_the_message_they_came_with(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    r, w = os.pipe()
+    try:
+        # Three messages queued before the reader looks: only the middle one has fds.
+        send_message(a, p.encode_message(1, p.Command.DEVICE_RESET))
+        send_message(a, p.encode_message(2, p.Command.DMA_MAP, bytes(32)), [r, w])
+        send_message(a, p.encode_message(3, p.Command.DEVICE_RESET))
+        send_message(a, p.encode_message(4, p.Command.DMA_MAP, bytes(32)), [w])
+        reader = MessageReader(b)
+        got = [reader.receive() for _ in range(4)]
+        assert [len(m.fds) for m in got] == [0, 2, 0, 1]
+        assert same_file(got[1].fds[0], r) and same_file(got[1].fds[1], w)
+        assert same_file(got[3].fds[0], w)
+        for m in got:
+            m.close_fds()
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_large_message_grows_the_buffer(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    data = os.urandom(300_000)
+    a.sendall(p.encode_message(9, p.Command.REGION_WRITE, data[:100]))
+
+    reader = MessageReader(b)
+    t = threading.Thread(
+        target=a.sendall, args=(p.encode_message(10, p.Command.REGION_WRITE, data),)
+    )
+    t.start()
+    assert reader.receive().payload == data[:100]
+    assert reader.receive().payload == data
+    t.join()
+
+
+def test_end_of_stream(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    a.sendall(p.encode_message(1, p.Command.REGION_READ, bytes(16))[:20])
+    a.shutdown(socket.SHUT_WR)
+    with pytest.raises(ConnectionError):
+        MessageReader(b).receive()
+
+
+@pytest.mark.parametrize("size", [4, p.MAX_MESSAGE_SIZE + 1])
+def test_broken_framing(pair: tuple[socket.socket, socket.socket], size: int) -> None:
+    a, b = pair
+    a.sendall(struct.pack("<HHIII", 1, 1, size, 0, 0))
+    with pytest.raises(p.ProtocolError):
+        MessageReader(b).receive()
+
+
+def test_unclaimed_fds_are_closed(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    r, w = os.pipe()
+    os.close(w)
+    message = p.encode_message(1, p.Command.DMA_MAP, bytes(32))
+    send_message(a, message[:20], [r])  # the rest never comes
+    os.close(r)
+    reader = MessageReader(b)
+    b.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        reader.receive()
+    before = len(os.listdir("/proc/self/fd"))
+    reader.close()
+    assert len(os.listdir("/proc/self/fd")) == before - 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 70_000), st.booleans(), st.lists(st.integers(1, 9000), max_size=3)
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_any_split_of_the_stream_reads_back_the_same(
+    plan: list[tuple[int, bool, list[int]]],
+) -> None:
+    """Messages of any size, sent in arbitrary pieces (fds with a message's first
+    piece, as senders do), come out whole, in order, each with its own fds."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    b.settimeout(5)
+    r, w = os.pipe()
+    try:
+        messages = [
+            p.encode_message(i, p.Command.REGION_WRITE, bytes([i % 251]) * size)
+            for i, (size, _, _) in enumerate(plan)
+        ]
+
+        def sender() -> None:
+            for message, (_, with_fd, cuts) in zip(messages, plan, strict=True):
+                points = sorted({c for c in cuts if c < len(message)} | {0, len(message)})
+                for start, end in itertools.pairwise(points):
+                    send_message(a, message[start:end], [r] if with_fd and start == 0 else ())
+
+        t = threading.Thread(target=sender)
+        t.start()
+        reader = MessageReader(b)
+        for i, (size, with_fd, _) in enumerate(plan):
+            m = reader.receive()
+            assert m.header.msg_id == i and m.payload == bytes([i % 251]) * size
+            assert len(m.fds) == (1 if with_fd else 0)
+            assert all(same_file(fd, r) for fd in m.fds)
+            m.close_fds()
+        t.join(5)
+        reader.close()
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        a.close()
+        b.close()
