@@ -32,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
             "(nsid 1, 2, ...): a regular file (disk image), a block device or a partition. "
             "Append options with commas: PATH,ro (read-only), PATH,bs=4096 (4 KiB blocks). "
             "'null:SIZE' is a namespace with no storage, for benchmarks. Attach it to QEMU "
-            "with -device '{\"driver\":\"vfio-user-pci\",\"socket\":{\"type\":\"unix\","
-            "\"path\":\"SOCKET\"}}' and shared guest RAM (memory-backend-memfd,share=on)."
+            'with -device \'{"driver":"vfio-user-pci","socket":{"type":"unix",'
+            '"path":"SOCKET"}}\' and shared guest RAM (memory-backend-memfd,share=on).'
         ),
     )
     serve.add_argument("--socket", required=True, help="vfio-user socket to create (mode 0600)")
@@ -70,9 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.mdts,
         help="max transfer size as a power of two of 4 KiB pages (default %(default)s: 512 KiB)",
     )
-    serve.add_argument(
-        "--log-level", default="info", choices=("debug", "info", "warning", "error")
-    )
+    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return parser
 
 

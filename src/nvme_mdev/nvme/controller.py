@@ -87,9 +87,7 @@ class Controller:
         # Serialises property writes, admin commands and resets against each other.
         self.lock = threading.RLock()
         self.registers = regs.RegisterFile(
-            cap=regs.Capabilities(
-                mqes=config.max_queue_entries - 1, timeout_500ms=10
-            ).encode()
+            cap=regs.Capabilities(mqes=config.max_queue_entries - 1, timeout_500ms=10).encode()
         )
         self.namespaces: dict[int, Namespace] = {}
         for ns in namespaces or []:
@@ -290,15 +288,21 @@ class Controller:
         if queue is None:
             self.events.error(events.ERROR_INVALID_DOORBELL_REGISTER, self)
             return
+        if value >= queue.size:
+            self.events.error(events.ERROR_INVALID_DOORBELL_VALUE, self)
+            return
+        if queue.shadow is not None:
+            # The guest stored this value in the shadow doorbell before ringing, and
+            # may have stored newer ones since (this write travelled over the socket):
+            # the shadow is the truth, the MMIO write only says "look".
+            self._shadow_doorbell_rung(queue)
+            return
         if isinstance(queue, CompletionQueue):
             if not queue.set_head(value):
                 self.events.error(events.ERROR_INVALID_DOORBELL_VALUE, self)
                 return
             if not self.interrupts.msix_enabled():
                 self._update_intx()
-                if queue.shadow is not None:
-                    # QEMU ends an INTx only on a BAR access: have the guest ring each time.
-                    queue.shadow.set_event_index(value)
             if qid:
                 self.io_thread.wake()  # completions may have waited for room
             else:
@@ -311,6 +315,17 @@ class Controller:
             self.admin_doorbell.set()
         else:
             self.io_thread.wake()
+
+    def _shadow_doorbell_rung(self, queue: SubmissionQueue | CompletionQueue) -> None:
+        if isinstance(queue, SubmissionQueue):
+            self.io_thread.wake()
+            return
+        if not self.interrupts.msix_enabled():
+            queue.refresh_head()
+            self._update_intx()
+            # QEMU ends an INTx only on a BAR access: have the guest ring every time.
+            queue.shadow.set_event_index(queue.head)  # type: ignore[union-attr]
+        self.io_thread.wake()  # completions may have waited for room
 
     # --- command processing --------------------------------------------------------
 

@@ -258,23 +258,58 @@ class Host:
         numd = length // 4 - 1
         dw10 = lid | (lsp << 8) | (int(rae) << 15) | ((numd & 0xFFFF) << 16)
         c = self.admin_cmd(
-            [AdminOpcode.GET_LOG_PAGE, nsid, 0, 0, 0, 0, *split(prp1), *split(prp2),
-             dw10, numd >> 16, offset & 0xFFFFFFFF, offset >> 32, csi << 24]
+            [
+                AdminOpcode.GET_LOG_PAGE,
+                nsid,
+                0,
+                0,
+                0,
+                0,
+                *split(prp1),
+                *split(prp2),
+                dw10,
+                numd >> 16,
+                offset & 0xFFFFFFFF,
+                offset >> 32,
+                csi << 24,
+            ]
         )
         return c, self.memory.read(buf, length)
 
     def get_feature(self, fid: int, sel: int = 0, dw11: int = 0, nsid: int = 0) -> Completion:
         return self.admin_cmd(
-            [AdminOpcode.GET_FEATURES, nsid, 0, 0, 0, 0, *prp(self.scratch), 0, 0,
-             fid | (sel << 8), dw11]
+            [
+                AdminOpcode.GET_FEATURES,
+                nsid,
+                0,
+                0,
+                0,
+                0,
+                *prp(self.scratch),
+                0,
+                0,
+                fid | (sel << 8),
+                dw11,
+            ]
         )
 
     def set_feature(
         self, fid: int, value: int = 0, save: bool = False, nsid: int = 0, data: int = 0
     ) -> Completion:
         return self.admin_cmd(
-            [AdminOpcode.SET_FEATURES, nsid, 0, 0, 0, 0, *prp(data), 0, 0,
-             fid | (int(save) << 31), value]
+            [
+                AdminOpcode.SET_FEATURES,
+                nsid,
+                0,
+                0,
+                0,
+                0,
+                *prp(data),
+                0,
+                0,
+                fid | (int(save) << 31),
+                value,
+            ]
         )
 
     def create_cq(
@@ -290,8 +325,19 @@ class Host:
         iv = qid if vector is None else vector
         flags = (int(ien) << 1) | int(pc)
         return self.admin_cmd(
-            [AdminOpcode.CREATE_IO_CQ, 0, 0, 0, 0, 0, *prp(addr), 0, 0,
-             ((entries - 1) << 16) | qid, (iv << 16) | flags]
+            [
+                AdminOpcode.CREATE_IO_CQ,
+                0,
+                0,
+                0,
+                0,
+                0,
+                *prp(addr),
+                0,
+                0,
+                ((entries - 1) << 16) | qid,
+                (iv << 16) | flags,
+            ]
         )
 
     def create_sq(
@@ -299,8 +345,19 @@ class Host:
     ) -> Completion:
         addr = self.alloc(entries * 64) if addr is None else addr
         return self.admin_cmd(
-            [AdminOpcode.CREATE_IO_SQ, 0, 0, 0, 0, 0, *prp(addr), 0, 0,
-             ((entries - 1) << 16) | qid, (cqid << 16) | int(pc)]
+            [
+                AdminOpcode.CREATE_IO_SQ,
+                0,
+                0,
+                0,
+                0,
+                0,
+                *prp(addr),
+                0,
+                0,
+                ((entries - 1) << 16) | qid,
+                (cqid << 16) | int(pc),
+            ]
         )
 
     def delete_sq(self, qid: int) -> Completion:
@@ -388,8 +445,21 @@ def rw(
     opcode: int, nsid: int, addr: int, slba: int, nlb: int, prp2: int = 0, dw12_flags: int = 0
 ) -> list[int]:
     lo, hi = prp(addr)
-    return [opcode, nsid, 0, 0, 0, 0, lo, hi, prp2 & 0xFFFFFFFF, prp2 >> 32,
-            slba & 0xFFFFFFFF, (slba >> 32) & 0xFFFFFFFF, ((nlb - 1) & 0xFFFF) | dw12_flags]
+    return [
+        opcode,
+        nsid,
+        0,
+        0,
+        0,
+        0,
+        lo,
+        hi,
+        prp2 & 0xFFFFFFFF,
+        prp2 >> 32,
+        slba & 0xFFFFFFFF,
+        (slba >> 32) & 0xFFFFFFFF,
+        ((nlb - 1) & 0xFFFF) | dw12_flags,
+    ]
 
 
 def u32(data: bytes, off: int) -> int:

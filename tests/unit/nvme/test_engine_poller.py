@@ -8,11 +8,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import Host, rw
+from harness import Host, HostQueue, rw
 
 from nvme_mdev.backends.file import FileBackend
 from nvme_mdev.engine.poller import IoThread
 from nvme_mdev.nvme.namespace import Namespace
+from nvme_mdev.nvme.spec import DOORBELL_BASE
 
 
 def wait_for(predicate: object, timeout: float = 5.0) -> None:
@@ -39,34 +40,42 @@ def shadow_setup(host: Host) -> tuple[int, int]:
     return shadow, eventidx
 
 
+def shadowed_queue_pair(host: Host, shadow: int) -> HostQueue:
+    """An I/O queue pair whose tail and head the guest stores in the shadow buffer."""
+    q = host.create_io_queue_pair(1)
+    q.shadow_sq, q.shadow_cq = shadow + 8, shadow + 12
+    return q
+
+
+def ring_real_doorbell(host: Host, q: HostQueue) -> None:
+    host.ctrl.mmio_write(DOORBELL_BASE + 8 * q.qid, 4, q.sq_tail)
+
+
 def test_idle_parked_woken_polling_again_without_losing_commands(host: Host) -> None:
     shadow, eventidx = shadow_setup(host)
-    q = host.create_io_queue_pair(1)
+    q = shadowed_queue_pair(host, shadow)
     io = IoThread(host.ctrl, poll_timeout=0.05)
     io.start()
     try:
         buf = host.buffer(4096)
         # Polling: a submission in the shadow doorbell alone is seen.
-        q.submit(rw(0x02, 1, buf, 0, 8), ring=False)
-        host.memory.write(shadow + 8, q.sq_tail.to_bytes(4, "little"))
+        q.submit(rw(0x02, 1, buf, 0, 8))
         wait_for(lambda: len(q.reap()) == 1)
         # Idle past the timeout: parked, with EventIdx armed at the consumed tail.
         wait_for(lambda: io.parks >= 1)
         assert int.from_bytes(host.memory.read(eventidx + 8, 4), "little") == q.sq_tail
         parks = io.parks
         # While parked a shadow-only submission is not seen...
-        q.submit(rw(0x02, 1, buf, 0, 8), ring=False)
-        host.memory.write(shadow + 8, q.sq_tail.to_bytes(4, "little"))
+        q.submit(rw(0x02, 1, buf, 0, 8))
         time.sleep(0.05)
         assert q.reap() == []
         # ...until the guest rings, as EventIdx told it to: woken, it polls again.
-        q.ring_sq()
+        ring_real_doorbell(host, q)
         wait_for(lambda: len(q.reap()) == 1)
         assert io.wakeups >= 1
         burst = 20
         for _ in range(burst):
-            q.submit(rw(0x02, 1, buf, 0, 8), ring=False)
-        host.memory.write(shadow + 8, q.sq_tail.to_bytes(4, "little"))
+            q.submit(rw(0x02, 1, buf, 0, 8))
         got: list[object] = []
         wait_for(lambda: got.extend(q.reap()) or len(got) == burst)
         assert io.parks == parks or io.parks == parks + 1  # no spurious park mid-burst
@@ -83,18 +92,17 @@ def test_submission_racing_the_park_is_not_lost(host: Host) -> None:
     """A guest that rings only when EventIdx asks (as Linux does), submitting at
     moments that race with the thread going to sleep: every command completes."""
     shadow, eventidx = shadow_setup(host)
-    q = host.create_io_queue_pair(1)
+    q = shadowed_queue_pair(host, shadow)
     io = IoThread(host.ctrl, poll_timeout=0.001)
     io.start()
     try:
         buf = host.buffer(4096)
         for i in range(200):
             old = q.sq_tail
-            q.submit(rw(0x02, 1, buf, 0, 1), ring=False)
-            host.memory.write(shadow + 8, q.sq_tail.to_bytes(4, "little"))
+            q.submit(rw(0x02, 1, buf, 0, 1))  # into the shadow doorbell
             ei = int.from_bytes(host.memory.read(eventidx + 8, 4), "little")
             if need_event(ei, q.sq_tail, old):
-                q.ring_sq()
+                ring_real_doorbell(host, q)
             wait_for(lambda: len(q.reap()) == 1)
             if i % 3 == 0:
                 time.sleep(0.002)  # sometimes long enough to park

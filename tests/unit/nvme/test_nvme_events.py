@@ -136,8 +136,7 @@ def test_aer_failed_log_read_does_not_unmask(host: Host) -> None:
     submit_aer(host)
     host.write_reg(DOORBELL_BASE + 8 * 6, 1)
     cid = host.admin.submit(
-        [AdminOpcode.GET_LOG_PAGE, 0, 0, 0, 0, 0, host.scratch + 1, 0, 0, 0,
-         ERROR_LOG | (15 << 16)]
+        [AdminOpcode.GET_LOG_PAGE, 0, 0, 0, 0, 0, host.scratch + 1, 0, 0, 0, ERROR_LOG | (15 << 16)]
     )
     done = events(host)
     assert [(c.cid, c.status) for c in done] == [(cid, with_dnr(Status.PRP_OFFSET_INVALID))]

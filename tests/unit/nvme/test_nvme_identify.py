@@ -57,9 +57,7 @@ def test_identify_controller_reflects_config(file_ns: NamespaceFactory) -> None:
 
 
 @pytest.mark.parametrize(("block_size", "lbads"), [(512, 9), (4096, 12)])
-def test_identify_namespace(
-    file_ns: NamespaceFactory, block_size: int, lbads: int
-) -> None:
+def test_identify_namespace(file_ns: NamespaceFactory, block_size: int, lbads: int) -> None:
     ns = file_ns(size=2 << 20, block_size=block_size)
     h = Host([ns])
     h.enable()
@@ -131,9 +129,12 @@ def test_namespace_identification_descriptors(host: Host) -> None:
     c, d = host.identify(Cns.NAMESPACE_ID_DESCRIPTORS, nsid=1)
     assert c.status == 0
     expected = (
-        bytes([1, 8, 0, 0]) + ns.eui64
-        + bytes([2, 16, 0, 0]) + ns.nguid
-        + bytes([3, 16, 0, 0]) + ns.uuid
+        bytes([1, 8, 0, 0])
+        + ns.eui64
+        + bytes([2, 16, 0, 0])
+        + ns.nguid
+        + bytes([3, 16, 0, 0])
+        + ns.uuid
         + bytes([4, 1, 0, 0, 0])  # CSI: NVM
     )
     assert d[: len(expected)] == expected

@@ -385,8 +385,10 @@ def test_write_zeroes_has_no_mdts_limit(file_ns: NamespaceFactory) -> None:
 def dsm(h: Host, ranges: list[tuple[int, int]], attributes: int, nsid: int = 1) -> Completion:
     buf = h.alloc(PAGE)
     h.memory.write(buf, b"".join(struct.pack("<IIQ", 0, nlb, slba) for slba, nlb in ranges))
-    return h.io_cmd(1, [IoOpcode.DATASET_MANAGEMENT, nsid, 0, 0, 0, 0, buf, 0, 0, 0,
-                        len(ranges) - 1, attributes])
+    return h.io_cmd(
+        1,
+        [IoOpcode.DATASET_MANAGEMENT, nsid, 0, 0, 0, 0, buf, 0, 0, 0, len(ranges) - 1, attributes],
+    )
 
 
 def test_dsm_deallocate_punches_holes(file_ns: NamespaceFactory) -> None:
@@ -424,8 +426,22 @@ def test_dsm_256_ranges(file_ns: NamespaceFactory) -> None:
 
 
 def test_dsm_range_list_unmapped(h: Host) -> None:
-    c = h.io_cmd(1, [IoOpcode.DATASET_MANAGEMENT, 1, 0, 0, 0, 0, *divmod(UNMAPPED, 1 << 32)[::-1],
-                     0, 0, 0, 1 << 2])
+    c = h.io_cmd(
+        1,
+        [
+            IoOpcode.DATASET_MANAGEMENT,
+            1,
+            0,
+            0,
+            0,
+            0,
+            *divmod(UNMAPPED, 1 << 32)[::-1],
+            0,
+            0,
+            0,
+            1 << 2,
+        ],
+    )
     assert c.status == Status.DATA_TRANSFER_ERROR
 
 
@@ -517,8 +533,11 @@ def test_volatile_write_cache_disabled_writes_through(file_ns: NamespaceFactory)
     assert h.set_feature(0x06, 0).status == 0
     assert h.io_cmd(1, rw(WRITE, 1, buf, 0, 1)).status == 0
     assert write_zeroes(h, 8, 8) == 0
-    assert spy.calls[-3:] == [("writev", (0, True)), ("write_zeroes", (4096, 4096, False)),
-                              ("flush", ())]
+    assert spy.calls[-3:] == [
+        ("writev", (0, True)),
+        ("write_zeroes", (4096, 4096, False)),
+        ("flush", ()),
+    ]
     assert h.set_feature(0x06, 1).status == 0
     assert h.io_cmd(1, rw(WRITE, 1, buf, 0, 1)).status == 0
     assert spy.calls[-1] == ("writev", (0, False))

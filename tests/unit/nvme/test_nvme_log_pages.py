@@ -254,8 +254,19 @@ def test_get_log_page_failed_read_keeps_changed_namespace_list(host: Host) -> No
     """Without RAE the list is cleared 'after the command completes successfully' only."""
     host.ctrl.changed_namespaces.add(1)
     c = host.admin_cmd(
-        [AdminOpcode.GET_LOG_PAGE, 0xFFFFFFFF, 0, 0, 0, 0, host.scratch + 2, 0, 0, 0,
-         LogPage.CHANGED_NAMESPACE_LIST | (1023 << 16)]
+        [
+            AdminOpcode.GET_LOG_PAGE,
+            0xFFFFFFFF,
+            0,
+            0,
+            0,
+            0,
+            host.scratch + 2,
+            0,
+            0,
+            0,
+            LogPage.CHANGED_NAMESPACE_LIST | (1023 << 16),
+        ]
     )
     assert c.status == with_dnr(Status.PRP_OFFSET_INVALID)
     _, data = host.get_log(LogPage.CHANGED_NAMESPACE_LIST, PAGE)

@@ -145,8 +145,8 @@ def fuzz_host(tmp: Path, bounce: bool = False) -> tuple[Host, int, list[FileBack
     h.memory.write(
         lst,
         struct.pack(
-            "<512Q", *[area + (i % (FUZZ_PAGES - 1)) * PAGE + (8 if i % 37 == 5 else 0)
-                       for i in range(512)]
+            "<512Q",
+            *[area + (i % (FUZZ_PAGES - 1)) * PAGE + (8 if i % 37 == 5 else 0) for i in range(512)],
         ),
     )
     return h, area, backends
@@ -178,9 +178,22 @@ def sqe(draw: st.DrawFn, opcodes: list[int], area: int) -> list[int]:
     dw11 = draw(small_or_any(0, 1, 3, 0x10003, 0x00010001, 1 << 16, 0xFFFF))
     dw12 = draw(small_or_any(0, 7, 15, 1 << 30, 1 << 25, 0xFFFF))
     rest = draw(st.lists(small_or_any(0), min_size=3, max_size=3))
-    return [opcode | (flags << 8), nsid, 0, 0, 0, 0,
-            prp1 & 0xFFFFFFFF, prp1 >> 32, prp2 & 0xFFFFFFFF, prp2 >> 32,
-            dw10, dw11, dw12, *rest]
+    return [
+        opcode | (flags << 8),
+        nsid,
+        0,
+        0,
+        0,
+        0,
+        prp1 & 0xFFFFFFFF,
+        prp1 >> 32,
+        prp2 & 0xFFFFFFFF,
+        prp2 >> 32,
+        dw10,
+        dw11,
+        dw12,
+        *rest,
+    ]
 
 
 ADMIN_OPCODES = [int(op) for op in AdminOpcode] + [0x7F]

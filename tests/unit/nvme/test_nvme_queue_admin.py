@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from harness import PAGE, UNMAPPED, Host, HostQueue, prp, with_dnr
 
-from nvme_mdev.nvme.spec import AdminOpcode, FeatureId, IoOpcode, Status
+from nvme_mdev.nvme.spec import DOORBELL_BASE, AdminOpcode, FeatureId, IoOpcode, Status
 
 
 def flush(nsid: int = 1) -> list[int]:
@@ -303,3 +303,64 @@ def test_doorbell_buffer_config_reset_forgets_shadow_doorbells(host: Host) -> No
     assert host.ctrl.shadow_doorbells is None
     q = host.create_io_queue_pair(1, entries=8)
     assert q.qid == 1 and host.ctrl.io_sqs[1].shadow is None
+
+
+def test_stale_mmio_sq_doorbell_does_not_move_a_shadowed_tail_back(
+    host: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guest rings the real doorbell with the tail it just stored in the shadow;
+    the write crosses the socket (another thread) while the guest stores newer tails
+    and the I/O thread works on them. Taking the stale value would send the I/O thread
+    round the whole queue: stale entries, completions with ids the guest never issued
+    (Linux: "invalid id 0 completed on queue 1")."""
+    shadow, eventidx = host.alloc(PAGE), host.alloc(PAGE)
+    assert dbbc(host, shadow, eventidx) == 0
+    q = host.create_io_queue_pair(1, entries=8)
+    use_shadow(q, shadow)
+    for _ in range(3):
+        q.submit(flush())
+    assert host.ctrl.process_io() == 3
+    for _ in range(2):
+        q.submit(flush())  # shadow tail 5
+
+    execute = host.ctrl.io.execute
+    late_doorbells = [3]  # the doorbell that went with tail 3 arrives now
+
+    def execute_while_a_doorbell_arrives(dw: tuple[int, ...]) -> None:
+        execute(dw)
+        if late_doorbells:
+            host.ctrl.mmio_write(DOORBELL_BASE + 8, 4, late_doorbells.pop())
+
+    monkeypatch.setattr(host.ctrl.io, "execute", execute_while_a_doorbell_arrives)
+    assert host.ctrl.process_io() == 2
+    assert [c.cid for c in q.reap()] == [0, 1, 2, 3, 4]
+    assert not host.ctrl.io_pending()
+    assert not host.ctrl.events.pending
+
+
+def test_stale_mmio_cq_doorbell_on_a_shadowed_cq_is_not_an_error(host: Host) -> None:
+    shadow, eventidx = host.alloc(PAGE), host.alloc(PAGE)
+    assert dbbc(host, shadow, eventidx) == 0
+    q = host.create_io_queue_pair(1, entries=16, cq_entries=4)
+    use_shadow(q, shadow)
+    for _ in range(3):
+        q.submit(flush())
+    assert host.ctrl.process_io() == 3  # CQ full
+    assert len(q.reap()) == 3  # shadow CQ head 3
+    q.submit(flush())
+    assert host.ctrl.process_io() == 1  # took head 3 from the shadow
+    host.ctrl.mmio_write(DOORBELL_BASE + 12, 4, 1)  # a late MMIO head from before
+    assert not host.ctrl.events.pending
+    assert len(q.reap()) == 1
+    for _ in range(3):  # 3 more fit only if the controller kept head 3 and took 0
+        q.submit(flush())
+    assert host.ctrl.process_io() == 3
+    assert len(q.reap()) == 3
+
+
+def test_mmio_doorbell_past_a_shadowed_queue_is_an_invalid_value(host: Host) -> None:
+    shadow, eventidx = host.alloc(PAGE), host.alloc(PAGE)
+    assert dbbc(host, shadow, eventidx) == 0
+    host.create_io_queue_pair(1, entries=8)
+    host.ctrl.mmio_write(DOORBELL_BASE + 8, 4, 8)
+    assert [t[1] for t in host.ctrl.events.pending] == [0x01]  # Invalid Doorbell Write Value

@@ -189,9 +189,7 @@ def identify(ctrl: Controller, dw: tuple[int, ...]) -> int:
         need_valid_nsid()
         data = controller_list(ctrl) if ns is not None else bytes(IDENTIFY_SIZE)
     elif cns == Cns.CONTROLLER_LIST:
-        data = (
-            controller_list(ctrl) if cntid <= ctrl.config.controller_id else bytes(IDENTIFY_SIZE)
-        )
+        data = controller_list(ctrl) if cntid <= ctrl.config.controller_id else bytes(IDENTIFY_SIZE)
     elif cns == Cns.IO_COMMAND_SET:
         data = command_set_vector(ctrl)
     else:
