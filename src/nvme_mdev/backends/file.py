@@ -24,6 +24,9 @@ BLKDISCARD = 0x1277
 BLKZEROOUT = 0x127F
 
 _ZERO_CHUNK = bytes(1 << 20)
+#: buffers one preadv/pwritev takes (UIO_MAXIOV); more is EINVAL. An SGL of byte-sized
+#: blocks, or 4 MiB (MDTS 10) of scattered pages, can be more.
+IOV_MAX = 1024
 
 
 class BackendError(Exception):
@@ -59,13 +62,23 @@ class FileBackend:
             self.block_size = 1
 
     def readv(self, offset: int, buffers: Sequence[memoryview]) -> None:
-        done = os.preadv(self.fd, buffers, offset)
+        try:
+            done = os.preadv(self.fd, buffers, offset)
+        except OSError as exc:  # (a try costs nothing until it raises)
+            if exc.errno != errno.EINVAL or len(buffers) <= IOV_MAX:
+                raise
+            done = 0  # more buffers than one call takes: _finish_short goes one by one
         total = sum(b.nbytes for b in buffers)
         if done != total:
             self._finish_short(offset, buffers, done, write=False)
 
     def writev(self, offset: int, buffers: Sequence[memoryview], fua: bool) -> None:
-        done = os.pwritev(self.fd, buffers, offset, os.RWF_DSYNC if fua else 0)
+        try:
+            done = os.pwritev(self.fd, buffers, offset, os.RWF_DSYNC if fua else 0)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or len(buffers) <= IOV_MAX:
+                raise
+            done = 0
         total = sum(b.nbytes for b in buffers)
         if done != total:
             self._finish_short(offset, buffers, done, write=True, fua=fua)

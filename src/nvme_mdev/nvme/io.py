@@ -1,9 +1,20 @@
-"""The NVM command set's I/O commands (NVM Command Set 3.2): Read, Write, Flush,
-Write Zeroes, Dataset Management.
+"""The NVM command set's I/O commands (NVM Command Set 1.x, 3.3): Read, Write, Flush,
+Write Zeroes, Dataset Management, Compare, Verify and Copy.
 
 Each handler validates the command against the namespace and the controller's
 limits, then moves data between the backend and zero-copy views of guest
-memory. Failures are raised as CommandError; the caller posts the completion.
+memory, described by PRPs (prp.py) or SGLs (sgl.py) as CDW0.PSDT chooses.
+Failures are raised as CommandError; the caller posts the completion.
+
+Refused, and reported as such in Identify and the Commands Supported and Effects log:
+- Write Uncorrectable (Invalid Command Opcode; ONCS bit 1 clear): the marks would
+  have to outlive the process and be checked on every read, and a slice of host
+  storage has nowhere truthful to keep them.
+- Fused operations, i.e. Compare and Write (Invalid Field in Command; FUSES 0):
+  atomicity needs both halves of the pair in one pass of the I/O queue, which the
+  controller's queue arbitration does not promise.
+Limited Retry is accepted and has no effect: nothing here retries. Protection
+information fields are ignored: no namespace is formatted with it.
 """
 
 from __future__ import annotations
@@ -12,16 +23,58 @@ import errno
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 from ..guest_memory import GuestMemory
 from .errors import CommandError
 from .namespace import Namespace
-from .prp import copy_from_guest, copy_to_guest, prp_segments, segment_views
+from .prp import Segment, copy_from_guest, copy_to_guest, prp_segments, segment_views
+from .sgl import (
+    SGLS_BYTE_GRANULARITY,
+    SGLS_DWORD_GRANULARITY,
+    sgl_copy_to_guest,
+    sgl_segments,
+    sgl_views,
+)
 from .spec import IoOpcode, Status
 
 BROADCAST_NSID = 0xFFFFFFFF
 _DSM_RANGE = struct.Struct("<IIQ")  # context attributes, NLB, SLBA
 DSM_MAX_RANGES = 256
+DSM_DEALLOCATE: Final = 1 << 2  # CDW11 AD
+# Source Range Entries Copy Descriptor Format 0h (32 bytes): SLBA at 8, RPARS (NLB 15:0)
+# at 16; the rest is reserved or protection information, which no namespace has.
+_COPY_RANGE_FORMAT_0 = struct.Struct("<8xQI12x")
+COPY_DESCRIPTOR_FORMATS: Final = 1 << 0  # Identify Controller CDFS/OCFS: format 0h only
+#: Source ranges per Copy: 128 format 0h entries fill one 4 KiB page, one PRP entry.
+COPY_MAX_RANGES: Final = 128
+
+# Command Dword 0
+CDW0_FUSE: Final = 0x3 << 8
+CDW0_PSDT: Final = 0x3 << 14
+# Command Dword 12 of Read, Write, Compare, Verify, Write Zeroes, Copy
+FUA: Final = 1 << 30
+PRACT: Final = 1 << 29  # PRINFO bit 3
+DEAC: Final = 1 << 25  # Write Zeroes: deallocate
+
+
+@dataclass(frozen=True)
+class CopyLimits:
+    """What Identify Namespace reports for Copy (MSSRL, MCL, MSRC) and Copy enforces."""
+
+    #: logical blocks in one source range
+    mssrl: int
+    #: logical blocks in one command
+    mcl: int
+    #: source ranges in one command, 0's based
+    msrc: int
+
+
+def copy_limits(ns: Namespace, max_transfer: int) -> CopyLimits:
+    """A Copy moves at most one maximum data transfer: it is staged in one buffer,
+    read whole before it is written (so overlapping ranges copy as if sequential)."""
+    mcl = max_transfer >> ns.lba_shift
+    return CopyLimits(mssrl=min(mcl, 0xFFFF), mcl=mcl, msrc=COPY_MAX_RANGES - 1)
 
 
 @dataclass
@@ -52,12 +105,24 @@ class IoCommandSet:
         #: Volatile Write Cache feature (WCE): while it is off every write is made durable
         #: before it completes, as if FUA were set. The owner of the feature installs this.
         self.write_cache_enabled: Callable[[], bool] = _always
+        #: SGL Support as Identify Controller reports it (SGLS bits 1:0): 0 PRPs only,
+        #: else SGLS_BYTE_GRANULARITY or SGLS_DWORD_GRANULARITY. Set before enabling.
+        self.sgl_support = SGLS_BYTE_GRANULARITY
+        #: staging for Verify and Copy, allocated on first use, max_transfer bytes
+        self._scratch: memoryview | None = None
         self._handlers: dict[int, Callable[[tuple[int, ...]], None]] = {
             IoOpcode.READ: self.read,
             IoOpcode.WRITE: self.write,
             IoOpcode.FLUSH: self.flush,
             IoOpcode.WRITE_ZEROES: self.write_zeroes,
             IoOpcode.DATASET_MANAGEMENT: self.dataset_management,
+            IoOpcode.COMPARE: self.compare,
+            IoOpcode.VERIFY: self.verify,
+            IoOpcode.COPY: self.copy,
+        }
+        self._sgl_handlers: dict[int, Callable[[tuple[int, ...]], None]] = {
+            IoOpcode.READ: self._read_sgl,
+            IoOpcode.WRITE: self._write_sgl,
         }
 
     def execute(self, dw: tuple[int, ...]) -> None:
@@ -65,9 +130,24 @@ class IoCommandSet:
         handler = self._handlers.get(dw[0] & 0xFF)
         if handler is None:
             raise CommandError(Status.INVALID_OPCODE)
-        if dw[0] & 0xC300:  # FUSE (9:8) and PSDT (15:14): no fused commands, PRPs only
-            raise CommandError(Status.INVALID_FIELD, "fused command or SGL")
+        if dw[0] & 0xC300:  # FUSE or PSDT (a literal: this runs for every command)
+            handler = self._sgl_handler(dw[0], handler)
         handler(dw)
+
+    def _sgl_handler(
+        self, cdw0: int, handler: Callable[[tuple[int, ...]], None]
+    ) -> Callable[[tuple[int, ...]], None]:
+        """The handler for a command whose data pointer is an SGL. Read and Write have
+        their own, so that their PRP path tests nothing it does not need."""
+        if cdw0 & CDW0_FUSE:
+            raise CommandError(Status.INVALID_FIELD, "fused operations are not supported")
+        if cdw0 & CDW0_PSDT == CDW0_PSDT:
+            raise CommandError(Status.INVALID_FIELD, "PSDT 11b is reserved")
+        if not self.sgl_support:
+            raise CommandError(Status.INVALID_FIELD, "SGLs are not supported")
+        # PSDT 01b and 10b differ only in what MPTR holds, and no format has metadata.
+        # The others find their data pointer through _segments().
+        return self._sgl_handlers.get(cdw0 & 0xFF, handler)
 
     def _namespace(self, nsid: int) -> Namespace:
         ns = self.namespaces.get(nsid)
@@ -83,9 +163,33 @@ class IoCommandSet:
             raise CommandError(Status.INVALID_FIELD, f"{length} bytes > MDTS")
         return offset, length
 
+    def _segments(self, dw: tuple[int, ...], length: int, to_guest: bool) -> list[Segment]:
+        """The data pointer of a command off the Read/Write path, PRPs or SGLs."""
+        if dw[0] & CDW0_PSDT:
+            return sgl_segments(
+                self.memory, dw, length, to_guest, self.sgl_support == SGLS_DWORD_GRANULARITY
+            )
+        return prp_segments(self.memory, dw[6] | (dw[7] << 32), dw[8] | (dw[9] << 32), length)
+
+    def _commit(self, ns: Namespace) -> None:
+        """FUA on a command that reads: what the volatile cache holds reaches the medium
+        first (with the cache off, every write already did)."""
+        if self.write_cache_enabled():
+            try:
+                ns.backend.flush()
+            except OSError as exc:
+                raise _write_error(exc, self.counters) from exc
+
+    def _scratch_buffer(self) -> memoryview:
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(self.max_transfer))
+        return self._scratch
+
     def read(self, dw: tuple[int, ...]) -> None:
         ns = self._namespace(dw[1])
         offset, length = self._data_range(ns, dw)
+        if dw[12] & (1 << 30):  # FUA (folded to a constant: this is the hot path)
+            self._commit(ns)
         segments = prp_segments(self.memory, dw[6] | (dw[7] << 32), dw[8] | (dw[9] << 32), length)
         views = segment_views(self.memory, segments, to_guest=True)
         try:
@@ -101,6 +205,29 @@ class IoCommandSet:
         counters = self.counters
         counters.host_read_commands += 1
         counters.bytes_read += length
+
+    def _read_sgl(self, dw: tuple[int, ...]) -> None:
+        """Read with an SGL: as read(), and bit buckets discard what they cover."""
+        ns = self._namespace(dw[1])
+        offset, length = self._data_range(ns, dw)
+        if dw[12] & FUA:
+            self._commit(ns)
+        memory = self.memory
+        dword = self.sgl_support == SGLS_DWORD_GRANULARITY
+        segments = sgl_segments(memory, dw, length, True, dword)
+        views = sgl_views(memory, segments, to_guest=True)
+        try:
+            if views is not None:
+                ns.backend.readv(offset, views)
+            else:
+                bounce = bytearray(length)
+                ns.backend.readv(offset, [memoryview(bounce)])
+                sgl_copy_to_guest(memory, segments, bounce)
+        except OSError as exc:
+            self.counters.media_errors += 1
+            raise CommandError(Status.UNRECOVERED_READ_ERROR, str(exc)) from exc
+        self.counters.host_read_commands += 1
+        self.counters.bytes_read += length
 
     def write(self, dw: tuple[int, ...]) -> None:
         ns = self._namespace(dw[1])
@@ -120,6 +247,26 @@ class IoCommandSet:
         counters.host_write_commands += 1
         counters.bytes_written += length
 
+    def _write_sgl(self, dw: tuple[int, ...]) -> None:
+        """Write with an SGL: as write() (a bit bucket in a write has no effect)."""
+        ns = self._namespace(dw[1])
+        offset, length = self._data_range(ns, dw)
+        if ns.readonly:
+            raise CommandError(Status.NAMESPACE_WRITE_PROTECTED)
+        fua = bool(dw[12] & FUA) or not self.write_cache_enabled()
+        memory = self.memory
+        dword = self.sgl_support == SGLS_DWORD_GRANULARITY
+        segments = sgl_segments(memory, dw, length, False, dword)
+        views = sgl_views(memory, segments, to_guest=False)
+        if views is None:
+            views = [memoryview(copy_from_guest(memory, segments))]
+        try:
+            ns.backend.writev(offset, views, fua)
+        except OSError as exc:
+            raise _write_error(exc, self.counters) from exc
+        self.counters.host_write_commands += 1
+        self.counters.bytes_written += length
+
     def flush(self, dw: tuple[int, ...]) -> None:
         nsid = dw[1]
         targets = self.namespaces.values() if nsid == BROADCAST_NSID else [self._namespace(nsid)]
@@ -130,28 +277,32 @@ class IoCommandSet:
             raise _write_error(exc, self.counters) from exc
 
     def write_zeroes(self, dw: tuple[int, ...]) -> None:
+        """Write Zeroes; with DEAC the blocks are deallocated (a hole punched in a file,
+        which reads back zeroes as DLFEAT says). NSZ is not supported (ONCS NSZS clear),
+        so it has no effect; no size limit (WZSL 0)."""
         ns = self._namespace(dw[1])
         slba = dw[10] | (dw[11] << 32)
         offset, length = ns.byte_range(slba, (dw[12] & 0xFFFF) + 1)
         if ns.readonly:
             raise CommandError(Status.NAMESPACE_WRITE_PROTECTED)
-        deallocate = bool(dw[12] & (1 << 25))
+        deallocate = bool(dw[12] & DEAC)
         try:
             ns.backend.write_zeroes(offset, length, deallocate)
-            if dw[12] & (1 << 30) or not self.write_cache_enabled():  # FUA or write-through
+            if dw[12] & FUA or not self.write_cache_enabled():  # FUA or write-through
                 ns.backend.flush()
         except OSError as exc:
             raise _write_error(exc, self.counters) from exc
 
     def dataset_management(self, dw: tuple[int, ...]) -> None:
+        """Every attribute combination is accepted (NVM 3.3.3); Deallocate (AD) is
+        honoured, Integral Dataset for Read/Write and the per-range context attributes
+        are hints with nothing to act on. No processing limits (DMRL/DMRSL/DMSL 0)."""
         ns = self._namespace(dw[1])
         count = (dw[10] & 0xFF) + 1
-        segments = prp_segments(
-            self.memory, dw[6] | (dw[7] << 32), dw[8] | (dw[9] << 32), count * _DSM_RANGE.size
-        )
+        segments = self._segments(dw, count * _DSM_RANGE.size, to_guest=False)
         raw = copy_from_guest(self.memory, segments)
         ranges = [ns.byte_range(slba, nlb) for _, nlb, slba in _DSM_RANGE.iter_unpack(raw) if nlb]
-        if not dw[11] & (1 << 2):  # only the deallocate attribute asks us to act
+        if not dw[11] & DSM_DEALLOCATE:
             return
         if ns.readonly:
             raise CommandError(Status.NAMESPACE_WRITE_PROTECTED)
@@ -160,6 +311,97 @@ class IoCommandSet:
                 ns.backend.deallocate(offset, length)
         except OSError as exc:
             raise _write_error(exc, self.counters) from exc
+
+    def compare(self, dw: tuple[int, ...]) -> None:
+        """Compare (NVM 3.3.1): the blocks against the host's buffer; Compare Failure
+        if any byte differs."""
+        ns = self._namespace(dw[1])
+        offset, length = self._data_range(ns, dw)
+        if dw[12] & FUA:
+            self._commit(ns)
+        # Fetch the host's data first: a bad data pointer fails before the media is read.
+        expected = copy_from_guest(self.memory, self._segments(dw, length, to_guest=False))
+        stored = bytearray(length)
+        try:
+            ns.backend.readv(offset, [memoryview(stored)])
+        except OSError as exc:
+            self.counters.media_errors += 1
+            raise CommandError(Status.UNRECOVERED_READ_ERROR, str(exc)) from exc
+        counters = self.counters
+        counters.host_read_commands += 1
+        counters.bytes_read += length
+        if stored != expected:  # bytearray on the left: one memcmp
+            raise CommandError(Status.COMPARE_FAILURE, "the blocks differ from the host's data")
+
+    def verify(self, dw: tuple[int, ...]) -> None:
+        """Verify (NVM 3.3.5): read the blocks and transfer nothing. MDTS does not apply;
+        VSL is only a recommendation when Verify is supported, so any range is read, in
+        pieces of one maximum data transfer."""
+        ns = self._namespace(dw[1])
+        offset, length = ns.byte_range(dw[10] | (dw[11] << 32), (dw[12] & 0xFFFF) + 1)
+        if dw[12] & PRACT:
+            raise CommandError(Status.INVALID_FIELD, "Verify with PRINFO.PRACT set")
+        if dw[12] & FUA:
+            self._commit(ns)
+        scratch = self._scratch_buffer()
+        done = 0
+        try:
+            while done < length:
+                n = min(len(scratch), length - done)
+                ns.backend.readv(offset + done, [scratch[:n]])
+                done += n
+        except OSError as exc:
+            self.counters.media_errors += 1
+            raise CommandError(Status.UNRECOVERED_READ_ERROR, str(exc)) from exc
+        # Data Units Read counts what Verify checks (NVM 3.3.5); Host Read Commands does not.
+        self.counters.bytes_read += length
+
+    def copy(self, dw: tuple[int, ...]) -> None:
+        """Copy (NVM 3.3.2), Source Range Entries format 0h, within the namespace: every
+        limit and range is checked before anything moves, then the sources are read
+        into one buffer and written with one write (ONCS NVMCSA: the write portion is
+        a single write command). A failed Copy reports Dword 0 = 0: no range is
+        known to have been copied."""
+        ns = self._namespace(dw[1])
+        cdw12 = dw[12]
+        if ns.readonly:
+            raise CommandError(Status.NAMESPACE_WRITE_PROTECTED)
+        desfmt = (cdw12 >> 8) & 0xF
+        if desfmt != 0:
+            raise CommandError(Status.INVALID_FIELD, f"Copy descriptor format {desfmt:#x}")
+        count = (cdw12 & 0xFF) + 1
+        limits = copy_limits(ns, self.max_transfer)
+        if count > limits.msrc + 1:
+            raise CommandError(Status.COMMAND_SIZE_LIMIT_EXCEEDED, f"{count} source ranges")
+        segments = self._segments(dw, count * _COPY_RANGE_FORMAT_0.size, to_guest=False)
+        raw = copy_from_guest(self.memory, segments)
+        sources: list[tuple[int, int]] = []
+        blocks = 0
+        for slba, rpars in _COPY_RANGE_FORMAT_0.iter_unpack(raw):
+            nlb = (rpars & 0xFFFF) + 1
+            if nlb > limits.mssrl:
+                raise CommandError(Status.COMMAND_SIZE_LIMIT_EXCEEDED, f"{nlb} blocks > MSSRL")
+            blocks += nlb
+            if blocks > limits.mcl:
+                raise CommandError(Status.COMMAND_SIZE_LIMIT_EXCEEDED, f"{blocks} blocks > MCL")
+            sources.append(ns.byte_range(slba, nlb))
+        destination, length = ns.byte_range(dw[10] | (dw[11] << 32), blocks)
+        staged = self._scratch_buffer()[:length]
+        done = 0
+        try:
+            for offset, n in sources:
+                ns.backend.readv(offset, [staged[done : done + n]])
+                done += n
+        except OSError as exc:
+            self.counters.media_errors += 1
+            raise CommandError(Status.UNRECOVERED_READ_ERROR, str(exc)) from exc
+        fua = bool(cdw12 & FUA) or not self.write_cache_enabled()
+        try:
+            ns.backend.writev(destination, [staged], fua)
+        except OSError as exc:
+            raise _write_error(exc, self.counters) from exc
+        # Data Units Written counts blocks written; Host Write Commands counts Writes only.
+        self.counters.bytes_written += length
 
 
 def _always() -> bool:

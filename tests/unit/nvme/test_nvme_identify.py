@@ -34,9 +34,15 @@ def test_identify_controller(host: Host) -> None:
     assert d[512] == 0x66  # SQES: 64 bytes
     assert d[513] == 0x44  # CQES: 16 bytes
     assert u32(d, 516) == 256  # NN
-    assert u16(d, 520) == (1 << 2) | (1 << 3) | (1 << 4) | (1 << 6)  # ONCS: DSM WZ SV TS
+    # ONCS: Compare, DSM, Write Zeroes, Save/Select, Timestamp, Verify, Copy, Copy atomicity;
+    # not Write Uncorrectable (bit 1)
+    assert u16(d, 520) == 0b11_1101_1101
+    assert u16(d, 522) == 0  # FUSES: no Compare and Write
     assert d[525] == 0b111  # VWC present, Flush with broadcast NSID supported
-    assert u32(d, 536) == 0  # SGLS: none
+    assert u16(d, 532) == 0  # ACWU
+    assert u16(d, 534) == 1  # CDFS: Copy descriptor format 0h
+    # SGLS: byte-granular Data Blocks, Bit Bucket, SGLs longer than the transfer
+    assert u32(d, 536) == 0b01 | (1 << 16) | (1 << 18)
     nqn = d[768:1024]
     assert nqn.rstrip(b"\0") == b"nqn.2026-11.io.nvme-mdev:subsys-nvmemdev0001"
     assert nqn[-1] == 0  # NUL terminated
@@ -73,6 +79,10 @@ def test_identify_namespace(file_ns: NamespaceFactory, block_size: int, lbads: i
     assert d[99] == 0  # NSATTR: writable
     assert d[104:120] == ns.nguid and d[120:128] == ns.eui64
     assert int.from_bytes(d[48:64], "little") == 2 << 20  # NVMCAP
+    # Copy limits: one MDTS (512 KiB) of blocks per command and per range, 128 ranges
+    assert u16(d, 74) == (512 << 10) // block_size  # MSSRL
+    assert u32(d, 76) == (512 << 10) // block_size  # MCL
+    assert d[80] == 127  # MSRC, 0's based
 
 
 def test_identify_namespace_read_only(file_ns: NamespaceFactory) -> None:
@@ -161,9 +171,10 @@ def test_cns05_nvm_specific_namespace(host: Host) -> None:
 def test_cns06_nvm_specific_controller(host: Host) -> None:
     c, d = host.identify(Cns.CS_CONTROLLER, csi=0)
     assert c.status == 0
-    assert d[0:4] == bytes(4)  # VSL, WZSL, WUSL, DMRL: no limits
+    assert d[0] == 7  # VSL: Verify recommended at most MDTS (a hint: Verify is supported)
+    assert d[1:4] == bytes(3)  # WZSL, WUSL, DMRL: no limits
     assert d[4:16] == bytes(12)  # DMRSL, DMSL
-    assert d == bytes(PAGE)
+    assert d[16:] == bytes(PAGE - 16)
     c, _ = host.identify(Cns.CS_CONTROLLER, csi=1)
     assert c.status == with_dnr(Status.INVALID_FIELD)
 

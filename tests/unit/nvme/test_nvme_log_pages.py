@@ -157,11 +157,18 @@ def test_commands_supported_and_effects(host: Host) -> None:
     for opcode in (AdminOpcode.FORMAT_NVM, AdminOpcode.NAMESPACE_MANAGEMENT, 0x03, 0xC0):
         assert u32(data, opcode * 4) == 0, hex(opcode)
     io = 1024
-    assert u32(data, io + IoOpcode.READ * 4) == 1
-    for opcode in (IoOpcode.WRITE, IoOpcode.WRITE_ZEROES, IoOpcode.DATASET_MANAGEMENT):
-        assert u32(data, io + opcode * 4) == 0b11  # CSUPP | LBCC
+    for opcode in (IoOpcode.READ, IoOpcode.COMPARE, IoOpcode.VERIFY):
+        assert u32(data, io + opcode * 4) == 1, opcode  # CSUPP
+    for opcode in (
+        IoOpcode.WRITE,
+        IoOpcode.WRITE_ZEROES,
+        IoOpcode.DATASET_MANAGEMENT,
+        IoOpcode.COPY,
+    ):
+        assert u32(data, io + opcode * 4) == 0b11, opcode  # CSUPP | LBCC
     assert u32(data, io + IoOpcode.FLUSH * 4) & 1
-    assert u32(data, io + IoOpcode.COMPARE * 4) == 0
+    for opcode in (IoOpcode.WRITE_UNCORRECTABLE, 0x03, IoOpcode.RESERVATION_REGISTER):
+        assert u32(data, io + opcode * 4) == 0, opcode  # not supported
     assert data[2048:] == bytes(2048)
 
 

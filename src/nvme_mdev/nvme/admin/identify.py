@@ -8,8 +8,10 @@ from typing import TYPE_CHECKING
 
 from ... import __version__
 from ..errors import CommandError
+from ..io import COPY_DESCRIPTOR_FORMATS, copy_limits
 from ..namespace import Namespace
 from ..prp import send_to_host
+from ..sgl import sgls_field
 from ..spec import CSI_NVM, Cns, Status
 from .features import WARNING_TEMPERATURE
 
@@ -22,8 +24,12 @@ BROADCAST_NSID = 0xFFFFFFFF
 
 # OACS: Doorbell Buffer Config (bit 8)
 OACS = 1 << 8
-# ONCS: Dataset Management (2), Write Zeroes (3), Save/Select in features (4), Timestamp (6)
-ONCS = (1 << 2) | (1 << 3) | (1 << 4) | (1 << 6)
+# ONCS: Compare (0), Dataset Management (2), Write Zeroes (3), Save/Select in features (4),
+# Timestamp (6), Verify (7), Copy (8), Copy Single Atomicity (9: the write portion of a
+# Copy is one write). Not Write Uncorrectable (1): see io.py.
+ONCS = (1 << 0) | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 6) | (1 << 7) | (1 << 8) | (1 << 9)
+# FUSES: no fused operations (Compare and Write is refused: see io.py)
+FUSES = 0
 # LPA: commands supported and effects (1), extended data for Get Log Page (2)
 LPA = (1 << 1) | (1 << 2)
 # OAES: Namespace Attribute Notices (8)
@@ -62,9 +68,11 @@ def controller_data(ctrl: Controller) -> bytes:
     data[280:296] = capacity.to_bytes(16, "little")  # TNVMCAP
     data[512] = (6 << 4) | 6  # SQES: 64 bytes required and maximum
     data[513] = (4 << 4) | 4  # CQES: 16 bytes
-    struct.pack_into("<HIH", data, 514, 0, cfg.max_namespaces, ONCS)  # MAXCMD, NN, ONCS
+    struct.pack_into("<HIHH", data, 514, 0, cfg.max_namespaces, ONCS, FUSES)  # MAXCMD NN
     data[525] = VWC
-    struct.pack_into("<I", data, 536, 0)  # SGLS: not supported
+    struct.pack_into("<H", data, 532, 0)  # ACWU: no Compare and Write
+    struct.pack_into("<H", data, 534, COPY_DESCRIPTOR_FORMATS)  # CDFS (OCFS)
+    struct.pack_into("<I", data, 536, sgls_field(ctrl.io.sgl_support))  # SGLS
     struct.pack_into("<I", data, 540, 0)  # MNAN
     data[768 : 768 + 256] = cfg.subsystem_nqn.encode("ascii")[:255].ljust(256, b"\0")
     # Power state 0: 25 W max power, nothing else to say about it.
@@ -72,7 +80,7 @@ def controller_data(ctrl: Controller) -> bytes:
     return bytes(data)
 
 
-def namespace_data(ns: Namespace | None) -> bytes:
+def namespace_data(ns: Namespace | None, max_transfer: int) -> bytes:
     """Identify Namespace (CNS 00h); an inactive namespace is all zeroes."""
     data = bytearray(IDENTIFY_SIZE)
     if ns is None:
@@ -85,6 +93,8 @@ def namespace_data(ns: Namespace | None) -> bytes:
     # DLFEAT: Write Zeroes may deallocate (bit 3); deallocated blocks read 0 (001b) for files.
     data[33] = (1 << 3) | (1 if deallocated_read_zeroes else 0)
     data[48:64] = (ns.backend.size).to_bytes(16, "little")  # NVMCAP
+    limits = copy_limits(ns, max_transfer)
+    struct.pack_into("<HIB", data, 74, limits.mssrl, limits.mcl, limits.msrc)  # MSSRL MCL MSRC
     data[99] = 1 if ns.readonly else 0  # NSATTR: write protected
     data[104:120] = ns.nguid
     data[120:128] = ns.eui64
@@ -108,7 +118,8 @@ def namespace_descriptors(ns: Namespace) -> bytes:
 def nvm_controller_data(ctrl: Controller) -> bytes:
     """I/O Command Set specific Identify Controller for NVM (NVM Command Set 4.1.5.4)."""
     data = bytearray(IDENTIFY_SIZE)
-    data[0] = 0  # VSL: Verify size limit (none)
+    # VSL: the Verify size recommended (Verify is supported, so not a limit), MDTS's units
+    data[0] = ctrl.config.mdts
     data[1] = 0  # WZSL: Write Zeroes size limit (none)
     data[2] = 0  # WUSL
     data[3] = 0  # DMRL: DSM ranges limit (no limit beyond 256)
@@ -158,7 +169,7 @@ def identify(ctrl: Controller, dw: tuple[int, ...]) -> int:
 
     if cns == Cns.NAMESPACE:
         need_valid_nsid()
-        data = namespace_data(ns)
+        data = namespace_data(ns, ctrl.config.max_transfer)
     elif cns == Cns.CONTROLLER:
         data = controller_data(ctrl)
     elif cns in (Cns.ACTIVE_NAMESPACE_LIST, Cns.CS_ACTIVE_NAMESPACE_LIST):

@@ -33,12 +33,16 @@ ADMIN_EFFECTS = {
     AdminOpcode.KEEP_ALIVE: CSUPP,
     AdminOpcode.DOORBELL_BUFFER_CONFIG: CSUPP,
 }
+# Write Uncorrectable is not supported, so its entry stays zero (see io.py).
 IO_EFFECTS = {
     IoOpcode.FLUSH: CSUPP | LBCC,
     IoOpcode.WRITE: CSUPP | LBCC,
     IoOpcode.READ: CSUPP,
+    IoOpcode.COMPARE: CSUPP,
     IoOpcode.WRITE_ZEROES: CSUPP | LBCC,
     IoOpcode.DATASET_MANAGEMENT: CSUPP | LBCC,
+    IoOpcode.VERIFY: CSUPP,
+    IoOpcode.COPY: CSUPP | LBCC,
 }
 SUPPORTED_LOGS = (
     LogPage.SUPPORTED_LOG_PAGES,
