@@ -11,3 +11,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q -e '.[dev]'
     touch "$stamp"
 fi
+# fio for `nvme-mdev bench` (native rows); without it the bench runs the device alone.
+if ! command -v fio >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q fio >/dev/null 2>&1 ||
+        { apt-get update -q >/dev/null && apt-get install -y -q fio >/dev/null; } ||
+        echo "setup: could not install fio (nvme-mdev bench will run without native rows)" >&2
+fi

@@ -7,9 +7,13 @@ drive devices with it; users can script a device with it.
 
 from __future__ import annotations
 
+import mmap
 import os
 import select
+import struct
+import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .nvme.spec import CQE, DOORBELL_BASE, SQE, Reg
@@ -17,6 +21,15 @@ from .vfio_user.client import GuestRam, VfioUserClient
 
 PAGE = 4096
 BAR0 = 0
+DOORBELL_BUFFER_CONFIG = 0x7C
+
+_U32 = struct.Struct("<I")
+
+
+def need_event(event_idx: int, new: int, old: int) -> bool:
+    """Linux's nvme_dbbuf_need_event: a shadowed doorbell must also be rung for real
+    iff the device's EventIdx lies in [old, new) (16-bit wrapping arithmetic)."""
+    return ((new - event_idx - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
 
 
 class NvmeHostError(Exception):
@@ -45,6 +58,10 @@ class HostQueuePair:
         self.cq_head = 0
         self.phase = 1
         self._next_cid = 0
+        #: offsets in guest RAM of (SQ shadow, SQ EventIdx, CQ shadow, CQ EventIdx),
+        #: once the host has enabled shadow doorbells (I/O queues only, as in Linux)
+        self._shadow: tuple[int, int, int, int] | None = None
+        self._shadow_checked = False
 
     def submit(self, dwords: list[int], ring: bool = True) -> int:
         cid = self._next_cid
@@ -57,8 +74,57 @@ class HostQueuePair:
             self.ring()
         return cid
 
+    def submit_batch(self, commands: Iterable[list[int]]) -> list[int]:
+        """Queue several commands and ring the doorbell once for all of them."""
+        cids = [self.submit(dwords, ring=False) for dwords in commands]
+        if cids:
+            self.ring()
+        return cids
+
     def ring(self) -> None:
-        self.host.client.write32(BAR0, DOORBELL_BASE + 8 * self.qid, self.sq_tail, posted=True)
+        """Publish sq_tail: through the shadow doorbell when the host enabled them
+        (a real doorbell only if the device's EventIdx asks for one), else MMIO."""
+        shadow = self._shadow_slots()
+        if shadow is None or self._shadow_update(shadow[0], shadow[1], self.sq_tail):
+            self._mmio_doorbell(0, self.sq_tail)
+
+    def ring_cq(self) -> None:
+        """Publish cq_head (after the host consumed completions), like ring()."""
+        shadow = self._shadow_slots()
+        if shadow is None or self._shadow_update(shadow[2], shadow[3], self.cq_head):
+            self._mmio_doorbell(4, self.cq_head)
+
+    def _mmio_doorbell(self, offset: int, value: int) -> None:
+        register = DOORBELL_BASE + 8 * self.qid + offset
+        mapped = self.host.mapped_bar0
+        if mapped is not None:
+            _U32.pack_into(mapped, register, value)  # a plain store: nothing traps
+        else:
+            self.host.client.write32(BAR0, register, value, posted=True)
+
+    def _shadow_slots(self) -> tuple[int, int, int, int] | None:
+        if not self._shadow_checked:
+            pages = self.host.shadow_doorbells
+            if pages is not None and self.qid:
+                # Slots at 4-byte stride (CAP.DSTRD = 0): SQ y at 2y, CQ y at 2y + 1.
+                shadow, eventidx = (page - self.host.ram.base for page in pages)
+                sq, cq = 8 * self.qid, 8 * self.qid + 4
+                self._shadow = (shadow + sq, eventidx + sq, shadow + cq, eventidx + cq)
+                self._shadow_checked = True
+            elif self.qid == 0:
+                self._shadow_checked = True  # the admin queue is never shadowed
+        return self._shadow
+
+    def _shadow_update(self, slot: int, event_slot: int, value: int) -> bool:
+        """Store `value` in a shadow doorbell; True if the real one must be rung too."""
+        view = self.host.ram.view
+        old = _U32.unpack_from(view, slot)[0]
+        _U32.pack_into(view, slot, value)
+        # A full fence (a locked instruction) between our store and the EventIdx load,
+        # matching the device's between arming EventIdx and re-reading the shadow.
+        with self.host.barrier:
+            pass
+        return need_event(_U32.unpack_from(view, event_slot)[0], value, old)
 
     def reap(self) -> list[Completion]:
         done = []
@@ -73,9 +139,7 @@ class HostQueuePair:
             if self.cq_head == self.entries:
                 self.cq_head, self.phase = 0, self.phase ^ 1
         if done:
-            self.host.client.write32(
-                BAR0, DOORBELL_BASE + 8 * self.qid + 4, self.cq_head, posted=True
-            )
+            self.ring_cq()
         return done
 
     def wait(self, count: int = 1, timeout: float = 10.0) -> list[Completion]:
@@ -112,8 +176,34 @@ class NvmeHost:
         self._next = self.ram.base
         self.admin: HostQueuePair | None = None
         self.io: dict[int, HostQueuePair] = {}
+        #: (shadow doorbell page, EventIdx page) once enable_shadow_doorbells() ran
+        self.shadow_doorbells: tuple[int, int] | None = None
+        #: BAR0 mapped from the device's fd (map_doorbells()); doorbells are stores to it
+        self.mapped_bar0: memoryview | None = None
+        self._bar0_map: mmap.mmap | None = None
+        #: acquired and released as a full memory fence (see _shadow_update)
+        self.barrier = threading.Lock()
+
+    def map_doorbells(self) -> None:
+        """Map BAR0's mmap-able doorbell page (`serve --mmap-doorbells`), as QEMU does:
+        from then on ringing a doorbell is a store to memory, with no message."""
+        info = self.client.region_info(BAR0)
+        if info.fd is None:
+            raise NvmeHostError("BAR0 is not mmap-able: is the device serving --mmap-doorbells?")
+        try:
+            if not any(
+                a <= DOORBELL_BASE and a + n >= DOORBELL_BASE + PAGE for a, n in info.sparse_areas
+            ):
+                raise NvmeHostError(f"no mmap-able area holds the doorbells: {info.sparse_areas}")
+            self._bar0_map = mmap.mmap(info.fd, info.size, offset=info.offset)
+        finally:
+            os.close(info.fd)
+        self.mapped_bar0 = memoryview(self._bar0_map)
 
     def close(self) -> None:
+        if self.mapped_bar0 is not None and self._bar0_map is not None:
+            self.mapped_bar0.release()
+            self._bar0_map.close()
         self.client.close()
         for fd in self.irq_fds:
             os.close(fd)
@@ -152,6 +242,16 @@ class NvmeHost:
         if self.admin is None:
             raise NvmeHostError("controller not enabled")
         return self.admin.command(dwords)
+
+    def enable_shadow_doorbells(self) -> None:
+        """Doorbell Buffer Config: from now on the I/O queues publish their tails and
+        heads in guest memory and ring for real only when EventIdx asks (as Linux does)."""
+        shadow, eventidx = self.alloc(PAGE), self.alloc(PAGE)
+        prps = [shadow & 0xFFFFFFFF, shadow >> 32, eventidx & 0xFFFFFFFF, eventidx >> 32]
+        c = self.admin_command([DOORBELL_BUFFER_CONFIG, 0, 0, 0, 0, 0, *prps])
+        if not c.ok:
+            raise NvmeHostError(f"Doorbell Buffer Config: status {c.status:#x}")
+        self.shadow_doorbells = (shadow, eventidx)
 
     def identify(self, cns: int, nsid: int = 0) -> bytes:
         buf = self.alloc(PAGE)
@@ -220,4 +320,11 @@ def read_write(opcode: int, nsid: int, buf: int, slba: int, nlb: int, prp2: int 
     ]
 
 
-__all__ = ["Completion", "HostQueuePair", "NvmeHost", "NvmeHostError", "read_write"]
+__all__ = [
+    "Completion",
+    "HostQueuePair",
+    "NvmeHost",
+    "NvmeHostError",
+    "need_event",
+    "read_write",
+]

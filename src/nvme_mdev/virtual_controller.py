@@ -4,20 +4,35 @@ NVMe controller ← I/O thread and admin worker, with namespaces on backends."""
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
+import mmap
+import os
 from collections.abc import Iterator
+from typing import Any, Final
 
 from .engine.poller import DEFAULT_POLL_TIMEOUT, AdminWorker, IoThread
 from .nvme.controller import Controller
 from .nvme.identity import ControllerConfig
 from .nvme.namespace import Namespace
+from .nvme.spec import DOORBELL_BASE, PAGE_SIZE
 from .pci.function import NvmePciFunction
+from .vfio_user.device import MmapArea
 from .vfio_user.memory import DmaMemory
 from .vfio_user.server import VfioUserServer
 
 log = logging.getLogger(__name__)
 
 BAR0_SIZE = 16 * 1024  # Windows' NVMe driver masks BAR0 with 16 KiB alignment
+
+
+class Unset(enum.Enum):
+    """An argument left out (None means something: unpin the I/O thread)."""
+
+    UNSET = enum.auto()
+
+
+UNSET: Final = Unset.UNSET
 
 
 class VirtualController:
@@ -27,13 +42,34 @@ class VirtualController:
         namespaces: list[Namespace],
         config: ControllerConfig | None = None,
         poll_timeout: float = DEFAULT_POLL_TIMEOUT,
+        mmap_doorbells: bool = False,
     ) -> None:
         config = config or ControllerConfig()
         self.memory = DmaMemory()
+        self._bar0_fd: int | None = None
+        self._bar0_map: mmap.mmap | None = None
+        doorbell_page: memoryview | None = None
+        areas: tuple[MmapArea, ...] = ()
+        if mmap_doorbells:
+            # The doorbell page is ordinary shared memory: the client maps it into the
+            # guest, doorbell writes land there without a trap, the I/O thread polls it.
+            self._bar0_fd = os.memfd_create("nvme-mdev-bar0", os.MFD_CLOEXEC)
+            os.ftruncate(self._bar0_fd, BAR0_SIZE)
+            self._bar0_map = mmap.mmap(self._bar0_fd, BAR0_SIZE)
+            with memoryview(self._bar0_map) as bar0:
+                doorbell_page = bar0[DOORBELL_BASE : DOORBELL_BASE + PAGE_SIZE]
+            areas = (MmapArea(DOORBELL_BASE, PAGE_SIZE),)
         self.function = NvmePciFunction(
-            None, BAR0_SIZE, config.msix_vectors, quiesce=self._quiesced
+            None,
+            BAR0_SIZE,
+            config.msix_vectors,
+            quiesce=self._quiesced,
+            bar0_mmap_fd=self._bar0_fd,
+            bar0_mmap_areas=areas,
         )
-        self.controller = Controller(config, self.memory, self.function, namespaces)
+        self.controller = Controller(
+            config, self.memory, self.function, namespaces, doorbell_page=doorbell_page
+        )
         self.function.attach_bar0(self.controller)
         self.io_thread = IoThread(self.controller, poll_timeout)
         self.admin_worker = AdminWorker(self.controller)
@@ -45,6 +81,31 @@ class VirtualController:
         with self.controller.lock, self.io_thread.paused():
             self.controller.release_memory_views()
             yield
+
+    def statistics(self) -> dict[str, Any]:
+        polling_ns, parked_ns = self.io_thread.time_split_ns()
+        return self.controller.stats.snapshot(
+            polling_ns, parked_ns, self.controller.counters.media_errors
+        )
+
+    def io_thread_settings(self) -> dict[str, Any]:
+        cpus = self.io_thread.cpus
+        return {
+            "tid": self.io_thread.native_id,  # for top -H, perf, taskset
+            "cpus": sorted(cpus) if cpus is not None else None,
+            "poll_timeout_ms": round(self.io_thread.poll_timeout * 1000),
+        }
+
+    def set_io_thread(
+        self, cpus: set[int] | Unset | None = UNSET, poll_timeout_ms: int | Unset = UNSET
+    ) -> None:
+        """Pin the I/O thread (None: unpin) and/or change its poll timeout, at run time."""
+        if not isinstance(poll_timeout_ms, Unset):
+            if poll_timeout_ms < 0:
+                raise ValueError("poll timeout must be 0 or more")
+            self.io_thread.poll_timeout = poll_timeout_ms / 1000
+        if not isinstance(cpus, Unset):
+            self.io_thread.pin(cpus)
 
     def start(self) -> None:
         self.io_thread.start()
@@ -63,3 +124,10 @@ class VirtualController:
                 log.error("flushing nsid %d: %s", ns.nsid, exc)
             ns.backend.close()
         self.function.close()
+        if self._bar0_map is not None:
+            page, self.controller.doorbell_page = self.controller.doorbell_page, None
+            if page is not None:
+                page.release()
+            self._bar0_map.close()
+        if self._bar0_fd is not None:
+            os.close(self._bar0_fd)

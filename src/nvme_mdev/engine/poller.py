@@ -6,12 +6,16 @@ the thread sees them by polling. Before parking it arms every EventIdx so the
 guest's next submission rings the real (trapped) doorbell, then looks once more
 for a submission that raced with the arming. Without shadow doorbells every
 doorbell traps anyway, so the thread parks as soon as the queues are empty.
+With mapped doorbells (BAR0's doorbell page in the client's memory) nothing ever
+traps: the thread polls for good, admin doorbell included, at the cost of a core.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -39,13 +43,44 @@ class IoThread:
         # re-reading the shadow tails, so neither side misses the other's store.
         self._barrier = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._cpus: set[int] | None = None
+        self._started_ns = 0
+        self._parked_since = 0  # monotonic ns while parked, else 0
         self.parks = 0
         self.wakeups = 0
         controller.io_thread = self
 
     def start(self) -> None:
         self._running = True
+        self._started_ns = time.monotonic_ns()
         self._thread.start()
+
+    @property
+    def native_id(self) -> int | None:
+        return self._thread.native_id
+
+    @property
+    def cpus(self) -> set[int] | None:
+        return self._cpus
+
+    def pin(self, cpus: set[int] | None) -> None:
+        """Run the thread on these CPUs only (None: wherever the process may run).
+        Takes effect at once on a running thread. OSError for CPUs that do not exist."""
+        allowed = cpus if cpus is not None else os.sched_getaffinity(0)
+        tid = self._thread.native_id
+        if tid is not None and self._thread.is_alive():
+            os.sched_setaffinity(tid, allowed)
+        elif cpus is not None and not cpus <= os.sched_getaffinity(0):
+            raise OSError(errno.EINVAL, f"CPUs {sorted(cpus)} not available to this process")
+        self._cpus = cpus
+
+    def time_split_ns(self) -> tuple[int, int]:
+        """(polling, parked) nanoseconds since start; polling includes processing."""
+        stats = self.controller.stats
+        now = time.monotonic_ns()
+        parked = stats.parked_ns + (now - self._parked_since if self._parked_since else 0)
+        total = now - self._started_ns if self._started_ns else 0
+        return max(total - parked, 0), parked
 
     def stop(self) -> None:
         """Finish the commands being processed, then end the thread."""
@@ -87,6 +122,8 @@ class IoThread:
 
     def _run(self) -> None:
         ctrl = self.controller
+        if self._cpus is not None:
+            os.sched_setaffinity(0, self._cpus)
         idle_since = time.monotonic()
         while self._running:
             if self._pause_requests:
@@ -101,7 +138,13 @@ class IoThread:
                 # controller until the guest resets it, but keep serving.
                 log.exception("I/O processing failed")
                 ctrl.fatal("I/O processing failed")
-            polling = ctrl.shadow_doorbells is not None and not ctrl.registers.fatal
+            if ctrl.doorbell_page is not None and ctrl.registers.ready:
+                # Mapped doorbells never trap: nothing would wake a parked thread.
+                # (Disabled, it parks: enabling the controller wakes it.)
+                ctrl.poll_mapped_doorbells()
+                time.sleep(0)  # let the transport thread have the GIL
+                continue
+            polling = ctrl.polls_doorbells and not ctrl.registers.fatal
             if polling and (
                 self.poll_timeout == 0 or time.monotonic() - idle_since < self.poll_timeout
             ):
@@ -112,6 +155,7 @@ class IoThread:
 
     def _park(self) -> None:
         ctrl = self.controller
+        ctrl.flush_coalesced_interrupts(force=True)  # nobody would send them while parked
         self._wake.clear()
         ctrl.arm_event_indexes(parked=True)
         with self._barrier:
@@ -120,7 +164,11 @@ class IoThread:
             ctrl.arm_event_indexes(parked=False)
             return
         self.parks += 1
+        ctrl.stats.parks += 1
+        self._parked_since = time.monotonic_ns()
         self._wake.wait()
+        ctrl.stats.parked_ns += time.monotonic_ns() - self._parked_since
+        self._parked_since = 0
         self.wakeups += 1
         ctrl.arm_event_indexes(parked=False)
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from ..guest_memory import DmaError, GuestMemory
+from ..statistics import ControllerStats
 from . import registers as regs
 from .admin import events, features, identify, log_pages
 from .admin import queues as queue_admin
@@ -26,7 +28,7 @@ from .identity import ControllerConfig
 from .interrupts import InterruptSink
 from .io import IoCommandSet, IoCounters
 from .namespace import Namespace
-from .queues import CompletionQueue, SubmissionQueue, release_views
+from .queues import CompletionQueue, MappedDoorbell, SubmissionQueue, release_views
 from .spec import (
     CSS_ADMIN_ONLY,
     CSS_NVM,
@@ -37,12 +39,18 @@ from .spec import (
     DOORBELL_BASE,
     SQE,
     AdminOpcode,
+    FeatureId,
+    IoOpcode,
     Reg,
     Status,
     with_dnr,
 )
 
 log = logging.getLogger(__name__)
+
+#: I/O commands whose NLB counts data moved between guest and storage (statistics)
+DATA_OPCODES = frozenset((IoOpcode.READ, IoOpcode.WRITE, IoOpcode.COMPARE))
+
 
 AdminHandler = Callable[["Controller", tuple[int, ...]], int]
 
@@ -77,8 +85,12 @@ class Controller:
         memory: GuestMemory,
         interrupts: InterruptSink,
         namespaces: list[Namespace] | None = None,
+        doorbell_page: memoryview | None = None,
     ) -> None:
         self.config = config
+        #: BAR0's doorbell page when the client maps it (no trapped doorbells at all):
+        #: offset 0 is the admin SQ tail doorbell (BAR0 offset 1000h)
+        self.doorbell_page = doorbell_page
         self.memory = memory
         self.interrupts = interrupts
         self.io_thread: IoThreadHooks = _Inline()
@@ -109,6 +121,9 @@ class Controller:
         #: the I/O thread's view: replaced whole, never mutated, so it reads without locks
         self.active_io_sqs: tuple[SubmissionQueue, ...] = ()
         self.shadow_doorbells: tuple[int, int] | None = None  # (shadow page, eventidx page)
+        self.stats = ControllerStats(config.max_io_queues, config.msix_vectors)
+        #: MSI-X vectors held back by interrupt coalescing: [completions, deadline ns]
+        self._coalesced: dict[int, list[int]] = {}
         self._admin_handlers: dict[int, AdminHandler] = {
             AdminOpcode.IDENTIFY: identify.identify,
             AdminOpcode.GET_LOG_PAGE: log_pages.get_log_page,
@@ -212,7 +227,11 @@ class Controller:
             r.csts |= CSTS_CFS
             return
         self.admin_cq.sq_ids.add(0)
+        if self.doorbell_page is not None:
+            self.admin_sq.shadow = MappedDoorbell(self.doorbell_page, 0)
+            self.admin_cq.shadow = MappedDoorbell(self.doorbell_page, 4)
         r.csts |= CSTS_RDY
+        self.io_thread.wake()  # with mapped doorbells it polls from now on
 
     def _enable_problem(self) -> str:
         r = self.registers
@@ -250,6 +269,9 @@ class Controller:
             self.active_io_sqs = ()
             self.admin_sq = self.admin_cq = None
             self.shadow_doorbells = None
+            if self.doorbell_page is not None:
+                self.doorbell_page[:] = bytes(len(self.doorbell_page))  # doorbells reset to 0
+            self._coalesced.clear()
             self.features.reset()
             self.events.reset()
             self.registers.reset()
@@ -279,6 +301,7 @@ class Controller:
         qid, is_cq = index >> 1, bool(index & 1)
         if not self.registers.ready or self.registers.fatal:
             return
+        self.stats.doorbell_traps += 1
         if qid == 0:
             queue: SubmissionQueue | CompletionQueue | None = (
                 self.admin_cq if is_cq else self.admin_sq
@@ -291,6 +314,10 @@ class Controller:
         if value >= queue.size:
             self.events.error(events.ERROR_INVALID_DOORBELL_VALUE, self)
             return
+        if self.doorbell_page is not None:
+            # A client that did not map the page (or mapped it and also traps): the
+            # register still holds what the guest wrote, where the poller looks.
+            struct.pack_into("<I", self.doorbell_page, offset - DOORBELL_BASE, value)
         if queue.shadow is not None:
             # The guest stored this value in the shadow doorbell before ringing, and
             # may have stored newer ones since (this write travelled over the socket):
@@ -317,15 +344,15 @@ class Controller:
             self.io_thread.wake()
 
     def _shadow_doorbell_rung(self, queue: SubmissionQueue | CompletionQueue) -> None:
-        if isinstance(queue, SubmissionQueue):
-            self.io_thread.wake()
-            return
-        if not self.interrupts.msix_enabled():
+        if isinstance(queue, CompletionQueue) and not self.interrupts.msix_enabled():
             queue.refresh_head()
             self._update_intx()
             # QEMU ends an INTx only on a BAR access: have the guest ring every time.
             queue.shadow.set_event_index(queue.head)  # type: ignore[union-attr]
-        self.io_thread.wake()  # completions may have waited for room
+        if queue.qid == 0:
+            self.admin_doorbell.set()
+        else:
+            self.io_thread.wake()  # new commands, or room for waiting completions
 
     # --- command processing --------------------------------------------------------
 
@@ -336,6 +363,7 @@ class Controller:
             sq, cq = self.admin_sq, self.admin_cq
             if sq is None or cq is None or self.registers.fatal:
                 return 0
+            sq.refresh_tail()  # a mapped doorbell
             try:
                 while not sq.is_empty() and not cq.is_full():
                     dw = SQE.unpack(sq.fetch())
@@ -391,24 +419,37 @@ class Controller:
         done = 0
         touched: list[CompletionQueue] = []
         io = self.io
+        namespaces = self.namespaces
+        clock = time.monotonic_ns
         try:
             for sq in self.active_io_sqs:
                 sq.refresh_tail()
                 if sq.head == sq.tail:
                     continue
                 cq = sq.cq
+                stats = sq.stats
+                seen = clock()
                 n = 0
                 while n < burst and sq.head != sq.tail and not cq.is_full():
                     dw = SQE.unpack(sq.fetch())
+                    opcode = dw[0] & 0xFF
                     try:
                         io.execute(dw)
                     except CommandError as err:
                         self.post_error(cq, sq, dw, err)
+                        stats.record(opcode, 0, True, clock() - seen)
                     else:
                         cq.post(0, 0, sq.head, sq.qid, dw[0] >> 16, 0)
+                        nbytes = 0
+                        if opcode in DATA_OPCODES:
+                            ns = namespaces.get(dw[1])
+                            if ns is not None:
+                                nbytes = ((dw[12] & 0xFFFF) + 1) << ns.lba_shift
+                        stats.record(opcode, nbytes, False, clock() - seen)
                     n += 1
                 if n:
                     done += n
+                    cq.unsignalled += n
                     if cq not in touched:
                         touched.append(cq)
                     # Keep the guest from ringing while we poll (see queues.arm_event_index).
@@ -417,16 +458,47 @@ class Controller:
             self.fatal(f"I/O queue memory: {exc}")
         for cq in touched:
             self.signal(cq)
+        if self._coalesced:
+            self.flush_coalesced_interrupts(force=False)
         return done
 
     def signal(self, cq: CompletionQueue) -> None:
-        """Tell the guest about new completions on `cq`."""
+        """Tell the guest about new completions on `cq`: MSI-X (one message per batch,
+        fewer if the host asked for interrupt coalescing) or INTx."""
+        count, cq.unsignalled = cq.unsignalled, 0
         if not cq.interrupts_enabled:
             return
-        if self.interrupts.msix_enabled():
-            self.interrupts.signal(cq.vector)
-        else:
+        if not self.interrupts.msix_enabled():
             self._update_intx()
+            return
+        vector = cq.vector
+        coalescing = self.features.current[FeatureId.INTERRUPT_COALESCING]
+        if (
+            coalescing & 0xFF  # THR: 0 (one entry, 0's based) means no aggregation
+            and coalescing >> 8  # TIME: 0 means no delay
+            and cq.qid  # never the admin queue (Base 5.27.1.9)
+            and vector not in self.features.coalescing_disabled
+        ):
+            pending = self._coalesced.get(vector)
+            if pending is None:
+                deadline = time.monotonic_ns() + (coalescing >> 8) * 100_000
+                pending = self._coalesced[vector] = [0, deadline]
+            pending[0] += max(count, 1)
+            if pending[0] <= coalescing & 0xFF and time.monotonic_ns() < pending[1]:
+                return
+            del self._coalesced[vector]
+        self.stats.interrupts[vector] += 1
+        self.interrupts.signal(vector)
+
+    def flush_coalesced_interrupts(self, force: bool) -> None:
+        """Send the interrupts that coalescing held back past their aggregation time
+        (all of them with `force`: the I/O thread is about to park)."""
+        now = time.monotonic_ns()
+        for vector, (_, deadline) in list(self._coalesced.items()):
+            if force or now >= deadline:
+                del self._coalesced[vector]
+                self.stats.interrupts[vector] += 1
+                self.interrupts.signal(vector)
 
     def _update_intx(self) -> None:
         """INTx is level-triggered: asserted while any interrupt-enabled CQ holds
@@ -440,6 +512,22 @@ class Controller:
         if self.admin_cq is not None:
             cqs.append(self.admin_cq)
         self.interrupts.set_intx(any(cq.interrupts_enabled and cq.has_unconsumed() for cq in cqs))
+
+    @property
+    def polls_doorbells(self) -> bool:
+        """Whether I/O submissions can arrive without a trapped doorbell write."""
+        return self.shadow_doorbells is not None or self.doorbell_page is not None
+
+    def poll_mapped_doorbells(self) -> None:
+        """With mapped doorbells nothing traps: notice admin submissions and CQ heads
+        (for INTx, which must drop when the guest has consumed every entry)."""
+        sq = self.admin_sq
+        if sq is not None and sq.shadow is not None and sq.shadow.value() != sq.tail:
+            self.admin_doorbell.set()
+        if not self.interrupts.msix_enabled() and self.admin_cq is not None:
+            for cq in (self.admin_cq, *self.io_cqs.values()):
+                cq.refresh_head()
+            self._update_intx()
 
     def io_pending(self) -> bool:
         """Whether any I/O submission queue has commands (reads shadow doorbells)."""

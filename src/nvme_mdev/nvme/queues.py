@@ -4,6 +4,9 @@ Queues are physically contiguous (CAP.CQR = 1). A queue's memory is resolved
 to a zero-copy view once; where guest memory is only reachable by messages the
 queue falls back to copying one entry at a time.
 
+Mapped doorbells (`serve --mmap-doorbells`): the doorbell registers themselves
+live in a page the client maps into the guest, so they never trap and are polled.
+
 Shadow doorbells (Doorbell Buffer Config, Base 5.9): the guest writes its SQ
 tails and CQ heads into a page of its own memory and rings the real doorbell
 only when our EventIdx says so (Linux's nvme_dbbuf_need_event rule:
@@ -13,8 +16,10 @@ ring iff (u16)(new - event_idx - 1) < (u16)(new - old)).
 from __future__ import annotations
 
 import struct
+from typing import Protocol
 
 from ..guest_memory import DmaError, GuestMemory
+from ..statistics import QueueStats
 from .spec import CQE_SIZE, SQE_SIZE
 
 _U32 = struct.Struct("<I")
@@ -91,6 +96,42 @@ class QueueMemory(_GuestSlots):
             self._memory.write(self.base + off + 12, _DW3.pack(dw3))
 
 
+class Doorbell(Protocol):
+    """Where a polled queue finds its doorbell value: a shadow doorbell in guest
+    memory, or the doorbell register itself in a page mapped by the client."""
+
+    def value(self) -> int: ...
+
+    def set_value(self, value: int) -> None: ...
+
+    def set_event_index(self, value: int) -> None: ...
+
+    def release(self) -> None: ...
+
+
+class MappedDoorbell:
+    """A doorbell register in BAR0's mmap'd doorbell page: the guest's writes land
+    in memory without a trap, and the I/O thread reads them by polling."""
+
+    __slots__ = ("_offset", "_page")
+
+    def __init__(self, page: memoryview, offset: int) -> None:
+        self._page = page
+        self._offset = offset
+
+    def value(self) -> int:
+        return int(_U32.unpack_from(self._page, self._offset)[0])
+
+    def set_value(self, value: int) -> None:
+        _U32.pack_into(self._page, self._offset, value)
+
+    def set_event_index(self, value: int) -> None:
+        pass  # nothing traps, so there is nothing to ask for
+
+    def release(self) -> None:
+        pass  # our own memory, not the guest's
+
+
 class ShadowDoorbell:
     """One queue's slots in the shadow doorbell and EventIdx buffers."""
 
@@ -125,6 +166,7 @@ class CompletionQueue:
         "size",
         "sq_ids",
         "tail",
+        "unsignalled",
         "vector",
     )
 
@@ -145,8 +187,10 @@ class CompletionQueue:
         self.head = 0
         self.tail = 0
         self.phase = 1
-        self.shadow: ShadowDoorbell | None = None
+        self.shadow: Doorbell | None = None
         self.sq_ids: set[int] = set()
+        #: completions posted since the last interrupt (for interrupt coalescing)
+        self.unsignalled = 0
 
     def refresh_head(self) -> None:
         """Take the head from the shadow doorbell, if the guest uses one."""
@@ -189,7 +233,7 @@ class CompletionQueue:
 
 
 class SubmissionQueue:
-    __slots__ = ("cq", "head", "memory", "priority", "qid", "shadow", "size", "tail")
+    __slots__ = ("cq", "head", "memory", "priority", "qid", "shadow", "size", "stats", "tail")
 
     def __init__(
         self,
@@ -199,6 +243,7 @@ class SubmissionQueue:
         size: int,
         cq: CompletionQueue,
         priority: int = 0,
+        stats: QueueStats | None = None,
     ) -> None:
         self.qid = qid
         self.size = size
@@ -207,7 +252,8 @@ class SubmissionQueue:
         self.memory = QueueMemory(memory, base, size, SQE_SIZE)
         self.head = 0
         self.tail = 0
-        self.shadow: ShadowDoorbell | None = None
+        self.shadow: Doorbell | None = None
+        self.stats = stats if stats is not None else QueueStats(qid)
 
     def refresh_tail(self) -> None:
         """Take the tail from the shadow doorbell, if the guest uses one."""
@@ -255,6 +301,8 @@ def release_views(queues: list[SubmissionQueue | CompletionQueue]) -> None:
 __all__ = [
     "CompletionQueue",
     "DmaError",
+    "Doorbell",
+    "MappedDoorbell",
     "QueueMemory",
     "ShadowDoorbell",
     "SubmissionQueue",

@@ -365,7 +365,7 @@ class VfioUserServer:
         self._waiting: queue.Queue[socket.socket | None] = queue.Queue(maxsize=1)
         self._thread: threading.Thread | None = None
         self._acceptor: threading.Thread | None = None
-        self._listener = _listen(socket_path)
+        self._listener = listen_unix(socket_path)
         self._inode = os.stat(socket_path).st_ino
         self._handlers: dict[p.Command, Handler] = {
             p.Command.VERSION: self._version,
@@ -761,7 +761,7 @@ def _command_name(command: int) -> str:
         return f"command {command}"
 
 
-def _listen(path: str) -> socket.socket:
+def listen_unix(path: str) -> socket.socket:
     """A listening socket at `path`, owner-only from the start; a stale socket file
     (nobody listening) is replaced, anything else refused."""
     try:

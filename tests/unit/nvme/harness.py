@@ -133,7 +133,10 @@ class HostQueue:
         return cid
 
     def ring_sq(self) -> None:
-        if self.shadow_sq is not None:
+        page = self.host.doorbell_page
+        if page is not None:
+            struct.pack_into("<I", page, 8 * self.qid, self.sq_tail)
+        elif self.shadow_sq is not None:
             self.host.memory.put_u32(self.shadow_sq, self.sq_tail)
         else:
             self.host.ctrl.mmio_write(DOORBELL_BASE + 8 * self.qid, 4, self.sq_tail)
@@ -169,7 +172,10 @@ class HostQueue:
         return out
 
     def ring_cq(self) -> None:
-        if self.shadow_cq is not None:
+        page = self.host.doorbell_page
+        if page is not None:
+            struct.pack_into("<I", page, 8 * self.qid + 4, self.cq_head)
+        elif self.shadow_cq is not None:
             self.host.memory.put_u32(self.shadow_cq, self.cq_head)
         else:
             self.host.ctrl.mmio_write(DOORBELL_BASE + 8 * self.qid + 4, 4, self.cq_head)
@@ -184,11 +190,16 @@ class Host:
         config: ControllerConfig | None = None,
         admin_entries: int = 32,
         memory_size: int = 8 << 20,
+        mapped_doorbells: bool = False,
     ) -> None:
         self.memory = FakeGuestMemory(memory_size)
         self.interrupts = FakeInterrupts()
         config = config or ControllerConfig()
-        self.ctrl = Controller(config, self.memory, self.interrupts, namespaces)
+        #: BAR0's doorbell page as the guest would map it (serve --mmap-doorbells)
+        self.doorbell_page = memoryview(bytearray(PAGE)) if mapped_doorbells else None
+        self.ctrl = Controller(
+            config, self.memory, self.interrupts, namespaces, doorbell_page=self.doorbell_page
+        )
         self._next = self.memory.base
         self.admin = HostQueue(self, 0, admin_entries)
         self.io: dict[int, HostQueue] = {}

@@ -9,7 +9,13 @@ from typing import TYPE_CHECKING
 
 from ...guest_memory import DmaError
 from ..errors import CommandError
-from ..queues import CompletionQueue, ShadowDoorbell, SubmissionQueue, release_views
+from ..queues import (
+    CompletionQueue,
+    MappedDoorbell,
+    ShadowDoorbell,
+    SubmissionQueue,
+    release_views,
+)
 from ..spec import PAGE_SIZE, FeatureId, Status
 
 if TYPE_CHECKING:
@@ -72,7 +78,13 @@ def create_io_sq(ctrl: Controller, dw: tuple[int, ...]) -> int:
         raise CommandError(Status.COMPLETION_QUEUE_INVALID, f"CQ {cqid}")
     try:
         sq = SubmissionQueue(
-            ctrl.memory, qid, dw[6] | (dw[7] << 32), size, cq, priority=(dw[11] >> 1) & 0x3
+            ctrl.memory,
+            qid,
+            dw[6] | (dw[7] << 32),
+            size,
+            cq,
+            priority=(dw[11] >> 1) & 0x3,
+            stats=ctrl.stats.queues[qid],
         )
     except DmaError as exc:
         raise CommandError(Status.DATA_TRANSFER_ERROR, f"SQ memory: {exc}") from exc
@@ -117,7 +129,12 @@ def _doorbell_slot(ctrl: Controller, queue: SubmissionQueue | CompletionQueue) -
 
 
 def _attach_shadow(ctrl: Controller, queue: SubmissionQueue | CompletionQueue) -> None:
-    """Point a queue at its shadow doorbell slots, seeded with its current index."""
+    """Point a queue at its shadow doorbell slots, seeded with its current index
+    (or at its register in the mapped doorbell page)."""
+    if ctrl.doorbell_page is not None:
+        queue.shadow = MappedDoorbell(ctrl.doorbell_page, _doorbell_slot(ctrl, queue))
+        queue.shadow.set_value(0)  # a new queue's doorbell starts at 0, whatever was there
+        return
     if ctrl.shadow_doorbells is None:
         return
     shadow_page, eventidx_page = ctrl.shadow_doorbells
@@ -139,6 +156,9 @@ def _attach_shadow(ctrl: Controller, queue: SubmissionQueue | CompletionQueue) -
 
 
 def doorbell_buffer_config(ctrl: Controller, dw: tuple[int, ...]) -> int:
+    if ctrl.doorbell_page is not None:
+        # Mapped doorbells never trap: there is nothing for shadows to save (OACS bit 8 clear).
+        raise CommandError(Status.INVALID_OPCODE, "doorbells are mapped: no Doorbell Buffer Config")
     shadow_page = dw[6] | (dw[7] << 32)
     eventidx_page = dw[8] | (dw[9] << 32)
     if shadow_page & _PAGE_MASK or eventidx_page & _PAGE_MASK or shadow_page == eventidx_page:

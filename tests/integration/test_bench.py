@@ -1,0 +1,130 @@
+"""`nvme-mdev bench` in its quick mode: every row is there, and the device really did
+the I/O (its own counters agree with the client, and its writes are on the file).
+Nothing here asserts a speed."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from nvme_mdev import cli
+from nvme_mdev.bench import BACKENDS, WORKLOADS, WRITE_PATTERN
+from nvme_mdev.config import NamespaceSpec
+from nvme_mdev.nvme_host import NvmeHost, need_event, read_write
+from nvme_mdev.virtual_controller import VirtualController
+
+
+def _rows(table: str) -> dict[tuple[str, str, str], dict[str, str]]:
+    """The table's rows by (workload, backend, target), each {column: cell}."""
+    rows = {}
+    header: list[str] = []
+    for line in table.splitlines():
+        cells = re.split(r"\s{2,}", line.strip())
+        if cells[0] == "workload":
+            header = cells
+        elif cells[0] in {w.name for w in WORKLOADS}:
+            rows[(cells[0], cells[1], cells[2])] = dict(zip(header, cells, strict=False))
+    return rows
+
+
+def test_quick_bench_runs_every_cell_through_the_device(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image, report_path = tmp_path / "bench.img", tmp_path / "bench.json"
+    argv = ["bench", "--quick", "--seconds", "0.1", "--size", "4M", "--file", str(image)]
+    assert cli.main([*argv, "--json", str(report_path)]) == 0
+    table = capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+    results = {(r["workload"], r["backend"], r["target"]): r for r in report["results"]}
+    rows = _rows(table)
+    fio = shutil.which("fio") is not None
+    for backend in BACKENDS:
+        natives = ["fio-io_uring", "fio-psync"] if backend == "file" else ["fio-null"]
+        for w in WORKLOADS:
+            r = results[(w.name, backend, "nvme-mdev")]
+            assert r["error"] is None and r["ios"] > 0 and r["iops"] > 0
+            # The device's own SMART counters saw exactly the I/Os the client completed.
+            assert r["device_commands"] == r["ios"]
+            assert r["device_cpu_us"] > 0 and r["client_cpu_us"] > 0
+            assert rows[(w.name, backend, "nvme-mdev")]["IOPS"].replace(",", "").isdigit()
+            for target in natives if fio else []:
+                native = results[(w.name, backend, target)]
+                assert (w.name, backend, target) in rows
+                if target == "fio-io_uring" and native["error"]:
+                    continue  # a kernel without io_uring: the row says so
+                assert native["error"] is None and native["iops"] > 0
+                if target == natives[0]:  # the reference: the device's row has a ratio
+                    assert r["ratio"] > 0
+                    assert rows[(w.name, backend, "nvme-mdev")]["vs native"].endswith("x")
+    if not fio:
+        assert "not found" in table
+    # Only the device writes this pattern (the file starts random, fio writes its own).
+    data = image.read_bytes()
+    written = sum(
+        data[off : off + len(WRITE_PATTERN)] == WRITE_PATTERN
+        for off in range(0, len(data), len(WRITE_PATTERN))
+    )
+    assert written > 0
+
+
+def test_without_fio_the_bench_says_so_and_runs_the_device(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", "--quick", "--seconds", "0.1", "--size", "1M", "--fio", str(tmp_path / "no")]
+    assert cli.main([*argv, "--backends", "null", "--workloads", "randread-4k-qd32"]) == 0
+    table = capsys.readouterr().out
+    assert sum("not found" in line for line in table.splitlines()) == 1
+    assert list(_rows(table)) == [("randread-4k-qd32", "null", "nvme-mdev")]
+
+
+def test_bench_refuses_an_existing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    image = tmp_path / "precious.img"
+    image.write_bytes(b"keep me")
+    argv = ["bench", "--quick", "--backends", "file", "--file", str(image)]
+    assert cli.main(argv) == 1
+    assert "exists" in capsys.readouterr().err
+    assert image.read_bytes() == b"keep me"
+
+
+def test_batched_submission_with_shadow_doorbells(tmp_path: Path) -> None:
+    """submit_batch rings once for many; with shadow doorbells the tail travels in
+    guest memory and the device still runs every command."""
+    ns = NamespaceSpec.parse("null:1M").open(1)
+    vc = VirtualController(str(tmp_path / "s.sock"), [ns], poll_timeout=0.05)
+    vc.start()
+    try:
+        with NvmeHost(str(tmp_path / "s.sock")) as host:
+            host.enable()
+            host.enable_shadow_doorbells()
+            q = host.create_queue_pair(1, vector=1)
+            buf = host.alloc(4096)
+            parks = vc.io_thread.parks
+            for _ in range(3):
+                cids = q.submit_batch(read_write(0x02, 1, buf, i * 8, 8) for i in range(8))
+                done = q.wait(8)
+                assert sorted(c.cid for c in done) == sorted(cids)
+                assert all(c.ok for c in done)
+                time.sleep(0.2)  # past the poll timeout: EventIdx asks for a real doorbell
+            assert vc.io_thread.parks > parks
+        assert vc.controller.counters.host_read_commands == 24
+    finally:
+        vc.stop()
+
+
+@pytest.mark.parametrize(
+    ("event_idx", "new", "old", "ring"),
+    [
+        (5, 6, 5, True),  # the device parked at 5: the next tail rings
+        (4, 6, 5, False),  # EventIdx = tail - 1: the device polls, no ring
+        (250, 4, 250, True),  # a batch that wraps a 256-entry queue past EventIdx
+        (100, 4, 250, False),
+        (0xFFFF, 1, 0, False),  # a CQ EventIdx of head - 1 at creation
+    ],
+)
+def test_need_event_is_linux_rule(event_idx: int, new: int, old: int, ring: bool) -> None:
+    assert need_event(event_idx, new, old) is ring
