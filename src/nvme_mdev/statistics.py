@@ -15,13 +15,18 @@ from typing import Any
 
 from .nvme.spec import IoOpcode
 
-#: latency buckets: bucket b counts latencies of [2**(b-1), 2**b) nanoseconds
-LATENCY_BUCKETS = 40  # up to ~550 s; anything longer lands in the last one
+#: latency buckets: bucket b counts latencies of [2**(b-1), 2**b) nanoseconds; one per
+#: bit of a 64-bit count, so the bucket is bit_length() with no bounds check
+LATENCY_BUCKETS = 65
+
+
+#: the buckets Prometheus sees: 1 µs to 69 s (and +Inf)
+EXPOSED_BUCKETS = range(10, 37)
 
 
 def latency_bucket_bounds_ns() -> list[int]:
-    """Upper bound (exclusive) of each bucket, in nanoseconds."""
-    return [1 << b for b in range(LATENCY_BUCKETS)]
+    """Upper bound (exclusive) of each exposed bucket, in nanoseconds."""
+    return [1 << b for b in EXPOSED_BUCKETS]
 
 
 class QueueStats:
@@ -42,7 +47,7 @@ class QueueStats:
         self.bytes[opcode] += nbytes
         if failed:
             self.errors += 1
-        self.latency[min(latency_ns.bit_length(), LATENCY_BUCKETS - 1)] += 1
+        self.latency[latency_ns.bit_length()] += 1
         self.latency_sum_ns += latency_ns
 
     def snapshot(self) -> dict[str, Any]:
@@ -138,18 +143,15 @@ def prometheus_text(controllers: dict[str, dict[str, Any]]) -> str:
     for ctrl, snap in controllers.items():
         for q in snap["queues"]:
             labels = {"controller": ctrl, "qid": str(q["qid"])}
-            counts = dict((bound, n) for bound, n in q["latency_histogram"])
-            cumulative = 0
+            histogram = q["latency_histogram"]
             for bound in latency_bucket_bounds_ns():
-                cumulative += counts.get(bound, 0)
-                sample(
-                    "command_latency_seconds_bucket",
-                    {**labels, "le": f"{bound / 1e9:g}"},
-                    cumulative,
-                )
-            sample("command_latency_seconds_bucket", {**labels, "le": "+Inf"}, cumulative)
+                below = sum(n for upper, n in histogram if upper <= bound)
+                le = {**labels, "le": f"{bound / 1e9:g}"}
+                sample("command_latency_seconds_bucket", le, below)
+            total = sum(n for _, n in histogram)
+            sample("command_latency_seconds_bucket", {**labels, "le": "+Inf"}, total)
             sample("command_latency_seconds_sum", labels, q["latency_sum_ns"] / 1e9)
-            sample("command_latency_seconds_count", labels, cumulative)
+            sample("command_latency_seconds_count", labels, total)
     family("interrupts_total", "counter", "MSI-X interrupts sent, by vector.")
     for ctrl, snap in controllers.items():
         for vector, n in snap["interrupts"].items():

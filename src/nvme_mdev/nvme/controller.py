@@ -122,6 +122,8 @@ class Controller:
         self.active_io_sqs: tuple[SubmissionQueue, ...] = ()
         self.shadow_doorbells: tuple[int, int] | None = None  # (shadow page, eventidx page)
         self.stats = ControllerStats(config.max_io_queues, config.msix_vectors)
+        #: (SQID, CID) of queued commands an Abort marked: completed unrun when fetched
+        self.aborts: set[tuple[int, int]] = set()
         #: MSI-X vectors held back by interrupt coalescing: [completions, deadline ns]
         self._coalesced: dict[int, list[int]] = {}
         self._admin_handlers: dict[int, AdminHandler] = {
@@ -269,6 +271,7 @@ class Controller:
             self.active_io_sqs = ()
             self.admin_sq = self.admin_cq = None
             self.shadow_doorbells = None
+            self.aborts.clear()
             if self.doorbell_page is not None:
                 self.doorbell_page[:] = bytes(len(self.doorbell_page))  # doorbells reset to 0
             self._coalesced.clear()
@@ -388,6 +391,9 @@ class Controller:
         handler = self._admin_handlers.get(opcode)
         result = 0
         try:
+            if self.aborts and (0, cid) in self.aborts:
+                self.aborts.discard((0, cid))
+                raise CommandError(Status.ABORT_REQUESTED, "aborted while queued")
             if handler is None:
                 raise CommandError(Status.INVALID_OPCODE, f"admin opcode {opcode:#x}")
             if dw[0] & 0xC300:  # FUSE or SGL on an admin command
@@ -411,15 +417,16 @@ class Controller:
         self.error_log.record(sq.qid, dw[0] >> 16, sf, dw[1])
         cq.post(0, 0, sq.head, sq.qid, dw[0] >> 16, sf)
 
-    def process_io(self, burst: int = 32) -> int:
-        """One round-robin pass over the I/O submission queues, at most `burst`
-        commands from each (Base 3.4.4 arbitration burst). Returns commands run."""
+    def process_io(self) -> int:
+        """One round-robin pass over the I/O submission queues, at most the Arbitration
+        Burst of commands from each (Base 3.4.4). Returns commands run."""
         if self.registers.csts & CSTS_CFS:
             return 0  # a fatal controller processes nothing until reset
         done = 0
         touched: list[CompletionQueue] = []
         io = self.io
         namespaces = self.namespaces
+        burst = self.features.arbitration_burst
         clock = time.monotonic_ns
         try:
             for sq in self.active_io_sqs:
@@ -434,6 +441,9 @@ class Controller:
                     dw = SQE.unpack(sq.fetch())
                     opcode = dw[0] & 0xFF
                     try:
+                        if self.aborts and (sq.qid, dw[0] >> 16) in self.aborts:
+                            self.aborts.discard((sq.qid, dw[0] >> 16))
+                            raise CommandError(Status.ABORT_REQUESTED, "aborted while queued")
                         io.execute(dw)
                     except CommandError as err:
                         self.post_error(cq, sq, dw, err)

@@ -14,7 +14,7 @@ CHANGEABLE = 1 << 2
 
 #: every feature the controller supports, with its default (DW0 of Get Features)
 DEFAULTS: dict[int, int] = {
-    FeatureId.ARBITRATION: 0,
+    FeatureId.ARBITRATION: 5,  # AB: bursts of 32
     FeatureId.POWER_MANAGEMENT: 0,
     FeatureId.TEMPERATURE_THRESHOLD: 343,  # composite, over-temperature
     FeatureId.ERROR_RECOVERY: 0,
@@ -73,7 +73,7 @@ def test_controller_feature_with_a_namespace_id(host: Host) -> None:
 def test_feature_arbitration(host: Host) -> None:
     assert host.set_feature(FeatureId.ARBITRATION, 0x0302_01FB).status == 0
     assert host.get_feature(FeatureId.ARBITRATION).dw0 == 0x0302_0103  # bits 7:3 reserved
-    assert host.get_feature(FeatureId.ARBITRATION, sel=SEL_DEFAULT).dw0 == 0
+    assert host.get_feature(FeatureId.ARBITRATION, sel=SEL_DEFAULT).dw0 == 5
 
 
 def test_feature_power_management(host: Host) -> None:

@@ -4,7 +4,7 @@ Create/Delete I/O Submission Queue, Doorbell Buffer Config, Abort, Keep Alive)."
 from __future__ import annotations
 
 import pytest
-from harness import PAGE, UNMAPPED, Host, HostQueue, prp, with_dnr
+from harness import PAGE, UNMAPPED, Completion, Host, HostQueue, NamespaceFactory, prp, rw, with_dnr
 
 from nvme_mdev.nvme.spec import DOORBELL_BASE, AdminOpcode, FeatureId, IoOpcode, Status
 
@@ -169,12 +169,46 @@ def test_delete_cq_frees_the_id(host: Host) -> None:
 # --- Abort, Keep Alive -------------------------------------------------------------------
 
 
-def test_abort_answers_not_aborted(host: Host) -> None:
+def abort(host: Host, sqid: int, cid: int) -> Completion:
+    return host.admin_cmd([AdminOpcode.ABORT, 0, 0, 0, 0, 0, 0, 0, 0, 0, sqid | (cid << 16)])
+
+
+def test_abort_of_a_command_no_longer_queued_answers_not_aborted(host: Host) -> None:
     host.create_io_queue_pair(1)
     for sqid in (0, 1):
-        c = host.admin_cmd([AdminOpcode.ABORT, 0, 0, 0, 0, 0, 0, 0, 0, 0, sqid | (5 << 16)])
+        c = abort(host, sqid, 5)
         assert c.status == 0
         assert c.dw0 & 1 == 1  # not aborted
+
+
+def test_abort_of_a_queued_io_command_completes_it_unrun(file_ns: NamespaceFactory) -> None:
+    """Base 5.1: the aborted command completes with Command Abort Requested."""
+    h = Host([file_ns(fill=b"\x11")])
+    h.enable()
+    q = h.create_io_queue_pair(1)
+    buf = h.buffer(512)
+    h.memory.write(buf, b"\x22" * 512)
+    first = q.submit(rw(IoOpcode.WRITE, 1, buf, 0, 1))
+    second = q.submit(rw(IoOpcode.WRITE, 1, buf, 1, 1))  # queued, not yet fetched
+    c = abort(h, 1, second)
+    assert c.status == 0 and c.dw0 & 1 == 0  # aborted
+    h.ctrl.process_io()
+    done = {d.cid: d for d in q.reap()}
+    assert done[first].status == 0
+    assert done[second].sc == Status.ABORT_REQUESTED and not done[second].dnr
+    h.memory.write(buf, bytes(512))
+    assert h.io_cmd(1, rw(IoOpcode.READ, 1, buf, 1, 1)).status == 0
+    assert h.memory.read(buf, 512) == b"\x11" * 512  # the aborted write never ran
+    assert abort(h, 1, second).dw0 & 1 == 1  # and it is gone
+
+
+def test_abort_limit(host: Host) -> None:
+    q = host.create_io_queue_pair(1)
+    cids = [q.submit([IoOpcode.FLUSH, 1]) for _ in range(host.ctrl.config.abort_limit + 1)]
+    for cid in cids[:-1]:
+        assert abort(host, 1, cid).dw0 & 1 == 0
+    c = abort(host, 1, cids[-1])
+    assert c.status == with_dnr(Status.ABORT_COMMAND_LIMIT_EXCEEDED)
 
 
 def test_abort_unknown_sq(host: Host) -> None:
@@ -364,3 +398,19 @@ def test_mmio_doorbell_past_a_shadowed_queue_is_an_invalid_value(host: Host) -> 
     host.create_io_queue_pair(1, entries=8)
     host.ctrl.mmio_write(DOORBELL_BASE + 8, 4, 8)
     assert [t[1] for t in host.ctrl.events.pending] == [0x01]  # Invalid Doorbell Write Value
+
+
+# --- Arbitration (Base 3.4.4) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("ab", "per_turn"), [(0, 1), (2, 4), (5, 32), (7, 40)])
+def test_round_robin_takes_an_arbitration_burst_from_each_sq(
+    host: Host, ab: int, per_turn: int
+) -> None:
+    assert host.set_feature(FeatureId.ARBITRATION, ab).status == 0
+    queues = [host.create_io_queue_pair(qid, entries=64) for qid in (1, 2)]
+    for q in queues:
+        for _ in range(40):
+            q.submit(flush())
+    assert host.ctrl.process_io() == 2 * per_turn  # one pass: a burst from each SQ
+    assert [len(q.reap()) for q in queues] == [per_turn, per_turn]

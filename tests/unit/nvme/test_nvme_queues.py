@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from harness import Host, HostQueue
 
-from nvme_mdev.nvme.spec import DOORBELL_BASE, IoOpcode, Reg
+from nvme_mdev.nvme.spec import DOORBELL_BASE, FeatureId, IoOpcode, Reg
 
 
 def flush() -> list[int]:
@@ -99,7 +99,8 @@ def test_burst_limit_round_robins(host: Host) -> None:
     for _ in range(5):
         q1.submit(flush())
     q2.submit(flush())
-    assert host.ctrl.process_io(burst=2) == 3  # 2 from SQ 1, 1 from SQ 2
+    assert host.set_feature(FeatureId.ARBITRATION, 1).status == 0  # AB: bursts of 2
+    assert host.ctrl.process_io() == 3  # 2 from SQ 1, 1 from SQ 2
     assert len(q1.reap()) == 2 and len(q2.reap()) == 1
 
 

@@ -9,7 +9,7 @@ import pytest
 from harness import Host, NamespaceFactory, rw
 
 from nvme_mdev.nvme.spec import FeatureId, IoOpcode
-from nvme_mdev.statistics import LATENCY_BUCKETS, prometheus_text
+from nvme_mdev.statistics import EXPOSED_BUCKETS, prometheus_text
 
 
 @pytest.fixture
@@ -147,7 +147,7 @@ def test_prometheus_text_is_well_formed(h: Host) -> None:
     assert 'nvme_mdev_bytes_total{controller="vm1",qid="1",opcode="read"} 2048' in lines
     assert 'nvme_mdev_command_latency_seconds_count{controller="vm1",qid="1"} 4' in lines
     buckets = [ln for ln in lines if ln.startswith("nvme_mdev_command_latency_seconds_bucket")]
-    assert len(buckets) == LATENCY_BUCKETS + 1 and buckets[-1].endswith(" 4")
+    assert len(buckets) == len(EXPOSED_BUCKETS) + 1 and buckets[-1].endswith(" 4")
     counts = [float(ln.rsplit(" ", 1)[1]) for ln in buckets]
     assert counts == sorted(counts)  # cumulative
     assert 'nvme_mdev_io_thread_seconds_total{controller="vm1",state="polling"} 0.005' in lines

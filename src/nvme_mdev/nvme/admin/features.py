@@ -24,11 +24,14 @@ CAP_SAVEABLE, CAP_NS_SPECIFIC, CAP_CHANGEABLE = 1, 2, 4
 WARNING_TEMPERATURE = 343  # Kelvin: WCTEMP in Identify Controller
 REPORTED_TEMPERATURE = 313
 ASYNC_EVENT_CONFIG_SUPPORTED = 0x1FF  # SMART warnings (7:0) and namespace attribute notices (8)
+#: Arbitration Burst, log2 of commands taken from one SQ per turn (111b: no limit);
+#: Identify Controller RAB recommends the same
+DEFAULT_ARBITRATION_BURST = 5
 
 
 def _defaults(config: ControllerConfig) -> dict[int, int]:
     return {
-        FeatureId.ARBITRATION: 0,  # AB = 0: burst of 1, round robin only
+        FeatureId.ARBITRATION: DEFAULT_ARBITRATION_BURST,  # AB; round robin only
         FeatureId.POWER_MANAGEMENT: 0,
         FeatureId.TEMPERATURE_THRESHOLD: WARNING_TEMPERATURE,
         FeatureId.ERROR_RECOVERY: 0,
@@ -70,6 +73,12 @@ class FeatureState:
     def io_queues_allocated(self) -> int:
         nq = self.current[FeatureId.NUMBER_OF_QUEUES]
         return min(nq & 0xFFFF, nq >> 16) + 1
+
+    @property
+    def arbitration_burst(self) -> int:
+        """Commands the I/O thread may take from one SQ before moving to the next."""
+        ab = self.current[FeatureId.ARBITRATION] & 0x7
+        return 1 << 30 if ab == 0x7 else 1 << ab
 
     @property
     def volatile_write_cache(self) -> bool:

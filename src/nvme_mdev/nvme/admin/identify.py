@@ -13,7 +13,7 @@ from ..namespace import Namespace
 from ..prp import send_to_host
 from ..sgl import sgls_field
 from ..spec import CSI_NVM, Cns, Status
-from .features import WARNING_TEMPERATURE
+from .features import DEFAULT_ARBITRATION_BURST, WARNING_TEMPERATURE
 
 if TYPE_CHECKING:
     from ..controller import Controller
@@ -50,7 +50,7 @@ def controller_data(ctrl: Controller) -> bytes:
     data[4:24] = _ascii(cfg.serial, 20)
     data[24:64] = _ascii(cfg.model, 40)
     data[64:72] = _ascii(cfg.firmware or __version__, 8)
-    data[72] = 0  # RAB: arbitration burst 2^0
+    data[72] = DEFAULT_ARBITRATION_BURST  # RAB
     data[76] = 0  # CMIC: one port, one controller
     data[77] = cfg.mdts
     struct.pack_into("<HI", data, 78, cfg.controller_id, ctrl.registers.vs)

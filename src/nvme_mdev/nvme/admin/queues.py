@@ -187,10 +187,22 @@ def doorbell_buffer_config(ctrl: Controller, dw: tuple[int, ...]) -> int:
 
 
 def abort(ctrl: Controller, dw: tuple[int, ...]) -> int:
-    """Commands are executed as soon as they are fetched, so by the time an Abort is
-    seen its target has completed or is still in its SQ, which the spec lets us leave
-    alone: answer 'not aborted' (DW0 bit 0 = 1)."""
-    sqid = dw[10] & 0xFFFF
-    if sqid != 0 and sqid not in ctrl.io_sqs:
+    """Abort (Base 5.1): a command still waiting in its SQ is marked, and completes
+    with Command Abort Requested instead of running when it is fetched (DW0 bit 0
+    clear). Commands run to completion as soon as they are fetched, so one that has
+    been fetched is past aborting: 'not aborted' (DW0 bit 0 set)."""
+    sqid, cid = dw[10] & 0xFFFF, dw[10] >> 16
+    sq = ctrl.admin_sq if sqid == 0 else ctrl.io_sqs.get(sqid)
+    if sq is None:
         raise CommandError(Status.INVALID_FIELD, f"SQ {sqid}")
+    if len(ctrl.aborts) >= ctrl.config.abort_limit:
+        raise CommandError(Status.ABORT_COMMAND_LIMIT_EXCEEDED)
+    # Paused, the I/O thread cannot fetch the command between our look and our mark.
+    with ctrl.io_thread.paused():
+        sq.refresh_tail()
+        for index in range(sq.pending()):
+            slot = (sq.head + index) % sq.size
+            if int.from_bytes(sq.memory.read_entry(slot)[2:4], "little") == cid:
+                ctrl.aborts.add((sqid, cid))
+                return 0
     return 1
