@@ -1,11 +1,14 @@
-"""Command line: `nvme-mdev serve --socket SOCKET PATH [PATH ...]`."""
+"""Command line: `nvme-mdev serve` (one controller), `nvme-mdev daemon` (many, managed
+at run time), and the commands that talk to either over its control socket."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Sequence
@@ -14,14 +17,16 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 from .bench import add_arguments as add_bench_arguments
 from .bench import main as bench_main
-from .config import ConfigError, NamespaceSpec
-from .control import ControlError, ControlServer, Method, call
+from .config import ConfigError, NamespaceSpec, parse_cpu_list
+from .control import ControlError, ControlServer, Method, call, default_control_path
 from .engine.poller import DEFAULT_POLL_TIMEOUT
 from .metrics import MetricsServer
 from .nvme.identity import ControllerConfig
 from .statistics import prometheus_text
 
 if TYPE_CHECKING:
+    # The device stack loads only in the processes that serve (not in client commands).
+    from .daemon import Daemon
     from .virtual_controller import VirtualController
 
 log = logging.getLogger("nvme_mdev")
@@ -40,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Serve one virtual NVMe controller. Each PATH becomes a namespace, in order "
             "(nsid 1, 2, ...): a regular file (disk image), a block device or a partition. "
-            "Append options with commas: PATH,ro (read-only), PATH,bs=4096 (4 KiB blocks). "
+            "Append options with commas: PATH,ro (read-only), PATH,bs=4096 (4 KiB blocks), "
+            "PATH,offset=1G,size=2G (a window), PATH,force (storage the host uses). "
+            "nvme0:n1p3 is partition 3 of namespace 1 of host controller nvme0. "
             "'null:SIZE' is a namespace with no storage, for benchmarks. Attach it to QEMU "
             'with -device \'{"driver":"vfio-user-pci","socket":{"type":"unix",'
             '"path":"SOCKET"}}\' and shared guest RAM (memory-backend-memfd,share=on).'
@@ -56,48 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="default logical block size",
     )
     serve.add_argument("--read-only", action="store_true", help="make every namespace read-only")
-    serve.add_argument(
-        "--poll-timeout-ms",
-        type=int,
-        default=int(DEFAULT_POLL_TIMEOUT * 1000),
-        help="idle time before the I/O thread parks (0: poll forever; default %(default)s)",
-    )
-    defaults = ControllerConfig()
-    serve.add_argument("--serial", default=defaults.serial, help="serial number (20 ASCII max)")
-    serve.add_argument("--model", default=defaults.model, help="model number (40 ASCII max)")
-    serve.add_argument(
-        "--max-io-queues", type=int, default=defaults.max_io_queues, help="I/O queue pairs (1-64)"
-    )
-    serve.add_argument(
-        "--queue-depth",
-        type=int,
-        default=defaults.max_queue_entries,
-        help="largest queue the guest may create (2-4096, CAP.MQES + 1)",
-    )
-    serve.add_argument(
-        "--mdts",
-        type=int,
-        default=defaults.mdts,
-        help="max transfer size as a power of two of 4 KiB pages (default %(default)s: 512 KiB)",
-    )
-    serve.add_argument(
-        "--mmap-doorbells",
-        action="store_true",
-        help=(
-            "put the doorbell registers in memory the VM maps: no doorbell ever traps, "
-            "and the I/O thread polls without parking (one busy CPU per controller)"
-        ),
-    )
-    serve.add_argument(
-        "--iothread-cpu",
-        type=cpu_list,
-        metavar="CPUS",
-        help="pin the I/O thread to these CPUs (3, 2,5 or 0-3; changeable: nvme-mdev iothread)",
-    )
+    add_controller_options(serve, defaults_shown=True)
     serve.add_argument(
         "--control",
         metavar="PATH",
-        help="control socket for nvme-mdev stats/iothread (mode 0600; default SOCKET.ctl)",
+        help="control socket for nvme-mdev stats/iothread/ns (mode 0600; default SOCKET.ctl)",
     )
     serve.add_argument(
         "--metrics",
@@ -114,9 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
             "thread's time polling and parked; backend I/O errors."
         ),
     )
-    stats.add_argument(
-        "--control", required=True, metavar="PATH", help="the device's control socket"
-    )
+    add_client_arguments(stats, json_flag=False)
+    stats.add_argument("--controller", metavar="NAME", help="which controller (daemon)")
     output = stats.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print JSON")
     output.add_argument("--prometheus", action="store_true", help="print Prometheus text format")
@@ -124,9 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         "iothread",
         help="show or change a running device's I/O thread (CPU pinning, poll timeout)",
     )
-    iothread.add_argument(
-        "--control", required=True, metavar="PATH", help="the device's control socket"
-    )
+    add_client_arguments(iothread, json_flag=False)
+    iothread.add_argument("--controller", metavar="NAME", help="which controller (daemon)")
     iothread.add_argument(
         "--cpu",
         type=cpu_list_or_any,
@@ -146,21 +114,163 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     add_bench_arguments(bench)
+    add_daemon_parsers(commands)
     return parser
+
+
+def add_controller_options(parser: argparse.ArgumentParser, defaults_shown: bool) -> None:
+    """A controller's limits and identity: `serve` and `controller create` share them."""
+    defaults = ControllerConfig()
+    parser.add_argument(
+        "--poll-timeout-ms",
+        type=int,
+        default=int(DEFAULT_POLL_TIMEOUT * 1000),
+        help="idle time before the I/O thread parks (0: poll forever; default %(default)s)",
+    )
+    parser.add_argument(
+        "--serial",
+        default=defaults.serial if defaults_shown else None,
+        help="serial number (20 ASCII max)" + ("" if defaults_shown else "; default MDEV-NAME"),
+    )
+    parser.add_argument("--model", default=defaults.model, help="model number (40 ASCII max)")
+    parser.add_argument(
+        "--max-io-queues", type=int, default=defaults.max_io_queues, help="I/O queue pairs (1-64)"
+    )
+    parser.add_argument(
+        "--queue-depth",
+        type=int,
+        default=defaults.max_queue_entries,
+        help="largest queue the guest may create (2-4096, CAP.MQES + 1)",
+    )
+    parser.add_argument(
+        "--mdts",
+        type=int,
+        default=defaults.mdts,
+        help="max transfer size as a power of two of 4 KiB pages (default %(default)s: 512 KiB)",
+    )
+    parser.add_argument(
+        "--mmap-doorbells",
+        action="store_true",
+        help=(
+            "put the doorbell registers in memory the VM maps: no doorbell ever traps, "
+            "and the I/O thread polls without parking (one busy CPU per controller)"
+        ),
+    )
+    parser.add_argument(
+        "--iothread-cpu",
+        type=cpu_list,
+        metavar="CPUS",
+        help="pin the I/O thread to these CPUs (3, 2,5 or 0-3; changeable: nvme-mdev iothread)",
+    )
+
+
+def add_client_arguments(parser: argparse.ArgumentParser, json_flag: bool = True) -> None:
+    parser.add_argument(
+        "--control",
+        default=default_control_path(),
+        metavar="PATH",
+        help="the daemon's (or a serve's) control socket (default %(default)s, "
+        "or $NVME_MDEV_CONTROL)",
+    )
+    if json_flag:
+        parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def add_daemon_parsers(commands: Any) -> None:
+    daemon = commands.add_parser(
+        "daemon",
+        help="host any number of virtual NVMe controllers, managed over a control socket",
+        description=(
+            "Host virtual NVMe controllers, each on its own vfio-user socket with its own "
+            "I/O thread. Manage them with 'nvme-mdev controller' and 'nvme-mdev ns' over "
+            "the control socket (JSON-RPC 2.0, mode 0600). --config declares controllers "
+            "to create at start (TOML; see contrib/nvme-mdev.toml)."
+        ),
+    )
+    daemon.add_argument(
+        "--control",
+        default=default_control_path(),
+        metavar="PATH",
+        help="control socket to create (mode 0600; default %(default)s)",
+    )
+    daemon.add_argument("--config", metavar="FILE", help="TOML file of controllers to create")
+    daemon.add_argument(
+        "--metrics", metavar="HOST:PORT", help="serve every controller's statistics at /metrics"
+    )
+    daemon.add_argument(
+        "--log-level", default="info", choices=("debug", "info", "warning", "error")
+    )
+
+    controller = commands.add_parser(
+        "controller", help="create, delete or list a daemon's controllers"
+    )
+    actions = controller.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = actions.add_parser(
+        "create",
+        help="create a controller on a new vfio-user socket",
+        description=(
+            "Create a controller. Attach it to QEMU with -device "
+            '\'{"driver":"vfio-user-pci","socket":{"type":"unix","path":"SOCKET"}}\' '
+            "and shared guest RAM (memory-backend-memfd,share=on)."
+        ),
+    )
+    create.add_argument("name", metavar="NAME", help="the controller's name (letters, digits, ._-)")
+    create.add_argument("--socket", required=True, help="vfio-user socket to create (mode 0600)")
+    create.add_argument(
+        "--ns",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="a namespace (nsid 1, 2, ... in order; see 'nvme-mdev ns add --help')",
+    )
+    add_controller_options(create, defaults_shown=False)
+    add_client_arguments(create)
+    delete = actions.add_parser("delete", help="stop a controller and release its storage")
+    delete.add_argument("name", metavar="NAME")
+    add_client_arguments(delete)
+    for parser in (
+        actions.add_parser("list", help="list controllers and their namespaces"),
+        commands.add_parser("list", help="list controllers and their namespaces"),
+    ):
+        add_client_arguments(parser)
+
+    ns = commands.add_parser("ns", help="attach or detach a namespace while the guest runs")
+    ns_actions = ns.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = ns_actions.add_parser(
+        "add",
+        help="attach a namespace (the guest sees it appear)",
+        description=(
+            "Attach a namespace to a running controller; the guest is told through an "
+            "asynchronous event. SPEC: a file, a block device or partition, null:SIZE, or "
+            "nvmeX:nYpZ (partition Z of namespace Y of host controller nvmeX), with options "
+            "after commas: ro, bs=4096, offset=SIZE, size=SIZE (a window), force (share "
+            "storage the host is using). No two writable namespaces of the daemon may "
+            "overlap."
+        ),
+    )
+    add.add_argument("controller", metavar="CONTROLLER")
+    add.add_argument("spec", metavar="SPEC")
+    add.add_argument("--nsid", type=int, help="namespace ID (default: the lowest free)")
+    add.add_argument("--ro", action="store_true", help="read-only")
+    add.add_argument("--bs", type=int, choices=(512, 4096), help="logical block size")
+    add.add_argument("--offset", metavar="SIZE", help="window: start this far in (1G, 4096)")
+    add.add_argument("--size", metavar="SIZE", help="window: this long (default: to the end)")
+    add.add_argument("--force", action="store_true", help="use storage the host is using")
+    add_client_arguments(add)
+    remove = ns_actions.add_parser(
+        "remove", help="detach a namespace (the guest sees it disappear)"
+    )
+    remove.add_argument("controller", metavar="CONTROLLER")
+    remove.add_argument("nsid", type=int, metavar="NSID")
+    add_client_arguments(remove)
 
 
 def cpu_list(text: str) -> set[int]:
     """'3', '2,5', '0-3' → a set of CPU numbers."""
-    cpus: set[int] = set()
     try:
-        for part in text.split(","):
-            first, _, last = part.partition("-")
-            cpus.update(range(int(first), int(last or first) + 1))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected CPUs like 3, 2,5 or 0-3") from None
-    if not cpus or min(cpus) < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected CPUs like 3, 2,5 or 0-3")
-    return cpus
+        return parse_cpu_list(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def cpu_list_or_any(text: str) -> set[int] | None:
@@ -168,15 +278,21 @@ def cpu_list_or_any(text: str) -> set[int] | None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from .vfio_user.server import SocketInUse
-    from .virtual_controller import VirtualController
+    """One controller: the daemon's machinery, with the controller given on the command
+    line and the control socket beside the vfio-user socket."""
+    from .daemon import ControllerSettings, Daemon, NamespaceRequest, SocketTaken, subsystem_nqn
 
     if args.poll_timeout_ms < 0:
         raise ConfigError("--poll-timeout-ms: must be 0 or more")
+    if args.iothread_cpu is not None and not args.iothread_cpu <= os.sched_getaffinity(0):
+        raise ConfigError(
+            f"--iothread-cpu: CPUs {sorted(args.iothread_cpu)} not available to this process"
+        )
     try:
         config = ControllerConfig(
             serial=args.serial,
             model=args.model,
+            subsystem_nqn=subsystem_nqn(args.serial),
             max_io_queues=args.max_io_queues,
             max_queue_entries=args.queue_depth,
             mdts=args.mdts,
@@ -186,33 +302,78 @@ def serve(args: argparse.Namespace) -> int:
     specs = [NamespaceSpec.parse(p, args.block_size, args.read_only) for p in args.paths]
     if len(specs) > config.max_namespaces:
         raise ConfigError(f"{len(specs)} namespaces: at most {config.max_namespaces}")
-    namespaces = []
+    settings = ControllerSettings(
+        # The name labels the statistics (Prometheus 'controller').
+        name="nvme-mdev",
+        socket=args.socket,
+        config=config,
+        poll_timeout_ms=args.poll_timeout_ms,
+        iothread_cpu=frozenset(args.iothread_cpu) if args.iothread_cpu is not None else None,
+        mmap_doorbells=args.mmap_doorbells,
+        namespaces=tuple(NamespaceRequest(spec) for spec in specs),
+    )
+    daemon = Daemon()
     try:
-        for nsid, spec in enumerate(specs, start=1):
-            namespaces.append(spec.open(nsid))
-    except ConfigError:
-        for ns in namespaces:
-            ns.backend.close()
-        raise
+        daemon.create_controller(settings)
+    except SocketTaken as exc:
+        raise ConfigError(f"{exc.reason} (choose another --socket)") from exc
     try:
-        device = VirtualController(
-            args.socket,
-            namespaces,
-            config,
-            poll_timeout=args.poll_timeout_ms / 1000,
-            mmap_doorbells=args.mmap_doorbells,
+        control, metrics = _control_plane(
+            args.control or f"{args.socket}.ctl", args.metrics, daemon
         )
-    except SocketInUse as exc:
-        for ns in namespaces:
-            ns.backend.close()
-        raise ConfigError(f"{exc} (choose another --socket)") from exc
-    try:
-        control, metrics = _control_plane(args, device)
     except ConfigError:
-        device.server.stop()
-        for ns in namespaces:
-            ns.backend.close()
+        daemon.stop()
         raise
+    return _run_until_signal(daemon, control, metrics)
+
+
+def run_daemon(args: argparse.Namespace) -> int:
+    from .daemon import Daemon, load_config
+
+    # Check the whole file before anything is opened or bound.
+    declared = load_config(args.config) if args.config else []
+    parent = os.path.dirname(os.path.abspath(args.control))
+    os.makedirs(parent, mode=0o700, exist_ok=True)  # /run/nvme-mdev on a fresh boot
+    daemon = Daemon()
+    control, metrics = _control_plane(args.control, args.metrics, daemon)
+    try:
+        for settings in declared:
+            daemon.create_controller(settings)
+    except ConfigError as exc:
+        if metrics is not None:
+            metrics.stop()
+        control.stop()
+        daemon.stop()
+        raise ConfigError(f"{args.config}: {exc}") from exc
+    log.info(
+        "daemon ready on %s: %d controller(s)%s",
+        args.control,
+        len(declared),
+        f" from {args.config}" if args.config else "",
+    )
+    return _run_until_signal(daemon, control, metrics)
+
+
+def _control_plane(
+    path: str, metrics_address: str | None, daemon: Daemon
+) -> tuple[ControlServer, MetricsServer | None]:
+    from .vfio_user.server import SocketInUse
+
+    try:
+        control = ControlServer(path, daemon.methods())
+    except SocketInUse as exc:
+        raise ConfigError(f"{exc} (choose another --control)") from exc
+    if not metrics_address:
+        return control, None
+    try:
+        return control, MetricsServer(metrics_address, daemon.snapshots)
+    except (OSError, ValueError) as exc:
+        control.stop()
+        raise ConfigError(f"--metrics {metrics_address}: {exc}") from exc
+
+
+def _run_until_signal(daemon: Daemon, control: ControlServer, metrics: MetricsServer | None) -> int:
+    """Serve until SIGINT or SIGTERM, then finish in-flight commands, flush, exit 0."""
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
@@ -220,52 +381,39 @@ def serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    device.start()
     control.start()
     if metrics is not None:
         metrics.start()
-    log.info(
-        "serving %d namespace(s) on %s: %s",
-        len(namespaces),
-        args.socket,
-        ", ".join(f"nsid {ns.nsid}={ns.backend.description}" for ns in namespaces),
-    )
+    _sd_notify("READY=1")
     while not stop.wait(1.0):
         pass
+    _sd_notify("STOPPING=1")
     log.info("stopping: finishing in-flight commands and flushing")
     if metrics is not None:
         metrics.stop()
     control.stop()
-    device.stop()
+    daemon.stop()
     return 0
 
 
-def _control_plane(
-    args: argparse.Namespace, device: VirtualController
-) -> tuple[ControlServer, MetricsServer | None]:
-    from .vfio_user.server import SocketInUse
-
-    if args.iothread_cpu is not None:
-        try:
-            device.io_thread.pin(args.iothread_cpu)
-        except OSError as exc:
-            raise ConfigError(f"--iothread-cpu: {exc.strerror or exc}") from exc
-    control_path = args.control or f"{args.socket}.ctl"
+def _sd_notify(state: str) -> None:
+    """Tell systemd (Type=notify) how we are; nothing when not run by systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # an abstract socket
     try:
-        control = ControlServer(control_path, device_methods(device))
-    except SocketInUse as exc:
-        raise ConfigError(f"{exc} (choose another --control)") from exc
-    if not args.metrics:
-        return control, None
-    try:
-        return control, MetricsServer(args.metrics, lambda: {"nvme-mdev": device.statistics()})
-    except (OSError, ValueError) as exc:
-        control.stop()
-        raise ConfigError(f"--metrics {args.metrics}: {exc}") from exc
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(state.encode())
+    except OSError as exc:
+        log.warning("sd_notify: %s", exc)
 
 
 def device_methods(device: VirtualController) -> dict[str, Method]:
-    """The control methods of one `serve` device."""
+    """The control methods of one device on its own (no daemon around it)."""
+    from .daemon import iothread_request
 
     def stats(params: dict[str, Any]) -> Any:
         return device.statistics()
@@ -274,33 +422,129 @@ def device_methods(device: VirtualController) -> dict[str, Method]:
         return prometheus_text({"nvme-mdev": device.statistics()})
 
     def iothread(params: dict[str, Any]) -> Any:
-        kwargs: dict[str, Any] = {}
-        if "cpus" in params:
-            cpus = params["cpus"]
-            kwargs["cpus"] = None if cpus is None else {int(c) for c in cpus}
-        if "poll_timeout_ms" in params:
-            kwargs["poll_timeout_ms"] = int(params["poll_timeout_ms"])
-        try:
-            device.set_io_thread(**kwargs)
-        except OSError as exc:
-            raise ControlError(
-                f"CPUs {sorted(kwargs.get('cpus') or [])}: {exc.strerror or exc}"
-            ) from exc
-        return device.io_thread_settings()
+        return iothread_request(device, params)
 
     return {"stats": stats, "prometheus": prometheus, "iothread": iothread}
+
+
+# --- client commands: talk to a daemon (or a serve) over its control socket ------------
+
+
+def _print(args: argparse.Namespace, result: Any, text: str) -> None:
+    print(json.dumps(result, indent=2) if args.json else text)
+
+
+def controller_create(args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {
+        "name": args.name,
+        "socket": os.path.abspath(args.socket),  # the daemon's cwd is not ours
+        "max_io_queues": args.max_io_queues,
+        "queue_depth": args.queue_depth,
+        "mdts": args.mdts,
+        "model": args.model,
+        "poll_timeout_ms": args.poll_timeout_ms,
+        "mmap_doorbells": args.mmap_doorbells,
+        "namespaces": [_absolute_spec(spec) for spec in args.ns],
+    }
+    if args.serial is not None:
+        params["serial"] = args.serial
+    if args.iothread_cpu is not None:
+        params["iothread_cpu"] = sorted(args.iothread_cpu)
+    result = call(args.control, "controller_create", params)
+    _print(args, result, format_controller(result))
+    return 0
+
+
+def _absolute_spec(spec: str) -> str:
+    """A relative path in a spec, made absolute: the daemon does not share our cwd."""
+    path, sep, options = spec.partition(",")
+    if path.startswith("null:") or ":" in path or os.path.isabs(path):
+        return spec
+    return os.path.abspath(path) + sep + options
+
+
+def controller_delete(args: argparse.Namespace) -> int:
+    result = call(args.control, "controller_delete", {"name": args.name})
+    _print(args, result, f"controller {result['name']} deleted")
+    return 0
+
+
+def list_controllers(args: argparse.Namespace) -> int:
+    result = call(args.control, "list")
+    text = "\n".join(format_controller(c) for c in result["controllers"]) or "no controllers"
+    _print(args, result, text)
+    return 0
+
+
+def namespace_add(args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {"controller": args.controller, "spec": _absolute_spec(args.spec)}
+    for key, value in (
+        ("nsid", args.nsid),
+        ("bs", args.bs),
+        ("offset", args.offset),
+        ("size", args.size),
+    ):
+        if value is not None:
+            params[key] = value
+    if args.ro:
+        params["ro"] = True
+    if args.force:
+        params["force"] = True
+    result = call(args.control, "namespace_add", params)
+    _print(args, result, f"{args.controller} {format_namespace(result).strip()}")
+    return 0
+
+
+def namespace_remove(args: argparse.Namespace) -> int:
+    result = call(
+        args.control, "namespace_remove", {"controller": args.controller, "nsid": args.nsid}
+    )
+    _print(args, result, f"{args.controller} nsid {result['nsid']} removed ({result['spec']})")
+    return 0
+
+
+def format_controller(c: dict[str, Any]) -> str:
+    t = c["iothread"]
+    cpus = ",".join(map(str, t["cpus"])) if t["cpus"] is not None else "any"
+    lines = [
+        f"{c['name']}: {c['socket']}  serial {c['serial']}  "
+        f"{c['max_io_queues']} queues x {c['queue_depth']}  mdts {c['mdts']}  "
+        f"iothread cpus {cpus}, poll {t['poll_timeout_ms']} ms  "
+        f"{'enabled' if c['enabled'] else 'not enabled'}"
+        + ("  mapped doorbells" if c["mmap_doorbells"] else "")
+    ]
+    lines += [format_namespace(ns) for ns in c["namespaces"]] or ["  no namespaces"]
+    return "\n".join(lines)
+
+
+def format_namespace(ns: dict[str, Any]) -> str:
+    from .storage import human
+
+    extent = ns["extent"]
+    where = (
+        f"  on {extent['store']} {human(extent['start'])}..{human(extent['end'])}" if extent else ""
+    )
+    size = human(ns["size"]) if ns["size"] is not None else "?"
+    mode = "ro" if ns["readonly"] else "rw"
+    return (
+        f"  nsid {ns['nsid']}  {ns['spec']}  {size}, {ns['block_size']}-byte blocks, {mode}{where}"
+    )
 
 
 def show_stats(args: argparse.Namespace) -> int:
     if args.prometheus:
         print(call(args.control, "prometheus"), end="")
         return 0
-    snapshot = call(args.control, "stats")
+    snapshot = call(args.control, "stats", _which(args))
     if args.json:
         print(json.dumps(snapshot, indent=2))
         return 0
     print(format_stats(snapshot))
     return 0
+
+
+def _which(args: argparse.Namespace) -> dict[str, Any]:
+    return {"controller": args.controller} if args.controller else {}
 
 
 def format_stats(snap: dict[str, Any]) -> str:
@@ -329,7 +573,7 @@ def format_stats(snap: dict[str, Any]) -> str:
 
 
 def set_iothread(args: argparse.Namespace) -> int:
-    params: dict[str, Any] = {}
+    params: dict[str, Any] = _which(args)
     if "cpu" in args:
         params["cpus"] = None if args.cpu is None else sorted(args.cpu)
     if args.poll_timeout_ms is not None:
@@ -358,6 +602,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return show_stats(args)
         if args.command == "iothread":
             return set_iothread(args)
+        if args.command == "daemon":
+            return run_daemon(args)
+        if args.command == "list":
+            return list_controllers(args)
+        if args.command == "controller":
+            return {
+                "create": controller_create,
+                "delete": controller_delete,
+                "list": list_controllers,
+            }[args.action](args)
+        if args.command == "ns":
+            return {"add": namespace_add, "remove": namespace_remove}[args.action](args)
     except ConfigError as exc:
         print(f"nvme-mdev: error: {exc}", file=sys.stderr)
         return 2

@@ -5,6 +5,9 @@ A spec is a path with optional comma-separated options:
     /dev/sdb2,ro          a block device or partition, read-only
     big.img,bs=4096       4 KiB logical blocks
     null:1G               no storage (benchmarks): reads leave the buffer, writes vanish
+    disk.img,offset=1G,size=2G   a window: 2 GiB from 1 GiB into the file (or device)
+    nvme0:n1p3            partition 3 of namespace 1 of host controller nvme0 (sysfs)
+    /dev/sdb3,force       share a partition the host uses (mounted, held): at your risk
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 
 from .backends.base import Backend
 from .backends.file import BackendError, FileBackend, NullBackend
+from .backends.window import WindowBackend
 from .nvme.namespace import SUPPORTED_BLOCK_SIZES, Namespace
 
 
@@ -32,40 +36,134 @@ def parse_size(text: str) -> int:
     return int(number) << (10 * "KMGT".find(unit.upper()) + 10 if unit else 0)
 
 
+def size_text(n: int) -> str:
+    """A byte count as parse_size reads it back, shortest exact form: 1G, 4K, 1000."""
+    for unit in "TGMK":
+        shift = 10 * ("KMGT".index(unit) + 1)
+        if n and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
+
+
+def parse_cpu_list(text: str) -> set[int]:
+    """'3', '2,5', '0-3' → a set of CPU numbers."""
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            first, _, last = part.partition("-")
+            cpus.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise ConfigError(f"{text!r}: expected CPUs like 3, 2,5 or 0-3") from None
+    if not cpus or min(cpus) < 0:
+        raise ConfigError(f"{text!r}: expected CPUs like 3, 2,5 or 0-3")
+    return cpus
+
+
 @dataclass(frozen=True)
 class NamespaceSpec:
     path: str
     readonly: bool = False
     block_size: int = 512
+    #: a window of the backing store: `size` bytes (None: to the end) from `offset`
+    offset: int = 0
+    size: int | None = None
+    #: use storage the host is using (mounted, held by another program)
+    force: bool = False
 
     @classmethod
     def parse(cls, text: str, block_size: int = 512, readonly: bool = False) -> NamespaceSpec:
         path, *options = text.split(",")
         if not path:
             raise ConfigError(f"{text!r}: empty path")
+        offset, size, force = 0, None, False
         for option in options:
             key, _, value = option.partition("=")
             if key == "ro" and not value:
                 readonly = True
+            elif key == "force" and not value:
+                force = True
             elif key == "bs" and value.isdigit():
                 block_size = int(value)
+            elif key == "offset" and value:
+                offset = parse_size(value)
+            elif key in ("size", "length") and value:
+                size = parse_size(value)
             else:
-                raise ConfigError(f"{text!r}: unknown option {option!r} (known: ro, bs=512|4096)")
-        if block_size not in SUPPORTED_BLOCK_SIZES:
-            raise ConfigError(f"{text!r}: block size {block_size}; use 512 or 4096")
-        return cls(path, readonly, block_size)
+                raise ConfigError(
+                    f"{text!r}: unknown option {option!r} "
+                    "(known: ro, bs=512|4096, offset=SIZE, size=SIZE, force)"
+                )
+        return cls(path, readonly, block_size, offset, size, force).checked(text)
+
+    def checked(self, text: str | None = None) -> NamespaceSpec:
+        """Self, if its fields agree; ConfigError naming `text` (or the path) if not."""
+        name = repr(text) if text is not None else self.path
+        if self.block_size not in SUPPORTED_BLOCK_SIZES:
+            raise ConfigError(f"{name}: block size {self.block_size}; use 512 or 4096")
+        if self.offset < 0 or (self.size is not None and self.size <= 0):
+            raise ConfigError(f"{name}: a window needs offset >= 0 and size > 0")
+        if self.offset % self.block_size:
+            raise ConfigError(
+                f"{name}: offset {self.offset} is not a multiple of the {self.block_size}-byte "
+                "block size"
+            )
+        if self.is_null and self.windowed:
+            raise ConfigError(f"{name}: a null namespace has no window (give null:SIZE)")
+        return self
+
+    @property
+    def is_null(self) -> bool:
+        return self.path.startswith("null:")
+
+    @property
+    def windowed(self) -> bool:
+        return self.offset != 0 or self.size is not None
+
+    def text(self) -> str:
+        """The spec as a user would write it (round-trips through parse)."""
+        options = ["ro"] if self.readonly else []
+        if self.block_size != 512:
+            options.append(f"bs={self.block_size}")
+        if self.offset:
+            options.append(f"offset={size_text(self.offset)}")
+        if self.size is not None:
+            options.append(f"size={size_text(self.size)}")
+        if self.force:
+            options.append("force")
+        return ",".join([self.path, *options])
 
     def open(self, nsid: int) -> Namespace:
+        """The namespace, with no sharing checks (see storage.HostStorage for those);
+        a block device is opened exclusively."""
         backend: Backend
-        if self.path.startswith("null:"):
+        if self.is_null:
             backend = NullBackend(parse_size(self.path[5:]))
         else:
             try:
                 backend = FileBackend(self.path, readonly=self.readonly)
+                if self.windowed:
+                    backend = window(backend, self.offset, self.size)
             except BackendError as exc:
                 raise ConfigError(str(exc)) from exc
-        try:
-            return Namespace(nsid, backend, self.block_size, self.readonly)
-        except ValueError as exc:
-            backend.close()
-            raise ConfigError(f"{self.path}: {exc}") from exc
+        return make_namespace(nsid, backend, self)
+
+
+def window(backend: Backend, offset: int, size: int | None) -> Backend:
+    """`backend` cut to [offset, offset + size); closes it if the window does not fit."""
+    try:
+        if offset >= backend.size:
+            raise BackendError(
+                f"{backend.description}: offset {offset} is past the end ({backend.size} bytes)"
+            )
+        return WindowBackend(backend, offset, backend.size - offset if size is None else size)
+    except BackendError:
+        backend.close()
+        raise
+
+
+def make_namespace(nsid: int, backend: Backend, spec: NamespaceSpec) -> Namespace:
+    try:
+        return Namespace(nsid, backend, spec.block_size, spec.readonly)
+    except ValueError as exc:
+        backend.close()
+        raise ConfigError(f"{spec.path}: {exc}") from exc

@@ -35,6 +35,11 @@ REQUEST_FAILED = -32000
 MAX_REQUEST = 1 << 20
 
 
+def default_control_path() -> str:
+    """The daemon's control socket unless told otherwise ($NVME_MDEV_CONTROL)."""
+    return os.environ.get("NVME_MDEV_CONTROL", "/run/nvme-mdev/control.sock")
+
+
 class ControlError(Exception):
     """A method's refusal, sent to the client as a JSON-RPC error."""
 
@@ -60,7 +65,8 @@ class ControlServer:
         with contextlib.suppress(OSError):
             self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
-        self._thread.join(timeout=5)
+        if self._thread.ident is not None:  # stopped before it started: nothing to join
+            self._thread.join(timeout=5)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 

@@ -107,6 +107,21 @@ class VirtualController:
         if not isinstance(cpus, Unset):
             self.io_thread.pin(cpus)
 
+    def add_namespace(self, ns: Namespace) -> None:
+        """Attach `ns` while the guest runs (it is told by an asynchronous event)."""
+        self.controller.attach_namespace(ns)
+
+    def remove_namespace(self, nsid: int) -> Namespace:
+        """Detach a namespace while the guest runs; its data is made durable and its
+        backend closed before this returns."""
+        ns = self.controller.detach_namespace(nsid)
+        try:
+            ns.backend.flush()
+        except OSError as exc:
+            log.error("flushing nsid %d: %s", nsid, exc)
+        ns.backend.close()
+        return ns
+
     def start(self) -> None:
         self.io_thread.start()
         self.admin_worker.start()

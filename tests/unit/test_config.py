@@ -74,3 +74,42 @@ def test_open_too_small(tmp_path: Path) -> None:
     image.write_bytes(bytes(100))
     with pytest.raises(ConfigError, match="smaller than one block"):
         NamespaceSpec.parse(str(image)).open(1)
+
+
+def test_window_and_force_options() -> None:
+    spec = NamespaceSpec.parse("/dev/sdb,offset=1G,size=2G,force,ro")
+    assert (spec.offset, spec.size, spec.force, spec.readonly) == (1 << 30, 2 << 30, True, True)
+    assert NamespaceSpec.parse("a.img,length=4K").size == 4096
+    assert not NamespaceSpec.parse("a.img").windowed
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a,offset=100", "offset 100 is not a multiple of the 512-byte block size"),
+        ("a,offset=512,bs=4096", "not a multiple of the 4096-byte"),
+        ("a,size=0", "size > 0"),
+        ("a,offset=x", "not a size"),
+        ("a,offset=", "unknown option"),
+        ("null:1G,size=1M", "a null namespace has no window"),
+    ],
+)
+def test_window_errors(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        NamespaceSpec.parse(text)
+
+
+def test_open_a_window(tmp_path: Path) -> None:
+    image = tmp_path / "w.img"
+    image.write_bytes(bytes(range(256)) * 64)  # 16 KiB
+    ns = NamespaceSpec.parse(f"{image},offset=4K,size=8K").open(1)
+    try:
+        assert ns.blocks == 16
+        buf = bytearray(512)
+        ns.backend.readv(512, [memoryview(buf)])
+        assert bytes(buf) == (bytes(range(256)) * 64)[4096 + 512 : 4096 + 1024]
+        assert "offset=4096,size=8192" in ns.backend.description
+    finally:
+        ns.backend.close()
+    with pytest.raises(ConfigError, match="reaches past the end"):
+        NamespaceSpec.parse(f"{image},offset=8K,size=16K").open(1)

@@ -36,7 +36,10 @@ class BackendError(Exception):
 class FileBackend:
     """A regular file or a block device, used whole."""
 
-    def __init__(self, path: str, readonly: bool = False) -> None:
+    def __init__(self, path: str, readonly: bool = False, exclusive: bool = True) -> None:
+        """`exclusive`: open a block device with O_EXCL (refused while mounted or held).
+        The daemon passes False when it holds that claim itself, on a descriptor it
+        shares among the namespaces on one disk (storage.HostStorage)."""
         self.description = path
         self.readonly = readonly
         flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
@@ -47,7 +50,7 @@ class FileBackend:
         self.is_block_device = stat.S_ISBLK(st.st_mode)
         if not (self.is_block_device or stat.S_ISREG(st.st_mode)):
             raise BackendError(f"{path}: not a regular file or block device")
-        if self.is_block_device:
+        if self.is_block_device and exclusive:
             flags |= os.O_EXCL  # refuse a device that is mounted or held by someone else
         try:
             self.fd = os.open(path, flags)

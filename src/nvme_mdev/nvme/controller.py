@@ -41,6 +41,7 @@ from .spec import (
     AdminOpcode,
     FeatureId,
     IoOpcode,
+    LogPage,
     Reg,
     Status,
     with_dnr,
@@ -149,6 +150,32 @@ class Controller:
         if ns.nsid in self.namespaces:
             raise ValueError(f"nsid {ns.nsid} already in use")
         self.namespaces[ns.nsid] = ns
+
+    def attach_namespace(self, ns: Namespace) -> None:
+        """Hot add: `ns` is active at once, and the host is told (Namespace Attribute
+        Changed event, Changed Namespace List log) so that it rescans without a reset."""
+        # Pause first, then lock: waiting for the I/O thread with the lock held could
+        # wait on a DMA message the transport thread (blocked on the lock) never reads.
+        with self.io_thread.paused(), self.lock:
+            self.add_namespace(ns)
+            self._namespace_changed(ns.nsid)
+
+    def detach_namespace(self, nsid: int) -> Namespace:
+        """Hot remove: commands already fetched have completed (the I/O thread is held
+        between commands while this runs); later ones fail with Invalid Namespace.
+        The caller flushes and closes the returned namespace's backend."""
+        with self.io_thread.paused(), self.lock:
+            ns = self.namespaces.pop(nsid, None)
+            if ns is None:
+                raise ValueError(f"nsid {nsid} is not attached")
+            self._namespace_changed(nsid)
+        return ns
+
+    def _namespace_changed(self, nsid: int) -> None:
+        self.changed_namespaces.add(nsid)
+        self.events.notice(
+            events.NOTICE_NAMESPACE_ATTRIBUTE_CHANGED, LogPage.CHANGED_NAMESPACE_LIST, self
+        )
 
     # --- properties (BAR0) ----------------------------------------------------
 

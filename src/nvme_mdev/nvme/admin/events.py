@@ -60,6 +60,10 @@ class AsyncEvents:
 
     def log_page_read(self, log_page: int) -> None:
         """Reading a log page (with RAE clear) unmasks the event type that reported it."""
+        if log_page == LogPage.CHANGED_NAMESPACE_LIST:
+            # The host has just read every change so far: a notice still held back for
+            # them would only send it to read an empty list.
+            self.pending = deque(e for e in self.pending if e[2] != log_page)
         self.masked_types = {
             t
             for t in self.masked_types

@@ -1,0 +1,465 @@
+"""Host storage shared safely: where each namespace's bytes live on the host, and the
+rules for sharing them among namespaces, controllers and the host itself.
+
+- `resolve_host_nvme`: the original design's shorthand `nvme0:n1p3` (partition 3 of
+  namespace 1 of host controller nvme0) → /dev/nvme0n1p3, through sysfs.
+- An `Extent` is a namespace's bytes in the coordinates of what really stores them:
+  a file's inode, or a whole disk (a partition's start comes from sysfs), so that a
+  partition and a window of its disk compare.
+- `HostStorage` opens namespace specs for one process (the daemon, or `serve`):
+  no two writable namespaces may overlap; a window stays inside its store; storage
+  the host uses (a mounted filesystem, device-mapper or RAID on top, a loop device
+  over a file) is refused unless the spec says `force`; block devices are claimed
+  exclusively (O_EXCL), once per disk, however many namespaces share it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import stat
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from .backends.base import Backend
+from .backends.file import BackendError, FileBackend
+from .config import ConfigError, NamespaceSpec, make_namespace, window
+from .nvme.namespace import Namespace
+
+log = logging.getLogger(__name__)
+
+SECTOR = 512  # sysfs gives partition starts and sizes in 512-byte sectors, always
+
+HOST_NVME = re.compile(r"^(nvme\d+):n(\d+)(?:p(\d+))?$")
+# A namespace's block device under /sys/class/nvme/nvmeX: nvme0n1, or with native
+# multipath the controller's hidden path device nvme0c0n1.
+_NAMESPACE_DISK = re.compile(r"^nvme\d+(?:c\d+)?n\d+$")
+
+
+class Conflict(ConfigError):
+    """Two namespaces of this process would write the same bytes."""
+
+
+class Busy(ConfigError):
+    """The host uses the storage (mounted, held by another program)."""
+
+
+def resolve_host_nvme(text: str, sysfs: Path = Path("/sys"), dev: Path = Path("/dev")) -> str:
+    """`nvmeX:nY[pZ]` → the block device's path; anything else is returned as it is."""
+    match = HOST_NVME.match(text)
+    if match is None:
+        return text
+    ctrl, nsid, part = match[1], int(match[2]), match[3]
+    ctrl_dir = sysfs / "class" / "nvme" / ctrl
+    if not ctrl_dir.is_dir():
+        have = sorted(p.name for p in (sysfs / "class" / "nvme").glob("nvme*"))
+        raise ConfigError(f"{text}: no host NVMe controller {ctrl} (have: {_names(have)})")
+    disks: dict[int, tuple[str, Path]] = {}
+    for child in sorted(ctrl_dir.iterdir()):
+        if not _NAMESPACE_DISK.match(child.name) or not child.is_dir():
+            continue
+        # The nsid attribute is the NSID; the name's number is only the kernel's counter.
+        number = _read_int(child / "nsid")
+        if number is None:
+            number = int(child.name.rsplit("n", 1)[1])
+        # Multipath: the disk the host opens is the subsystem's head, nvme0n1.
+        disks.setdefault(number, (re.sub(r"c\d+(?=n\d+$)", "", child.name), child))
+    if nsid not in disks:
+        have = [f"n{n}" for n in sorted(disks)]
+        raise ConfigError(f"{text}: {ctrl} has no namespace {nsid} (has: {_names(have)})")
+    name, ns_dir = disks[nsid]
+    if part is not None:
+        wanted = f"{name}p{part}"
+        found = {p.name for p in ns_dir.glob(f"{name}p*")}
+        found |= {p.name for p in (sysfs / "class" / "block").glob(f"{name}p*")}
+        if wanted not in found:
+            raise ConfigError(
+                f"{text}: {name} has no partition {part} (has: {_names(sorted(found))})"
+            )
+        name = wanted
+    return str(dev / name)
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names) or "none"
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_rdev(path: Path) -> int | None:
+    """A sysfs `dev` file ('7:0') as a device number."""
+    try:
+        major, minor = path.read_text().strip().split(":")
+        return os.makedev(int(major), int(minor))
+    except (OSError, ValueError):
+        return None
+
+
+def _devname(rdev: int) -> str:
+    return f"{os.major(rdev)}:{os.minor(rdev)}"
+
+
+def human(n: int) -> str:
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << (shift - 10)) == 0:
+            return f"{n / (1 << shift):g} {unit}"
+    return f"{n} B"
+
+
+@dataclass(frozen=True)
+class Partition:
+    name: str
+    rdev: int
+    start: int  # bytes into the disk
+    size: int
+
+
+@dataclass(frozen=True)
+class BlockDevice:
+    """A block device as sysfs describes it: a whole disk or one of its partitions."""
+
+    name: str
+    rdev: int
+    disk_name: str
+    disk_rdev: int
+    start: int  # bytes into the whole disk (0 for the disk itself)
+    partitions: tuple[Partition, ...]  # the whole disk's
+    holders: tuple[str, ...]  # device-mapper, RAID... built on top of it
+
+    @property
+    def is_partition(self) -> bool:
+        return self.rdev != self.disk_rdev
+
+    @classmethod
+    def from_sysfs(cls, rdev: int, path: str, sysfs: Path) -> BlockDevice:
+        entry = sysfs / "dev" / "block" / _devname(rdev)
+        try:
+            node = entry.resolve(strict=True)
+        except OSError:
+            # No sysfs entry: take it as a disk of its own, with nothing known on top.
+            name = Path(path).name
+            return cls(name, rdev, name, rdev, 0, (), ())
+        holders = tuple(sorted(p.name for p in (node / "holders").glob("*")))
+        if (node / "partition").exists():
+            disk = node.parent
+            start = (_read_int(node / "start") or 0) * SECTOR
+            disk_rdev = _read_rdev(disk / "dev") or rdev
+            return cls(node.name, rdev, disk.name, disk_rdev, start, _partitions(disk), holders)
+        return cls(node.name, rdev, node.name, rdev, 0, _partitions(node), holders)
+
+
+def _partitions(disk: Path) -> tuple[Partition, ...]:
+    found = []
+    for child in sorted(disk.iterdir()):
+        if not (child / "partition").exists():
+            continue
+        rdev = _read_rdev(child / "dev")
+        start, size = _read_int(child / "start"), _read_int(child / "size")
+        if rdev is not None and start is not None and size is not None:
+            found.append(Partition(child.name, rdev, start * SECTOR, size * SECTOR))
+    return tuple(found)
+
+
+@dataclass(frozen=True)
+class Mount:
+    rdev: int
+    mountpoint: str
+    source: str
+
+
+def read_mounts(path: str = "/proc/self/mountinfo") -> list[Mount]:
+    """The mount table (proc(5) mountinfo): the device number and mount point of each."""
+    mounts = []
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        fields = line.split(" ")
+        try:
+            major, minor = fields[2].split(":")
+            sep = fields.index("-", 6)
+            source = _unescape(fields[sep + 2])
+        except (IndexError, ValueError):
+            continue
+        rdev = os.makedev(int(major), int(minor))
+        mounts.append(Mount(rdev, _unescape(fields[4]), source))
+    return mounts
+
+
+def _unescape(text: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), text)
+
+
+@dataclass(frozen=True)
+class Extent:
+    """Bytes [start, end) of one store: ('file', st_dev, st_ino) or ('disk', rdev)."""
+
+    store: tuple[str, int, int]
+    name: str  # the store, for messages
+    start: int
+    end: int
+
+    def overlaps(self, other: Extent) -> bool:
+        return self.store == other.store and self.start < other.end and other.start < self.end
+
+    def span(self) -> str:
+        return f"bytes {human(self.start)}..{human(self.end)}"
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.span()}"
+
+    def as_dict(self) -> dict[str, object]:
+        return {"store": self.name, "start": self.start, "end": self.end}
+
+
+@dataclass
+class _Use:
+    extent: Extent
+    writable: bool
+    owner: str
+
+
+@dataclass
+class _Hold:
+    """An exclusive claim (an O_EXCL descriptor) on a block device, shared by count."""
+
+    fd: int
+    name: str
+    disk_rdev: int
+    count: int = 1
+
+
+class Lease:
+    """What one namespace holds of the host's storage; `release` after closing it."""
+
+    def __init__(
+        self,
+        storage: HostStorage,
+        path: str,
+        extent: Extent | None,
+        use: _Use | None,
+        hold: int | None,
+    ) -> None:
+        self._storage = storage
+        #: the store, resolved ('nvme0:n1p3' → /dev/nvme0n1p3)
+        self.path = path
+        self.extent = extent
+        self._use = use
+        self._hold = hold
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._storage._release(self._use, self._hold)
+
+
+class HostStorage:
+    def __init__(
+        self,
+        sysfs: str | Path = "/sys",
+        dev: str | Path = "/dev",
+        mountinfo: str = "/proc/self/mountinfo",
+    ) -> None:
+        self.sysfs = Path(sysfs)
+        self.dev = Path(dev)
+        self.mountinfo = mountinfo
+        # Namespaces are added from control connections in parallel: check-and-claim
+        # must be one step.
+        self._lock = threading.Lock()
+        self._uses: list[_Use] = []
+        self._holds: dict[int, _Hold] = {}  # block device number → its claim
+
+    def open(self, spec: NamespaceSpec, nsid: int, owner: str) -> tuple[Namespace, Lease]:
+        """The namespace for `spec`, after every sharing check; `owner` names it in
+        the errors other namespaces get ('controller vm1 nsid 2')."""
+        with self._lock:
+            return self._open(spec, nsid, owner)
+
+    def uses(self) -> list[tuple[str, Extent, bool]]:
+        with self._lock:
+            return [(u.owner, u.extent, u.writable) for u in self._uses]
+
+    def _open(self, spec: NamespaceSpec, nsid: int, owner: str) -> tuple[Namespace, Lease]:
+        if spec.is_null:
+            return spec.open(nsid), Lease(self, spec.path, None, None, None)
+        path = resolve_host_nvme(spec.path, self.sysfs, self.dev)
+        label = spec.path if path == spec.path else f"{spec.path} ({path})"
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise ConfigError(f"{label}: {exc.strerror}") from exc
+        try:
+            # Never O_EXCL here: the claim is taken below, once per disk, so that
+            # several namespaces can share a disk through windows.
+            backend: Backend = FileBackend(path, readonly=spec.readonly, exclusive=False)
+            if spec.windowed:
+                backend = window(backend, spec.offset, spec.size)
+        except BackendError as exc:
+            raise ConfigError(str(exc) if label == path else f"{spec.path}: {exc}") from exc
+        try:
+            extent, device = self.locate(path, st, spec.offset, backend.size)
+            writable = not (spec.readonly or backend.readonly)
+            self.check_overlap(label, extent, writable)
+            if not spec.force and (users := self.host_users(path, st, device, extent)):
+                raise Busy(
+                    f"{label}: in use by the host: {'; '.join(users)} (add force to share it)"
+                )
+            hold = None
+            if device is not None:
+                if spec.force:
+                    log.warning("%s: shared without an exclusive claim (force)", label)
+                else:
+                    hold = self._claim(label, path, device)
+        except ConfigError:
+            backend.close()
+            raise
+        try:
+            ns = make_namespace(nsid, backend, spec)
+        except ConfigError:
+            if hold is not None:
+                self._release_locked(None, hold)
+            raise
+        use = _Use(extent, writable, owner)
+        self._uses.append(use)
+        return ns, Lease(self, path, extent, use, hold)
+
+    def locate(
+        self, path: str, st: os.stat_result, offset: int, size: int
+    ) -> tuple[Extent, BlockDevice | None]:
+        """Where `size` bytes from `offset` of `path` (stat `st`) really are."""
+        if not stat.S_ISBLK(st.st_mode):
+            store = ("file", st.st_dev, st.st_ino)
+            return Extent(store, os.path.abspath(path), offset, offset + size), None
+        device = BlockDevice.from_sysfs(st.st_rdev, path, self.sysfs)
+        start = device.start + offset
+        disk = ("disk", os.major(device.disk_rdev), os.minor(device.disk_rdev))
+        return Extent(disk, str(self.dev / device.disk_name), start, start + size), device
+
+    def check_overlap(self, label: str, extent: Extent, writable: bool) -> None:
+        """Conflict if a writable `extent` overlaps a writable one in use."""
+        for use in self._uses:
+            # Readers may share anything; two writers may share nothing.
+            if writable and use.writable and use.extent.overlaps(extent):
+                mine = extent.span() if label == extent.name else str(extent)
+                raise Conflict(
+                    f"{label}: {mine} overlap {use.owner} ({use.extent.span()}); two "
+                    "writable namespaces may not share bytes (make one read-only, or move "
+                    "a window)"
+                )
+
+    def host_users(
+        self, path: str, st: os.stat_result, device: BlockDevice | None, extent: Extent
+    ) -> list[str]:
+        """How the host uses the bytes of `extent` (empty: it does not, as far as the
+        mount table, sysfs holders and loop devices tell)."""
+        users: list[str] = []
+        if device is None:
+            users += [f"loop device {d} is backed by it" for d in self._loops_over(st)]
+        else:
+            mounts = read_mounts(self.mountinfo)
+            real = os.path.realpath(path)
+
+            def mounted(rdev: int, node: str) -> list[str]:
+                return [m.mountpoint for m in mounts if m.rdev == rdev or m.source == node]
+
+            users += [f"mounted at {mp}" for mp in mounted(device.rdev, real)]
+            if device.holders:
+                users.append(f"held by {', '.join(device.holders)}")
+            if device.is_partition:
+                disk_node = str(self.dev / device.disk_name)
+                users += [
+                    f"its disk {device.disk_name} is mounted at {mp}"
+                    for mp in mounted(device.disk_rdev, disk_node)
+                ]
+            else:
+                for p in device.partitions:
+                    if p.start < extent.end - device.start and extent.start < p.start + p.size:
+                        node = str(self.dev / p.name)
+                        where = f"partition {p.name} ({human(p.start)}..{human(p.start + p.size)})"
+                        users += [f"{where} is mounted at {mp}" for mp in mounted(p.rdev, node)]
+                        if holders := sorted(x.name for x in self._holders_of(p.rdev)):
+                            users.append(f"{where} is held by {', '.join(holders)}")
+        return users
+
+    def _holders_of(self, rdev: int) -> list[Path]:
+        return list((self.sysfs / "dev" / "block" / _devname(rdev) / "holders").glob("*"))
+
+    def _loops_over(self, st: os.stat_result) -> list[str]:
+        found = []
+        for backing in sorted((self.sysfs / "block").glob("loop*/loop/backing_file")):
+            try:
+                name = backing.read_text().strip().removesuffix(" (deleted)")
+                other = os.stat(name)
+            except OSError:
+                continue
+            if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                found.append(str(self.dev / backing.parent.parent.name))
+        return found
+
+    def _claim(self, label: str, path: str, device: BlockDevice) -> int:
+        """Hold `device` exclusively (or count on a claim we hold on it or its disk)."""
+        for key in (device.rdev, device.disk_rdev):
+            # Our claim on the whole disk already keeps everyone else off its partitions.
+            if key in self._holds:
+                self._holds[key].count += 1
+                return key
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise ConfigError(f"{label}: {exc.strerror}") from exc
+            raise Busy(f"{label}: {self._busy_reason(device)}") from exc
+        self._holds[device.rdev] = _Hold(fd, device.name, device.disk_rdev)
+        return device.rdev
+
+    def _busy_reason(self, device: BlockDevice) -> str:
+        if not device.is_partition:
+            ours = sorted(h.name for h in self._holds.values() if h.disk_rdev == device.rdev)
+            if ours:
+                # The kernel lets nobody claim a disk whose partitions are claimed.
+                return (
+                    f"busy: this process already uses its partition(s) {', '.join(ours)}; "
+                    "use partitions or windows of the disk, not both (or add force)"
+                )
+            mounts = read_mounts(self.mountinfo)
+            in_use = [
+                f"{p.name} mounted at {m.mountpoint}"
+                for p in device.partitions
+                for m in mounts
+                if m.rdev == p.rdev
+            ]
+            if in_use:
+                return (
+                    "busy: the kernel gives nobody the whole disk while a partition of it "
+                    f"is in use ({'; '.join(in_use)}): use a partition, or add force"
+                )
+        return (
+            "busy: another program holds it (a filesystem, swap, device-mapper, RAID or "
+            "an exclusive open); add force to share it anyway"
+        )
+
+    def _release(self, use: _Use | None, hold: int | None) -> None:
+        with self._lock:
+            self._release_locked(use, hold)
+
+    def _release_locked(self, use: _Use | None, hold: int | None) -> None:
+        if use is not None and use in self._uses:
+            self._uses.remove(use)
+        if hold is not None and hold in self._holds:
+            claim = self._holds[hold]
+            claim.count -= 1
+            if claim.count == 0:
+                os.close(claim.fd)
+                del self._holds[hold]

@@ -1,0 +1,168 @@
+"""What the daemon accepts as a controller or namespace (control-socket params and
+TOML tables are the same dictionaries), checked before anything is opened."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nvme_mdev.config import ConfigError
+from nvme_mdev.daemon import ControllerSettings, NamespaceRequest, load_config, subsystem_nqn
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_controller_defaults() -> None:
+    s = ControllerSettings.from_params({"name": "vm1", "socket": "/run/vm1.sock"})
+    assert (s.name, s.socket, s.poll_timeout_ms, s.iothread_cpu) == (
+        "vm1",
+        "/run/vm1.sock",
+        500,
+        None,
+    )
+    assert s.config.serial == "MDEV-vm1"  # each controller its own serial and NQN
+    assert s.config.subsystem_nqn == "nqn.2026-11.io.nvme-mdev:subsys-mdev-vm1"
+    assert s.namespaces == ()
+
+
+def test_serve_keeps_its_subsystem_nqn() -> None:
+    """`serve` derives the NQN from its serial: the default serial gives the old NQN."""
+    from nvme_mdev.nvme.identity import ControllerConfig
+
+    default = ControllerConfig()
+    assert subsystem_nqn(default.serial) == default.subsystem_nqn
+
+
+def test_controller_everything() -> None:
+    s = ControllerSettings.from_params(
+        {
+            "name": "db-1",
+            "socket": "s",
+            "max_io_queues": 2,
+            "queue_depth": 64,
+            "mdts": 5,
+            "serial": "S1",
+            "model": "M",
+            "poll_timeout_ms": 0,
+            "iothread_cpu": "0-2,5",
+            "mmap_doorbells": True,
+            "namespace": [
+                "a.img,ro",
+                {
+                    "spec": "b.img",
+                    "nsid": 4,
+                    "bs": 4096,
+                    "offset": "1M",
+                    "size": 8192,
+                    "force": True,
+                },
+            ],
+        }
+    )
+    c = s.config
+    assert (c.max_io_queues, c.max_queue_entries, c.mdts, c.serial, c.model) == (
+        2,
+        64,
+        5,
+        "S1",
+        "M",
+    )
+    assert (s.poll_timeout_ms, s.iothread_cpu, s.mmap_doorbells) == (
+        0,
+        frozenset({0, 1, 2, 5}),
+        True,
+    )
+    a, b = s.namespaces
+    assert (a.spec.path, a.spec.readonly, a.nsid) == ("a.img", True, None)
+    assert (b.spec.block_size, b.spec.offset, b.spec.size, b.spec.force, b.nsid) == (
+        4096,
+        1 << 20,
+        8192,
+        True,
+        4,
+    )
+    assert ControllerSettings.from_params(
+        {"name": "x", "socket": "s", "iothread_cpu": [3]}
+    ).iothread_cpu == {3}
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"socket": "s"}, "controller: name is required"),
+        ({"name": "a b", "socket": "s"}, "name 'a b'"),
+        ({"name": "a"}, "controller a: socket is required"),
+        ({"name": "a", "socket": "s", "queues": 1}, "unknown key 'queues'"),
+        ({"name": "a", "socket": "s", "max_io_queues": "4"}, "max_io_queues must be int"),
+        ({"name": "a", "socket": "s", "mdts": True}, "mdts must be int"),
+        ({"name": "a", "socket": "s", "max_io_queues": 65}, "max_io_queues must be 1..64"),
+        ({"name": "a", "socket": "s", "serial": "x" * 21}, "serial"),
+        ({"name": "a", "socket": "s", "poll_timeout_ms": -1}, "0 or more"),
+        ({"name": "a", "socket": "s", "iothread_cpu": "x"}, "expected CPUs"),
+        ({"name": "a", "socket": "s", "iothread_cpu": [True]}, "iothread_cpu"),
+        ({"name": "a", "socket": "s", "namespaces": "a.img"}, "namespaces must be a list"),
+        (
+            {"name": "a", "socket": "s", "namespaces": [{"nsid": 1}]},
+            "namespace 1: spec is required",
+        ),
+        ({"name": "a", "socket": "s", "namespaces": ["a.img,bs=3"]}, "block size 3"),
+    ],
+)
+def test_controller_refusals(params: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ControllerSettings.from_params(params)
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"spec": "a", "size": "huge"}, "not a size"),
+        ({"spec": "a", "offset": 1.5}, "offset must be bytes or a size"),
+        ({"spec": "a", "offset": 100}, "not a multiple"),
+        ({"spec": "a", "ro": "yes"}, "ro must be bool"),
+        ({"spec": "a", "path": "b"}, "unknown key 'path'"),
+    ],
+)
+def test_namespace_refusals(params: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        NamespaceRequest.from_params(params, "ns")
+
+
+def test_the_example_config_is_valid() -> None:
+    vm1, vm2, vm3 = load_config(str(ROOT / "contrib" / "nvme-mdev.toml"))
+    assert [n.spec.path for n in vm1.namespaces] == ["nvme0:n1p3", "/var/lib/images/data.img"]
+    assert vm1.iothread_cpu == {11} and vm2.config.serial == "VM2DISK"
+    assert (vm3.namespaces[0].spec.offset, vm3.namespaces[0].spec.size) == (200 << 30, 200 << 30)
+
+
+def test_the_unit_file_runs_the_daemon() -> None:
+    unit = (ROOT / "contrib" / "nvme-mdev.service").read_text()
+    assert "Type=notify" in unit and "nvme-mdev daemon" in unit
+    assert "--config /etc/nvme-mdev/nvme-mdev.toml" in unit
+
+
+def test_config_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="No such file"):
+        load_config(str(tmp_path / "missing.toml"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text("controller = 3\n")
+    with pytest.raises(ConfigError, match=r"bad.toml: write controllers as \[\[controller\]\]"):
+        load_config(str(bad))
+
+
+def test_systemd_is_told_when_the_daemon_is_ready(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    from nvme_mdev.cli import _sd_notify
+
+    _sd_notify("READY=1")  # not under systemd: nothing happens
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(str(path))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        _sd_notify("READY=1")
+        assert listener.recv(64) == b"READY=1"
