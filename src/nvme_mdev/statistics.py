@@ -113,24 +113,16 @@ def prometheus_text(controllers: dict[str, dict[str, Any]]) -> str:
         text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
         lines.append(f"nvme_mdev_{name}{{{text}}} {value}")
 
-    family("commands_total", "counter", "I/O commands completed, by queue and opcode.")
-    for ctrl, snap in controllers.items():
-        for q in snap["queues"]:
-            for op, c in q["by_opcode"].items():
-                sample(
-                    "commands_total",
-                    {"controller": ctrl, "qid": str(q["qid"]), "opcode": op},
-                    c["commands"],
-                )
-    family("bytes_total", "counter", "Data moved by I/O commands, by queue and opcode.")
-    for ctrl, snap in controllers.items():
-        for q in snap["queues"]:
-            for op, c in q["by_opcode"].items():
-                sample(
-                    "bytes_total",
-                    {"controller": ctrl, "qid": str(q["qid"]), "opcode": op},
-                    c["bytes"],
-                )
+    for name, key, help_text in (
+        ("commands_total", "commands", "I/O commands completed, by queue and opcode."),
+        ("bytes_total", "bytes", "Data moved by I/O commands, by queue and opcode."),
+    ):
+        family(name, "counter", help_text)
+        for ctrl, snap in controllers.items():
+            for q in snap["queues"]:
+                for op, c in q["by_opcode"].items():
+                    labels = {"controller": ctrl, "qid": str(q["qid"]), "opcode": op}
+                    sample(name, labels, c[key])
     family("command_errors_total", "counter", "I/O commands completed with an error status.")
     for ctrl, snap in controllers.items():
         for q in snap["queues"]:
