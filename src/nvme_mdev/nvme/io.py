@@ -28,7 +28,13 @@ from typing import Final
 from ..guest_memory import GuestMemory
 from .errors import CommandError
 from .namespace import Namespace
-from .prp import Segment, copy_from_guest, copy_to_guest, prp_segments, segment_views
+from .prp import (
+    Segment,
+    copy_from_guest,
+    copy_to_guest,
+    prp_segments,
+    prp_views,
+)
 from .sgl import (
     SGLS_BYTE_GRANULARITY,
     SGLS_DWORD_GRANULARITY,
@@ -190,8 +196,8 @@ class IoCommandSet:
         offset, length = self._data_range(ns, dw)
         if dw[12] & (1 << 30):  # FUA (folded to a constant: this is the hot path)
             self._commit(ns)
-        segments = prp_segments(self.memory, dw[6] | (dw[7] << 32), dw[8] | (dw[9] << 32), length)
-        views = segment_views(self.memory, segments, to_guest=True)
+        prp1, prp2 = dw[6] | (dw[7] << 32), dw[8] | (dw[9] << 32)
+        segments, views = prp_views(self.memory, prp1, prp2, length, to_guest=True)
         try:
             if views is not None:
                 ns.backend.readv(offset, views)
@@ -235,8 +241,8 @@ class IoCommandSet:
         if ns.readonly:
             raise CommandError(Status.NAMESPACE_WRITE_PROTECTED)
         fua = bool(dw[12] & (1 << 30)) or not self.write_cache_enabled()
-        segments = prp_segments(self.memory, dw[6] | (dw[7] << 32), dw[8] | (dw[9] << 32), length)
-        views = segment_views(self.memory, segments, to_guest=False)
+        prp1, prp2 = dw[6] | (dw[7] << 32), dw[8] | (dw[9] << 32)
+        segments, views = prp_views(self.memory, prp1, prp2, length, to_guest=False)
         if views is None:
             views = [memoryview(copy_from_guest(self.memory, segments))]
         try:

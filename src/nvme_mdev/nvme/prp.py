@@ -94,6 +94,21 @@ def segment_views(
     return views
 
 
+def prp_views(
+    memory: GuestMemory, prp1: int, prp2: int, length: int, to_guest: bool
+) -> tuple[list[Segment], list[memoryview] | None]:
+    """prp_segments() and segment_views() in one call, with a shortcut for the most
+    common transfer of all, one that PRP1 alone describes (a 4 KiB I/O)."""
+    if length <= PAGE_SIZE - (prp1 & _PAGE_MASK) and not prp1 & 0x3 and length > 0:
+        try:
+            view = memory.view(prp1, length, to_guest)
+        except DmaError as exc:
+            raise CommandError(Status.DATA_TRANSFER_ERROR, str(exc)) from exc
+        return [(prp1, length)], None if view is None else [view]
+    segments = prp_segments(memory, prp1, prp2, length)
+    return segments, segment_views(memory, segments, to_guest)
+
+
 def copy_to_guest(
     memory: GuestMemory, segments: list[Segment], data: bytes | bytearray | memoryview
 ) -> None:
