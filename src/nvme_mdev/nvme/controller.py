@@ -419,9 +419,8 @@ class Controller:
         handler = self._admin_handlers.get(opcode)
         result = 0
         try:
-            if self.aborts and (0, cid) in self.aborts:
-                self.aborts.discard((0, cid))
-                raise CommandError(Status.ABORT_REQUESTED, "aborted while queued")
+            if self.aborts:
+                self._check_aborted(0, cid)
             if handler is None:
                 raise CommandError(Status.INVALID_OPCODE, f"admin opcode {opcode:#x}")
             if dw[0] & 0xC300:  # FUSE or SGL on an admin command
@@ -436,6 +435,12 @@ class Controller:
             self.fatal(str(exc))
             return
         cq.post(result, 0, sq.head, 0, cid, Status.SUCCESS)
+
+    def _check_aborted(self, sqid: int, cid: int) -> None:
+        """A command an Abort marked while it was queued completes without running."""
+        if (sqid, cid) in self.aborts:
+            self.aborts.discard((sqid, cid))
+            raise CommandError(Status.ABORT_REQUESTED, "aborted while queued")
 
     def post_error(
         self, cq: CompletionQueue, sq: SubmissionQueue, dw: tuple[int, ...], err: CommandError
@@ -474,9 +479,8 @@ class Controller:
                         dw = SQE.unpack(sq.fetch())
                     opcode = dw[0] & 0xFF
                     try:
-                        if self.aborts and (sq.qid, dw[0] >> 16) in self.aborts:
-                            self.aborts.discard((sq.qid, dw[0] >> 16))
-                            raise CommandError(Status.ABORT_REQUESTED, "aborted while queued")
+                        if self.aborts:  # almost always empty: no call on the hot path
+                            self._check_aborted(sq.qid, dw[0] >> 16)
                         io.execute(dw)
                     except CommandError as err:
                         self.post_error(cq, sq, dw, err)

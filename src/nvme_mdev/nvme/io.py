@@ -198,19 +198,7 @@ class IoCommandSet:
             self._commit(ns)
         prp1, prp2 = dw[6] | (dw[7] << 32), dw[8] | (dw[9] << 32)
         segments, views = prp_views(self.memory, prp1, prp2, length, to_guest=True)
-        try:
-            if views is not None:
-                ns.backend.readv(offset, views)
-            else:
-                bounce = bytearray(length)
-                ns.backend.readv(offset, [memoryview(bounce)])
-                copy_to_guest(self.memory, segments, bounce)
-        except OSError as exc:
-            self.counters.media_errors += 1
-            raise CommandError(Status.UNRECOVERED_READ_ERROR, str(exc)) from exc
-        counters = self.counters
-        counters.host_read_commands += 1
-        counters.bytes_read += length
+        self._read_to_guest(ns, offset, length, segments, views, copy_to_guest)
 
     def _read_sgl(self, dw: tuple[int, ...]) -> None:
         """Read with an SGL: as read(), and bit buckets discard what they cover."""
@@ -218,22 +206,35 @@ class IoCommandSet:
         offset, length = self._data_range(ns, dw)
         if dw[12] & FUA:
             self._commit(ns)
-        memory = self.memory
         dword = self.sgl_support == SGLS_DWORD_GRANULARITY
-        segments = sgl_segments(memory, dw, length, True, dword)
-        views = sgl_views(memory, segments, to_guest=True)
+        segments = sgl_segments(self.memory, dw, length, True, dword)
+        views = sgl_views(self.memory, segments, to_guest=True)
+        self._read_to_guest(ns, offset, length, segments, views, sgl_copy_to_guest)
+
+    def _read_to_guest(
+        self,
+        ns: Namespace,
+        offset: int,
+        length: int,
+        segments: list[Segment],
+        views: list[memoryview] | None,
+        scatter: Callable[[GuestMemory, list[Segment], bytearray], None],
+    ) -> None:
+        """The backend reads straight into the guest's buffers (`views`), or into a
+        bounce buffer that `scatter` copies to the segments when memory is not mapped."""
         try:
             if views is not None:
                 ns.backend.readv(offset, views)
             else:
                 bounce = bytearray(length)
                 ns.backend.readv(offset, [memoryview(bounce)])
-                sgl_copy_to_guest(memory, segments, bounce)
+                scatter(self.memory, segments, bounce)
         except OSError as exc:
             self.counters.media_errors += 1
             raise CommandError(Status.UNRECOVERED_READ_ERROR, str(exc)) from exc
-        self.counters.host_read_commands += 1
-        self.counters.bytes_read += length
+        counters = self.counters
+        counters.host_read_commands += 1
+        counters.bytes_read += length
 
     def write(self, dw: tuple[int, ...]) -> None:
         ns = self._namespace(dw[1])
@@ -243,6 +244,31 @@ class IoCommandSet:
         fua = bool(dw[12] & (1 << 30)) or not self.write_cache_enabled()
         prp1, prp2 = dw[6] | (dw[7] << 32), dw[8] | (dw[9] << 32)
         segments, views = prp_views(self.memory, prp1, prp2, length, to_guest=False)
+        self._write_from_guest(ns, offset, length, segments, views, fua)
+
+    def _write_sgl(self, dw: tuple[int, ...]) -> None:
+        """Write with an SGL: as write() (a bit bucket in a write has no effect)."""
+        ns = self._namespace(dw[1])
+        offset, length = self._data_range(ns, dw)
+        if ns.readonly:
+            raise CommandError(Status.NAMESPACE_WRITE_PROTECTED)
+        fua = bool(dw[12] & FUA) or not self.write_cache_enabled()
+        dword = self.sgl_support == SGLS_DWORD_GRANULARITY
+        segments = sgl_segments(self.memory, dw, length, False, dword)
+        views = sgl_views(self.memory, segments, to_guest=False)
+        self._write_from_guest(ns, offset, length, segments, views, fua)
+
+    def _write_from_guest(
+        self,
+        ns: Namespace,
+        offset: int,
+        length: int,
+        segments: list[Segment],
+        views: list[memoryview] | None,
+        fua: bool,
+    ) -> None:
+        """The backend writes straight from the guest's buffers, or from a copy of the
+        segments when memory is not mapped."""
         if views is None:
             views = [memoryview(copy_from_guest(self.memory, segments))]
         try:
@@ -252,26 +278,6 @@ class IoCommandSet:
         counters = self.counters
         counters.host_write_commands += 1
         counters.bytes_written += length
-
-    def _write_sgl(self, dw: tuple[int, ...]) -> None:
-        """Write with an SGL: as write() (a bit bucket in a write has no effect)."""
-        ns = self._namespace(dw[1])
-        offset, length = self._data_range(ns, dw)
-        if ns.readonly:
-            raise CommandError(Status.NAMESPACE_WRITE_PROTECTED)
-        fua = bool(dw[12] & FUA) or not self.write_cache_enabled()
-        memory = self.memory
-        dword = self.sgl_support == SGLS_DWORD_GRANULARITY
-        segments = sgl_segments(memory, dw, length, False, dword)
-        views = sgl_views(memory, segments, to_guest=False)
-        if views is None:
-            views = [memoryview(copy_from_guest(memory, segments))]
-        try:
-            ns.backend.writev(offset, views, fua)
-        except OSError as exc:
-            raise _write_error(exc, self.counters) from exc
-        self.counters.host_write_commands += 1
-        self.counters.bytes_written += length
 
     def flush(self, dw: tuple[int, ...]) -> None:
         nsid = dw[1]

@@ -210,15 +210,9 @@ class CompletionQueue:
 
     def post(self, dw0: int, dw1: int, sq_head: int, sq_id: int, cid: int, status: int) -> None:
         """Write one completion; the caller has checked is_full()."""
-        memory = self.memory
-        dw2, dw3 = sq_head | (sq_id << 16), cid | (self.phase << 16) | (status << 17)
-        view = memory._view if not memory._stale else memory.view()
-        if view is not None:  # write_cqe's fast path, inline: this runs for every command
-            offset = self.tail * CQE_SIZE
-            _DW0_11.pack_into(view, offset, dw0, dw1, dw2)
-            _DW3.pack_into(view, offset + 12, dw3)  # the phase tag, last
-        else:
-            memory.write_cqe(self.tail, dw0, dw1, dw2, dw3)
+        self.memory.write_cqe(
+            self.tail, dw0, dw1, sq_head | (sq_id << 16), cid | (self.phase << 16) | (status << 17)
+        )
         self.tail += 1
         if self.tail == self.size:
             self.tail = 0
