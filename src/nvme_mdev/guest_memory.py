@@ -7,7 +7,24 @@ with a bytearray. The controller never learns which.
 
 from __future__ import annotations
 
+import struct
+import sys
 from typing import Protocol
+
+# Guest memory is little-endian, and words32() relies on the native "I" being its u32.
+assert sys.byteorder == "little" and struct.calcsize("I") == 4, "needs a little-endian host"
+
+
+def words32(view: memoryview) -> memoryview:
+    """`view` (4-byte aligned, a multiple of 4 long) as native 32-bit words.
+
+    Memory that another party polls (a CQE's phase dword, a doorbell) is stored through
+    this: assigning an item is one aligned 4-byte store, seen whole by a poller on another
+    CPU. struct.pack_into is not safe there: it zeroes its target before storing the value,
+    and a guest polling a CQ whose expected phase is 0 takes that transient zero for a
+    completion of command ID 0, then misses the real one.
+    """
+    return view.cast("I")
 
 
 class DmaError(Exception):

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .guest_memory import words32
 from .nvme.spec import CQE, DOORBELL_BASE, SQE, Reg
 from .vfio_user.client import GuestRam, VfioUserClient
 
@@ -98,7 +99,7 @@ class HostQueuePair:
         register = DOORBELL_BASE + 8 * self.qid + offset
         mapped = self.host.mapped_bar0
         if mapped is not None:
-            _U32.pack_into(mapped, register, value)  # a plain store: nothing traps
+            mapped[register >> 2] = value  # a plain store: nothing traps
         else:
             self.host.client.write32(BAR0, register, value, posted=True)
 
@@ -117,14 +118,14 @@ class HostQueuePair:
 
     def _shadow_update(self, slot: int, event_slot: int, value: int) -> bool:
         """Store `value` in a shadow doorbell; True if the real one must be rung too."""
-        view = self.host.ram.view
-        old = _U32.unpack_from(view, slot)[0]
-        _U32.pack_into(view, slot, value)
+        words = self.host.ram.words
+        old = words[slot >> 2]
+        words[slot >> 2] = value
         # A full fence (a locked instruction) between our store and the EventIdx load,
         # matching the device's between arming EventIdx and re-reading the shadow.
         with self.host.barrier:
             pass
-        return need_event(_U32.unpack_from(view, event_slot)[0], value, old)
+        return need_event(words[event_slot >> 2], value, old)
 
     def reap(self) -> list[Completion]:
         done = []
@@ -178,7 +179,8 @@ class NvmeHost:
         self.io: dict[int, HostQueuePair] = {}
         #: (shadow doorbell page, EventIdx page) once enable_shadow_doorbells() ran
         self.shadow_doorbells: tuple[int, int] | None = None
-        #: BAR0 mapped from the device's fd (map_doorbells()); doorbells are stores to it
+        #: BAR0 mapped from the device's fd (map_doorbells()) as 32-bit words; doorbells
+        #: are stores to it
         self.mapped_bar0: memoryview | None = None
         self._bar0_map: mmap.mmap | None = None
         #: acquired and released as a full memory fence (see _shadow_update)
@@ -198,7 +200,8 @@ class NvmeHost:
             self._bar0_map = mmap.mmap(info.fd, info.size, offset=info.offset)
         finally:
             os.close(info.fd)
-        self.mapped_bar0 = memoryview(self._bar0_map)
+        with memoryview(self._bar0_map) as bar0:
+            self.mapped_bar0 = words32(bar0)
 
     def close(self) -> None:
         if self.mapped_bar0 is not None and self._bar0_map is not None:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any, Final
 
 from .engine.poller import DEFAULT_POLL_TIMEOUT, AdminWorker, IoThread
+from .guest_memory import words32
 from .nvme.controller import Controller
 from .nvme.identity import ControllerConfig
 from .nvme.namespace import Namespace
@@ -48,7 +49,7 @@ class VirtualController:
         self.memory = DmaMemory()
         self._bar0_fd: int | None = None
         self._bar0_map: mmap.mmap | None = None
-        doorbell_page: memoryview | None = None
+        doorbell_words: memoryview | None = None
         areas: tuple[MmapArea, ...] = ()
         if mmap_doorbells:
             # The doorbell page is ordinary shared memory: the client maps it into the
@@ -57,7 +58,7 @@ class VirtualController:
             os.ftruncate(self._bar0_fd, BAR0_SIZE)
             self._bar0_map = mmap.mmap(self._bar0_fd, BAR0_SIZE)
             with memoryview(self._bar0_map) as bar0:
-                doorbell_page = bar0[DOORBELL_BASE : DOORBELL_BASE + PAGE_SIZE]
+                doorbell_words = words32(bar0[DOORBELL_BASE : DOORBELL_BASE + PAGE_SIZE])
             areas = (MmapArea(DOORBELL_BASE, PAGE_SIZE),)
         self.function = NvmePciFunction(
             None,
@@ -68,7 +69,7 @@ class VirtualController:
             bar0_mmap_areas=areas,
         )
         self.controller = Controller(
-            config, self.memory, self.function, namespaces, doorbell_page=doorbell_page
+            config, self.memory, self.function, namespaces, doorbell_words=doorbell_words
         )
         self.function.attach_bar0(self.controller)
         self.io_thread = IoThread(self.controller, poll_timeout)
@@ -140,7 +141,7 @@ class VirtualController:
             ns.backend.close()
         self.function.close()
         if self._bar0_map is not None:
-            page, self.controller.doorbell_page = self.controller.doorbell_page, None
+            page, self.controller.doorbell_words = self.controller.doorbell_words, None
             if page is not None:
                 page.release()
             self._bar0_map.close()

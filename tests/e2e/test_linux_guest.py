@@ -134,6 +134,36 @@ def test_guest_killed_mid_write_loses_no_acknowledged_data(tmp_path: Path) -> No
         assert dev.stop() == 0
 
 
+def test_deep_queue_completions_are_never_misread(tmp_path: Path) -> None:
+    """One vCPU, 32 random reads in flight: every completion the guest takes is one the
+    device posted. (A completion's phase dword written in two steps once let Linux read
+    "command ID 0" about once a second here, lose the real one and reset after 30 s.)"""
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.write(os.urandom(64 << 20))
+    dev = Device(tmp_path, str(image))
+    try:
+        script = (
+            "set -euo pipefail\n"
+            "for _ in $(seq 300); do [ -b /dev/nvme0n1 ] && break; sleep 0.1; done\n"
+            "fio --name=deep --filename=/dev/nvme0n1 --rw=randread --bs=4k --iodepth=32"
+            " --ioengine=libaio --direct=1 --runtime=15 --time_based --eta=never"
+            " --output-format=terse --terse-version=3 | awk -F';' '{ print \"FIO\", $6, $8 }'\n"
+            "dmesg | grep -Ei 'nvme.*(timeout|abort|reset|invalid id|genctr|error)' || true\n"
+            "echo DEEP-DONE\n"
+        )
+        result = guestvm.run_guest(script, sockets=[str(dev.socket)], smp=1, timeout=300)
+        print(result.output)
+        assert result.status == 0, dev.log()
+        assert "DEEP-DONE" in result.output
+        fio = next(line.split() for line in result.output.splitlines() if line.startswith("FIO"))
+        assert int(fio[1]) > 0 and int(fio[2]) > 0, fio  # KiB read, IOPS
+        kernel = [line for line in result.output.splitlines() if "nvme nvme0:" in line]
+        assert not [line for line in kernel if "invalid id" in line or "timeout" in line], kernel
+    finally:
+        assert dev.stop() == 0
+
+
 SMALL_CHECK = """
 set -euo pipefail
 for _ in $(seq 300); do [ -b /dev/nvme0n1 ] && break; sleep 0.1; done

@@ -138,7 +138,7 @@ class IoThread:
                 # controller until the guest resets it, but keep serving.
                 log.exception("I/O processing failed")
                 ctrl.fatal("I/O processing failed")
-            if ctrl.doorbell_page is not None and ctrl.registers.ready:
+            if ctrl.doorbell_words is not None and ctrl.registers.ready:
                 # Mapped doorbells never trap: nothing would wake a parked thread.
                 # (Disabled, it parks: enabling the controller wakes it.)
                 ctrl.poll_mapped_doorbells()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -87,12 +86,12 @@ class Controller:
         memory: GuestMemory,
         interrupts: InterruptSink,
         namespaces: list[Namespace] | None = None,
-        doorbell_page: memoryview | None = None,
+        doorbell_words: memoryview | None = None,
     ) -> None:
         self.config = config
-        #: BAR0's doorbell page when the client maps it (no trapped doorbells at all):
-        #: offset 0 is the admin SQ tail doorbell (BAR0 offset 1000h)
-        self.doorbell_page = doorbell_page
+        #: BAR0's doorbell page as 32-bit words (see words32) when the client maps it
+        #: (no trapped doorbells at all): word 0 is the admin SQ tail doorbell (BAR0 1000h)
+        self.doorbell_words = doorbell_words
         self.memory = memory
         self.interrupts = interrupts
         self.io_thread: IoThreadHooks = _Inline()
@@ -257,9 +256,9 @@ class Controller:
             r.csts |= CSTS_CFS
             return
         self.admin_cq.sq_ids.add(0)
-        if self.doorbell_page is not None:
-            self.admin_sq.shadow = MappedDoorbell(self.doorbell_page, 0)
-            self.admin_cq.shadow = MappedDoorbell(self.doorbell_page, 4)
+        if self.doorbell_words is not None:
+            self.admin_sq.shadow = MappedDoorbell(self.doorbell_words, 0)
+            self.admin_cq.shadow = MappedDoorbell(self.doorbell_words, 4)
         r.csts |= CSTS_RDY
         self.io_thread.wake()  # with mapped doorbells it polls from now on
 
@@ -300,8 +299,8 @@ class Controller:
             self.admin_sq = self.admin_cq = None
             self.shadow_doorbells = None
             self.aborts.clear()
-            if self.doorbell_page is not None:
-                self.doorbell_page[:] = bytes(len(self.doorbell_page))  # doorbells reset to 0
+            if self.doorbell_words is not None:
+                self.doorbell_words.cast("B")[:] = bytes(4 * len(self.doorbell_words))
             self._coalesced.clear()
             self.features.reset()
             self.events.reset()
@@ -345,10 +344,10 @@ class Controller:
         if value >= queue.size:
             self.events.error(events.ERROR_INVALID_DOORBELL_VALUE, self)
             return
-        if self.doorbell_page is not None:
+        if self.doorbell_words is not None:
             # A client that did not map the page (or mapped it and also traps): the
             # register still holds what the guest wrote, where the poller looks.
-            struct.pack_into("<I", self.doorbell_page, offset - DOORBELL_BASE, value)
+            self.doorbell_words[index] = value
         if queue.shadow is not None:
             # The guest stored this value in the shadow doorbell before ringing, and
             # may have stored newer ones since (this write travelled over the socket):
@@ -563,7 +562,7 @@ class Controller:
     @property
     def polls_doorbells(self) -> bool:
         """Whether I/O submissions can arrive without a trapped doorbell write."""
-        return self.shadow_doorbells is not None or self.doorbell_page is not None
+        return self.shadow_doorbells is not None or self.doorbell_words is not None
 
     def poll_mapped_doorbells(self) -> None:
         """With mapped doorbells nothing traps: notice admin submissions and CQ heads

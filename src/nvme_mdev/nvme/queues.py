@@ -18,31 +18,37 @@ from __future__ import annotations
 import struct
 from typing import Protocol
 
-from ..guest_memory import DmaError, GuestMemory
+from ..guest_memory import DmaError, GuestMemory, words32
 from ..statistics import QueueStats
 from .spec import CQE_SIZE, SQE_SIZE
 
 _U32 = struct.Struct("<I")
-_DW0_11 = struct.Struct("<III")  # CQE DW0, DW1, DW2 (SQHD | SQID << 16)
-_DW3 = struct.Struct("<I")  # CQE DW3 (CID | phase << 16 | status << 17)
+# CQE DW0, DW1, DW2 (SQHD | SQID << 16); DW3 is CID | phase << 16 | status << 17
+_DW0_11 = struct.Struct("<III")
 
 
 class _GuestSlots:
     """A fixed guest range, reached through a cached zero-copy view when there is one.
 
     release() drops the view (the transport is about to unmap memory); the next access
-    looks the range up again, and copies through the GuestMemory if that fails."""
+    looks the range up again, and copies through the GuestMemory if that fails.
+    Words the guest polls or writes while we poll go through load32/store32, never
+    through struct.pack_into (see words32)."""
 
-    __slots__ = ("_memory", "_stale", "_view", "base", "length")
+    __slots__ = ("_memory", "_stale", "_view", "_words", "base", "length")
 
     def __init__(self, memory: GuestMemory, base: int, length: int) -> None:
         self._memory = memory
         self.base = base
         self.length = length
         self._view: memoryview | None = memory.view(base, length, True)  # DmaError if unmapped
+        self._words = words32(self._view) if self._view is not None else None
         self._stale = False
 
     def release(self) -> None:
+        if self._words is not None:
+            self._words.release()
+            self._words = None
         if self._view is not None:
             self._view.release()
             self._view = None
@@ -55,6 +61,7 @@ class _GuestSlots:
                 self._view = self._memory.view(self.base, self.length, True)
             except DmaError:
                 self._view = None  # reads/writes will report it
+            self._words = words32(self._view) if self._view is not None else None
         return self._view
 
     def read(self, offset: int, length: int) -> bytes | memoryview:
@@ -63,12 +70,24 @@ class _GuestSlots:
             return view[offset : offset + length]
         return self._memory.read(self.base + offset, length)
 
-    def write(self, offset: int, data: bytes) -> None:
-        view = self._view if not self._stale else self.view()
-        if view is not None:
-            view[offset : offset + len(data)] = data
+    def load32(self, index: int) -> int:
+        """The `index`th 32-bit word, loaded whole."""
+        if self._stale:
+            self.view()
+        words = self._words
+        if words is not None:
+            return int(words[index])
+        return int(_U32.unpack(self._memory.read(self.base + 4 * index, 4))[0])
+
+    def store32(self, index: int, value: int) -> None:
+        """Store the `index`th 32-bit word in one store."""
+        if self._stale:
+            self.view()
+        words = self._words
+        if words is not None:
+            words[index] = value
         else:
-            self._memory.write(self.base + offset, data)
+            self._memory.write(self.base + 4 * index, _U32.pack(value))
 
 
 class QueueMemory(_GuestSlots):
@@ -85,15 +104,20 @@ class QueueMemory(_GuestSlots):
         return self.read(index * self.entry_size, self.entry_size)
 
     def write_cqe(self, index: int, dw0: int, dw1: int, dw2: int, dw3: int) -> None:
-        off = index * CQE_SIZE
-        view = self._view if not self._stale else self.view()
-        if view is not None:
-            # DW3 carries the phase tag: it must become visible last (x86 keeps store order).
-            _DW0_11.pack_into(view, off, dw0, dw1, dw2)
-            _DW3.pack_into(view, off + 12, dw3)
+        if self._stale:
+            self.view()
+        words = self._words
+        if words is not None:
+            i = index * (CQE_SIZE // 4)
+            words[i] = dw0
+            words[i + 1] = dw1
+            words[i + 2] = dw2
+            # DW3 carries the phase tag: stored last (x86 keeps store order), in one store.
+            words[i + 3] = dw3
         else:
-            self._memory.write(self.base + off, _DW0_11.pack(dw0, dw1, dw2))
-            self._memory.write(self.base + off + 12, _DW3.pack(dw3))
+            off = self.base + index * CQE_SIZE
+            self._memory.write(off, _DW0_11.pack(dw0, dw1, dw2))
+            self._memory.write(off + 12, _U32.pack(dw3))
 
 
 class Doorbell(Protocol):
@@ -113,17 +137,17 @@ class MappedDoorbell:
     """A doorbell register in BAR0's mmap'd doorbell page: the guest's writes land
     in memory without a trap, and the I/O thread reads them by polling."""
 
-    __slots__ = ("_offset", "_page")
+    __slots__ = ("_index", "_words")
 
-    def __init__(self, page: memoryview, offset: int) -> None:
-        self._page = page
-        self._offset = offset
+    def __init__(self, page_words: memoryview, offset: int) -> None:
+        self._words = page_words
+        self._index = offset // 4
 
     def value(self) -> int:
-        return int(_U32.unpack_from(self._page, self._offset)[0])
+        return int(self._words[self._index])
 
     def set_value(self, value: int) -> None:
-        _U32.pack_into(self._page, self._offset, value)
+        self._words[self._index] = value
 
     def set_event_index(self, value: int) -> None:
         pass  # nothing traps, so there is nothing to ask for
@@ -142,13 +166,13 @@ class ShadowDoorbell:
         self._eventidx = _GuestSlots(memory, eventidx_addr, 4)
 
     def value(self) -> int:
-        return int(_U32.unpack(self._shadow.read(0, 4))[0])
+        return self._shadow.load32(0)
 
     def set_value(self, value: int) -> None:
-        self._shadow.write(0, _U32.pack(value))
+        self._shadow.store32(0, value)
 
     def set_event_index(self, value: int) -> None:
-        self._eventidx.write(0, _U32.pack(value & 0xFFFF))
+        self._eventidx.store32(0, value & 0xFFFF)
 
     def release(self) -> None:
         self._shadow.release()

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
 
+from ..guest_memory import words32
 from . import protocol as p
 from .framing import Message, MessageReader, close_fds, send_message
 
@@ -90,6 +91,8 @@ class GuestRam:
             os.close(self.fd)
             raise
         self.view = memoryview(self.map)
+        #: the same memory as 32-bit words, for stores the device polls (see words32)
+        self.words = words32(self.view)
 
     @property
     def end(self) -> int:
@@ -109,6 +112,7 @@ class GuestRam:
         return addr - self.base
 
     def close(self) -> None:
+        self.words.release()
         self.view.release()
         self.map.close()
         os.close(self.fd)

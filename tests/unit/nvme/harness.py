@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nvme_mdev.backends.file import FileBackend
-from nvme_mdev.guest_memory import DmaError
+from nvme_mdev.guest_memory import DmaError, words32
 from nvme_mdev.nvme.controller import Controller
 from nvme_mdev.nvme.identity import ControllerConfig
 from nvme_mdev.nvme.namespace import Namespace
@@ -133,9 +133,9 @@ class HostQueue:
         return cid
 
     def ring_sq(self) -> None:
-        page = self.host.doorbell_page
+        page = self.host.doorbell_words
         if page is not None:
-            struct.pack_into("<I", page, 8 * self.qid, self.sq_tail)
+            page[2 * self.qid] = self.sq_tail
         elif self.shadow_sq is not None:
             self.host.memory.put_u32(self.shadow_sq, self.sq_tail)
         else:
@@ -172,9 +172,9 @@ class HostQueue:
         return out
 
     def ring_cq(self) -> None:
-        page = self.host.doorbell_page
+        page = self.host.doorbell_words
         if page is not None:
-            struct.pack_into("<I", page, 8 * self.qid + 4, self.cq_head)
+            page[2 * self.qid + 1] = self.cq_head
         elif self.shadow_cq is not None:
             self.host.memory.put_u32(self.shadow_cq, self.cq_head)
         else:
@@ -196,9 +196,9 @@ class Host:
         self.interrupts = FakeInterrupts()
         config = config or ControllerConfig()
         #: BAR0's doorbell page as the guest would map it (serve --mmap-doorbells)
-        self.doorbell_page = memoryview(bytearray(PAGE)) if mapped_doorbells else None
+        self.doorbell_words = words32(memoryview(bytearray(PAGE))) if mapped_doorbells else None
         self.ctrl = Controller(
-            config, self.memory, self.interrupts, namespaces, doorbell_page=self.doorbell_page
+            config, self.memory, self.interrupts, namespaces, doorbell_words=self.doorbell_words
         )
         self._next = self.memory.base
         self.admin = HostQueue(self, 0, admin_entries)

@@ -57,7 +57,7 @@ def controller_data(ctrl: Controller) -> bytes:
     struct.pack_into("<I", data, 92, OAES)
     data[111] = 1  # CNTRLTYPE: I/O controller
     # Mapped doorbells never trap, so shadow doorbells would have nothing to save.
-    struct.pack_into("<H", data, 256, OACS if ctrl.doorbell_page is None else 0)
+    struct.pack_into("<H", data, 256, OACS if ctrl.doorbell_words is None else 0)
     data[258] = cfg.abort_limit - 1  # ACL, 0's based
     data[259] = cfg.aer_limit - 1  # AERL, 0's based
     data[260] = (1 << 1) | 1  # FRMW: one slot, read only

@@ -131,8 +131,8 @@ def _doorbell_slot(ctrl: Controller, queue: SubmissionQueue | CompletionQueue) -
 def _attach_shadow(ctrl: Controller, queue: SubmissionQueue | CompletionQueue) -> None:
     """Point a queue at its shadow doorbell slots, seeded with its current index
     (or at its register in the mapped doorbell page)."""
-    if ctrl.doorbell_page is not None:
-        queue.shadow = MappedDoorbell(ctrl.doorbell_page, _doorbell_slot(ctrl, queue))
+    if ctrl.doorbell_words is not None:
+        queue.shadow = MappedDoorbell(ctrl.doorbell_words, _doorbell_slot(ctrl, queue))
         queue.shadow.set_value(0)  # a new queue's doorbell starts at 0, whatever was there
         return
     if ctrl.shadow_doorbells is None:
@@ -156,7 +156,7 @@ def _attach_shadow(ctrl: Controller, queue: SubmissionQueue | CompletionQueue) -
 
 
 def doorbell_buffer_config(ctrl: Controller, dw: tuple[int, ...]) -> int:
-    if ctrl.doorbell_page is not None:
+    if ctrl.doorbell_words is not None:
         # Mapped doorbells never trap: there is nothing for shadows to save (OACS bit 8 clear).
         raise CommandError(Status.INVALID_OPCODE, "doorbells are mapped: no Doorbell Buffer Config")
     shadow_page = dw[6] | (dw[7] << 32)
