@@ -24,7 +24,7 @@ from nvme_mdev.nvme_host import Completion, NvmeHost, read_write
 
 CLI = [sys.executable, "-m", "nvme_mdev.cli"]
 MIB = 1 << 20
-INVALID_NAMESPACE_DNR = 0x400B
+INACTIVE_NAMESPACE_DNR = 0x4002  # Invalid Field in Command, DNR: a removed NSID is inactive
 NS_ATTRIBUTE_CHANGED = 0x2 | (0x04 << 16)
 
 
@@ -207,7 +207,7 @@ def test_hot_add_and_remove_on_a_live_controller(daemon: DaemonProcess, tmp_path
         assert changed_namespaces(host) == [2]
         assert active_namespaces(host) == [1]
         buf = host.alloc(4096)
-        assert host.io[1].command(read_write(0x02, 2, buf, 0, 1)).status == INVALID_NAMESPACE_DNR
+        assert host.io[1].command(read_write(0x02, 2, buf, 0, 1)).status == INACTIVE_NAMESPACE_DNR
         assert write_read(host, 1, 8, b"\x03" * 512) == b"\x03" * 512
         # The nsid is free again, and a chosen one is honoured.
         assert daemon.ok("ns", "add", "vm", str(second), "--nsid", "7", "--ro")["nsid"] == 7
@@ -218,7 +218,7 @@ def test_hot_add_and_remove_on_a_live_controller(daemon: DaemonProcess, tmp_path
 
 def test_remove_with_io_in_flight(daemon: DaemonProcess, tmp_path: Path) -> None:
     """A guest keeps 16 commands in flight on the namespace being removed: each one
-    completes, successfully or with Invalid Namespace; none is lost or hangs."""
+    completes, successfully or with Invalid Field (inactive NSID); none is lost or hangs."""
     daemon.ok(
         "controller", "create", "vm", "--socket", str(tmp_path / "vm.sock"),
         "--ns", str(image(tmp_path, "a.img")), "--ns", str(image(tmp_path, "b.img")),
@@ -254,8 +254,8 @@ def test_remove_with_io_in_flight(daemon: DaemonProcess, tmp_path: Path) -> None
         daemon.ok("ns", "remove", "vm", "2")
         worker.join(120)
         assert not worker.is_alive() and not failure, failure
-        assert set(statuses) <= {0, INVALID_NAMESPACE_DNR}
-        assert statuses[0] == 0 and statuses[-1] == INVALID_NAMESPACE_DNR
+        assert set(statuses) <= {0, INACTIVE_NAMESPACE_DNR}
+        assert statuses[0] == 0 and statuses[-1] == INACTIVE_NAMESPACE_DNR
         assert write_read(host, 1, 0, b"\x05" * 4096) == b"\x05" * 4096
 
 

@@ -106,7 +106,9 @@ class Controller:
         for ns in namespaces or []:
             self.add_namespace(ns)
         self.counters = IoCounters()
-        self.io = IoCommandSet(memory, self.namespaces, config.max_transfer, self.counters)
+        self.io = IoCommandSet(
+            memory, self.namespaces, config.max_transfer, self.counters, config.max_namespaces
+        )
         self.features = features.FeatureState(config)
         self.io.write_cache_enabled = lambda: self.features.volatile_write_cache
         self.events = events.AsyncEvents(config.aer_limit)

@@ -103,9 +103,12 @@ class IoCommandSet:
         namespaces: dict[int, Namespace],
         max_transfer: int,
         counters: IoCounters,
+        max_namespaces: int,
     ) -> None:
         self.memory = memory
         self.namespaces = namespaces
+        #: Identify Controller NN: NSIDs 1..NN are valid, active or not
+        self.max_namespaces = max_namespaces
         self.max_transfer = max_transfer
         self.counters = counters
         #: Volatile Write Cache feature (WCE): while it is off every write is made durable
@@ -158,7 +161,12 @@ class IoCommandSet:
     def _namespace(self, nsid: int) -> Namespace:
         ns = self.namespaces.get(nsid)
         if ns is None:
-            raise CommandError(Status.INVALID_NAMESPACE, f"nsid {nsid}")
+            # Base 2.0+ (NSID types): an invalid NSID (0, above NN, FFFFFFFFh where no
+            # broadcast is allowed) is Invalid Namespace or Format; a valid but inactive
+            # one (a slot without a namespace, one hot-removed) is Invalid Field in Command.
+            if 0 < nsid <= self.max_namespaces:
+                raise CommandError(Status.INVALID_FIELD, f"nsid {nsid} is not active")
+            raise CommandError(Status.INVALID_NAMESPACE, f"nsid {nsid:#x}")
         return ns
 
     def _data_range(self, ns: Namespace, dw: tuple[int, ...]) -> tuple[int, int]:

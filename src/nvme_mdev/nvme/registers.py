@@ -26,7 +26,9 @@ from .spec import (
     Reg,
 )
 
-NVME_VERSION = (1 << 16) | (4 << 8)  # 1.4.0: Linux then uses NS descriptors and 64-bit LBAs
+# 2.0.0: the NVM Command Set's Copy, CNS 05h-08h/1Ch and the CSI descriptor are 2.0
+# features; Linux uses NS descriptors and 64-bit LBAs from 1.3 on.
+NVME_VERSION = 2 << 16
 
 # Writable CC bits: EN, CSS, MPS, AMS, SHN, IOSQES, IOCQES (CRIME is not supported).
 CC_WRITABLE = 0x00FFFFF1
@@ -50,6 +52,9 @@ class Capabilities:
         cap |= 1 << 37  # CSS: NVM command set
         cap |= 0 << 48  # MPSMIN: 4 KiB
         cap |= 0 << 52  # MPSMAX: 4 KiB
+        # CRMS.CRWMS, required from 2.0 on: ready means ready with media, within CRTO.CRWMT.
+        # CRIMS stays clear (no "ready independent of media" mode).
+        cap |= 1 << 59
         return cap
 
 
@@ -134,4 +139,7 @@ class RegisterFile:
             return self.csts
         if offset == Reg.AQA:
             return self.aqa
+        if offset == Reg.CRTO:
+            # CRTO.CRWMT (31:16) must cover CAP.TO (Base 2.0, Controller Ready Timeouts).
+            return ((self.cap >> 24) & 0xFF) << 16
         return 0

@@ -34,6 +34,8 @@ class Reg(IntEnum):
     BPMBL = 0x48
     CMBMSC = 0x50
     CMBSTS = 0x58
+    NSSD = 0x64
+    CRTO = 0x68
     PMRCAP = 0xE00
 
 

@@ -124,7 +124,7 @@ LOG_PAGES: Table = {
     LogPage.DEVICE_SELF_TEST: ("refused", "no self-test"),
     LogPage.TELEMETRY_HOST: ("refused", "no telemetry"),
     LogPage.ENDURANCE_GROUP: ("refused", "no endurance groups"),
-    LogPage.FEATURE_IDENTIFIERS_SUPPORTED: ("refused", "Get Features SEL 3 answers that"),
+    LogPage.FEATURE_IDENTIFIERS_SUPPORTED: ("full", "every feature: controller scope"),
 }
 
 FEATURES: Table = {

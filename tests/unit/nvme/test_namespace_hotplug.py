@@ -76,10 +76,8 @@ def test_detach_tells_the_host_and_fails_later_commands(
     ns.backend.close()
     host.ctrl.process_io()
     (done,) = host.io[1].reap()
-    assert (done.cid, done.status) == (queued, with_dnr(Status.INVALID_NAMESPACE))
-    assert host.io_cmd(1, rw(IoOpcode.READ, 2, buf, 0, 1)).status == with_dnr(
-        Status.INVALID_NAMESPACE
-    )
+    assert (done.cid, done.status) == (queued, with_dnr(Status.INVALID_FIELD))
+    assert host.io_cmd(1, rw(IoOpcode.READ, 2, buf, 0, 1)).status == with_dnr(Status.INVALID_FIELD)
     assert events(host) == [(cid, NS_ATTRIBUTE_CHANGED)]
     assert changed_list(host) == [2]
     assert active_list(host) == [1]

@@ -20,7 +20,7 @@ def test_identify_controller(host: Host) -> None:
     assert d[64:72] == b"0.1.0".ljust(8)  # FR
     assert d[77] == 7  # MDTS: 2^7 pages = 512 KiB
     assert u16(d, 78) == 1  # CNTLID
-    assert u32(d, 80) == 0x00010400  # VER
+    assert u32(d, 80) == 0x00020000  # VER: 2.0
     assert u32(d, 92) == 1 << 8  # OAES: namespace attribute notices
     assert d[111] == 1  # CNTRLTYPE: I/O controller
     assert u16(d, 256) == 1 << 8  # OACS: Doorbell Buffer Config only

@@ -276,11 +276,20 @@ def test_transfer_larger_than_mdts(file_ns: NamespaceFactory) -> None:
     assert h.io_cmd(1, rw(READ, 1, prp1, 0, 1024, prp2=prp2)).status == 0  # exactly MDTS
 
 
-@pytest.mark.parametrize("nsid", [0, 2, 256, 0xFFFFFFFE, BROADCAST])
+@pytest.mark.parametrize("nsid", [0, 257, 0xFFFFFFFE, BROADCAST])
 def test_invalid_namespace(h: Host, nsid: int) -> None:
+    """An invalid NSID (0, above NN = 256, broadcast for a non-Flush command)."""
     buf = h.alloc(PAGE)
     for op in (READ, WRITE, IoOpcode.WRITE_ZEROES, IoOpcode.DATASET_MANAGEMENT):
         assert h.io_cmd(1, rw(op, nsid, buf, 0, 1)).status == with_dnr(Status.INVALID_NAMESPACE)
+
+
+@pytest.mark.parametrize("nsid", [2, 256])
+def test_inactive_namespace(h: Host, nsid: int) -> None:
+    """A valid NSID (1..NN) with no namespace behind it: Invalid Field in Command."""
+    buf = h.alloc(PAGE)
+    for op in (READ, WRITE, IoOpcode.FLUSH, IoOpcode.WRITE_ZEROES, IoOpcode.DATASET_MANAGEMENT):
+        assert h.io_cmd(1, rw(op, nsid, buf, 0, 1)).status == with_dnr(Status.INVALID_FIELD)
 
 
 @pytest.mark.parametrize("opcode", [0x03, 0x04, 0x0D, 0x11, 0x7F, 0x80, 0xFF])
@@ -335,7 +344,7 @@ def test_flush_one_and_all_namespaces(file_ns: NamespaceFactory) -> None:
     assert (spy1.count("flush"), spy2.count("flush")) == (1, 2)
 
 
-@pytest.mark.parametrize("nsid", [0, 3, 0xFFFFFFFE])
+@pytest.mark.parametrize("nsid", [0, 257, 0xFFFFFFFE])
 def test_flush_invalid_namespace(h: Host, nsid: int) -> None:
     assert h.io_cmd(1, [IoOpcode.FLUSH, nsid]).status == with_dnr(Status.INVALID_NAMESPACE)
 

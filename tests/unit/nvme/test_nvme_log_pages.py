@@ -176,7 +176,19 @@ def test_supported_log_pages(host: Host) -> None:
     c, data = host.get_log(LogPage.SUPPORTED_LOG_PAGES, 1024)
     assert c.status == 0
     supported = [lid for lid in range(256) if u32(data, lid * 4) & 1]
-    assert supported == [0x00, 0x01, 0x02, 0x03, 0x04, 0x05]
+    assert supported == [0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x12]
+
+
+def test_feature_identifiers_supported_and_effects(host: Host) -> None:
+    """Every FID marked supported answers Get Features; every other one is refused."""
+    c, data = host.get_log(LogPage.FEATURE_IDENTIFIERS_SUPPORTED, 1024)
+    assert c.status == 0
+    supported = {fid for fid in range(256) if u32(data, fid * 4) & 1}
+    assert {0x01, 0x06, 0x07, 0x08, 0x0B} <= supported
+    for fid in range(1, 0x20):
+        assert (host.get_feature(fid).status == 0) == (fid in supported), hex(fid)
+        if fid in supported:
+            assert u32(data, fid * 4) == 1 | 1 << 21  # FSUPP, controller scope, no effects
 
 
 def test_get_log_page_offset_and_length(host: Host) -> None:

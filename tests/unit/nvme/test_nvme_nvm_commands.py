@@ -122,7 +122,7 @@ def test_compare_errors(h: Host) -> None:
     assert h.io_cmd(1, rw(COMPARE, 1, buf, BLOCKS - 1, 2)).status == with_dnr(
         Status.LBA_OUT_OF_RANGE
     )
-    assert h.io_cmd(1, rw(COMPARE, 2, buf, 0, 1)).status == with_dnr(Status.INVALID_NAMESPACE)
+    assert h.io_cmd(1, rw(COMPARE, 2, buf, 0, 1)).status == with_dnr(Status.INVALID_FIELD)
     assert h.io_cmd(1, rw(COMPARE, 1, UNMAPPED, 0, 1)).status == Status.DATA_TRANSFER_ERROR
     assert h.io_cmd(1, rw(COMPARE, 1, buf + 1, 0, 1)).status == with_dnr(Status.PRP_OFFSET_INVALID)
 
@@ -199,7 +199,7 @@ def test_verify_errors(h: Host) -> None:
         Status.LBA_OUT_OF_RANGE
     )
     assert h.io_cmd(1, [VERIFY, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).status == with_dnr(
-        Status.INVALID_NAMESPACE
+        Status.INVALID_FIELD  # an inactive NSID
     )
     # PRINFO.PRACT shall be cleared in a Verify (NVM Figure 61)
     c = h.io_cmd(1, [VERIFY, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, PRACT])
@@ -325,7 +325,7 @@ def test_copy_errors(file_ns: NamespaceFactory) -> None:
     assert copy_cmd(h, 0, [(0, 1)], desfmt=2) == with_dnr(Status.INVALID_FIELD)  # SNSID
     assert copy_cmd(h, 0, [(BLOCKS - 1, 2)]) == with_dnr(Status.LBA_OUT_OF_RANGE)
     assert copy_cmd(h, BLOCKS - 1, [(0, 2)]) == with_dnr(Status.LBA_OUT_OF_RANGE)
-    assert copy_cmd(h, 0, [(0, 1)], nsid=9) == with_dnr(Status.INVALID_NAMESPACE)
+    assert copy_cmd(h, 0, [(0, 1)], nsid=9) == with_dnr(Status.INVALID_FIELD)  # inactive
     c = h.io_cmd(1, [COPY, 1, 0, 0, 0, 0, UNMAPPED & 0xFFFFFFFF, UNMAPPED >> 32, 0, 0, 0, 0, 0])
     assert c.status == Status.DATA_TRANSFER_ERROR
     assert c.dw0 == 0  # no data written: Dword 0 is 0

@@ -36,6 +36,7 @@ def test_cap_fields() -> None:
     assert (cap >> 45) & 1 == 0  # BPS
     assert (cap >> 48) & 0xF == 0  # MPSMIN: 4 KiB
     assert (cap >> 52) & 0xF == 0  # MPSMAX: 4 KiB
+    assert (cap >> 59) & 3 == 0b01  # CRMS: CRWMS (required from 2.0 on), no CRIMS
     # The two dword halves read the same 64-bit value.
     assert h.read_reg(Reg.CAP) | (h.read_reg(Reg.CAP + 4) << 32) == cap
 
@@ -45,8 +46,17 @@ def test_cap_mqes_follows_config() -> None:
     assert h.read_reg(Reg.CAP) & 0xFFFF == 63
 
 
-def test_version_is_1_4() -> None:
-    assert Host().read_reg(Reg.VS) == 0x00010400
+def test_version_is_2_0() -> None:
+    assert Host().read_reg(Reg.VS) == 0x00020000
+
+
+def test_controller_ready_timeouts_cover_cap_to() -> None:
+    """CRTO.CRWMT is at least CAP.TO (Linux uses the larger and warns if CRWMT is less);
+    CRIMT is 0 without CAP.CRMS.CRIMS."""
+    h = Host()
+    crto = h.read_reg(Reg.CRTO)
+    assert crto >> 16 == (h.read_reg(Reg.CAP) >> 24) & 0xFF == 10
+    assert crto & 0xFFFF == 0
 
 
 def test_cc_writable_bits() -> None:

@@ -10,6 +10,7 @@ from ..errors import CommandError
 from ..prp import send_to_host
 from ..spec import AdminOpcode, IoOpcode, LogPage, Status
 from .features import REPORTED_TEMPERATURE
+from .features import SUPPORTED as SUPPORTED_FEATURES
 
 if TYPE_CHECKING:
     from ..controller import Controller
@@ -44,6 +45,8 @@ IO_EFFECTS = {
     IoOpcode.VERIFY: CSUPP,
     IoOpcode.COPY: CSUPP | LBCC,
 }
+# Feature Identifiers Supported and Effects: FSUPP (0), FSP (31:20), controller scope (21)
+FEATURE_CONTROLLER_SCOPE = 1 << 21
 SUPPORTED_LOGS = (
     LogPage.SUPPORTED_LOG_PAGES,
     LogPage.ERROR_INFORMATION,
@@ -51,6 +54,7 @@ SUPPORTED_LOGS = (
     LogPage.FIRMWARE_SLOT,
     LogPage.CHANGED_NAMESPACE_LIST,
     LogPage.COMMANDS_SUPPORTED_AND_EFFECTS,
+    LogPage.FEATURE_IDENTIFIERS_SUPPORTED,
 )
 
 
@@ -134,6 +138,15 @@ def commands_supported_and_effects() -> bytes:
     return bytes(data)
 
 
+def feature_identifiers_supported_and_effects() -> bytes:
+    """One dword per FID: supported, controller scope (Get Features SEL 3 agrees: none is
+    namespace specific), and no effects on user data or capabilities."""
+    data = bytearray(1024)
+    for fid in SUPPORTED_FEATURES:
+        struct.pack_into("<I", data, fid * 4, CSUPP | FEATURE_CONTROLLER_SCOPE)
+    return bytes(data)
+
+
 def get_log_page(ctrl: Controller, dw: tuple[int, ...]) -> int:
     lid = dw[10] & 0xFF
     retain_event = bool(dw[10] & (1 << 15))
@@ -163,8 +176,10 @@ def get_log_page(ctrl: Controller, dw: tuple[int, ...]) -> int:
         page = firmware_slot(ctrl)
     elif lid == LogPage.CHANGED_NAMESPACE_LIST:
         page = changed_namespaces(ctrl)
-    else:
+    elif lid == LogPage.COMMANDS_SUPPORTED_AND_EFFECTS:
         page = commands_supported_and_effects()
+    else:
+        page = feature_identifiers_supported_and_effects()
     if offset > len(page):
         raise CommandError(Status.INVALID_FIELD, f"offset {offset} past the {len(page)}-byte log")
     data = page[offset : offset + length]
