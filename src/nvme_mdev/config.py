@@ -155,7 +155,9 @@ def window(backend: Backend, offset: int, size: int | None) -> Backend:
             raise BackendError(
                 f"{backend.description}: offset {offset} is past the end ({backend.size} bytes)"
             )
-        return WindowBackend(backend, offset, backend.size - offset if size is None else size)
+        if size is None:
+            return WindowBackend(backend, offset, backend.size - offset, to_end=True)
+        return WindowBackend(backend, offset, size)
     except BackendError:
         backend.close()
         raise

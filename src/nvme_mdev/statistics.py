@@ -162,7 +162,11 @@ def prometheus_text(controllers: dict[str, dict[str, Any]]) -> str:
     family("doorbell_traps_total", "counter", "Doorbell writes that trapped (were not polled).")
     for ctrl, snap in controllers.items():
         sample("doorbell_traps_total", {"controller": ctrl}, snap["doorbell_traps"])
-    family("host_io_errors_total", "counter", "Backend I/O errors (reported as media errors).")
+    family(
+        "host_io_errors_total",
+        "counter",
+        "Backend I/O errors (each failed its command; see nvme/media_errors.py).",
+    )
     for ctrl, snap in controllers.items():
         sample("host_io_errors_total", {"controller": ctrl}, snap["host_io_errors"])
     return "\n".join(lines) + "\n"

@@ -86,7 +86,7 @@ class VirtualController:
     def statistics(self) -> dict[str, Any]:
         polling_ns, parked_ns = self.io_thread.time_split_ns()
         return self.controller.stats.snapshot(
-            polling_ns, parked_ns, self.controller.counters.media_errors
+            polling_ns, parked_ns, self.controller.counters.host_errors
         )
 
     def io_thread_settings(self) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 A backend is a byte-addressed slice of host storage. Offsets are relative to the
 start of the slice; the namespace has already checked that every access lies
 inside it. Buffers are memoryviews straight into mmap'd guest memory (zero copy).
-Errors are raised as OSError and turned into NVMe status codes by the caller.
+Errors are raised as OSError and turned into NVMe status codes by the caller
+(nvme/media_errors.py).
 """
 
 from __future__ import annotations
@@ -39,6 +40,18 @@ class Backend(Protocol):
 
     def deallocate(self, offset: int, length: int) -> None:
         """Advisory: release the space (punch a hole / discard). Data then reads as zeroes."""
+        ...
+
+    def store_size(self) -> int:
+        """Bytes the storage under the slice holds now: a file's length, a block
+        device's capacity; a window's whole file or device. OSError if it cannot be
+        asked (a device that went away)."""
+        ...
+
+    def current_size(self) -> int:
+        """The slice's size as the storage is now (a rescan): store_size() for a whole
+        file or device. A window keeps its size (or runs to the end, if it was given no
+        size) and raises BackendError if it no longer lies inside its store."""
         ...
 
     def close(self) -> None: ...

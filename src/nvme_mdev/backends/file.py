@@ -33,6 +33,14 @@ class BackendError(Exception):
     """A backing store that cannot be used as configured; the message says why."""
 
 
+class EndOfStorage(OSError):
+    """A read met the end of the file or device before the namespace's end: the store
+    shrank under a namespace that was not rescanned."""
+
+    def __init__(self, offset: int) -> None:
+        super().__init__(errno.EIO, f"end of the backing store at byte {offset}")
+
+
 class FileBackend:
     """A regular file or a block device, used whole."""
 
@@ -58,11 +66,20 @@ class FileBackend:
             hint = " (mounted or in use?)" if exc.errno == errno.EBUSY else ""
             raise BackendError(f"{path}: {exc.strerror}{hint}") from exc
         if self.is_block_device:
-            self.size = struct.unpack("Q", fcntl.ioctl(self.fd, BLKGETSIZE64, bytes(8)))[0]
+            self.size = self.store_size()
             self.block_size = struct.unpack("i", fcntl.ioctl(self.fd, BLKSSZGET, bytes(4)))[0]
         else:
             self.size = st.st_size
             self.block_size = 1
+
+    def store_size(self) -> int:
+        if self.is_block_device:
+            # A deleted disk (hot unplug, del_gendisk) reports capacity 0.
+            return int(struct.unpack("Q", fcntl.ioctl(self.fd, BLKGETSIZE64, bytes(8)))[0])
+        return os.fstat(self.fd).st_size
+
+    def current_size(self) -> int:
+        return self.store_size()
 
     def readv(self, offset: int, buffers: Sequence[memoryview]) -> None:
         try:
@@ -109,7 +126,7 @@ class FileBackend:
                     else:
                         n = os.preadv(self.fd, [view], at)
                     if n == 0:
-                        raise OSError(errno.EIO, "unexpected end of backing file")
+                        raise EndOfStorage(at)
                     view = view[n:]
                     start += n
             pos = end
@@ -171,6 +188,12 @@ class NullBackend:
     def __init__(self, size: int) -> None:
         self.size = size
         self.description = f"null:{size}"
+
+    def store_size(self) -> int:
+        return self.size
+
+    def current_size(self) -> int:
+        return self.size
 
     def readv(self, offset: int, buffers: Sequence[memoryview]) -> None:
         pass

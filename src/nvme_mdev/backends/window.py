@@ -11,7 +11,9 @@ from .file import BackendError
 
 
 class WindowBackend:
-    def __init__(self, inner: Backend, offset: int, size: int) -> None:
+    def __init__(self, inner: Backend, offset: int, size: int, to_end: bool = False) -> None:
+        """`to_end`: the window was given no size: it runs to the end of its store, and
+        follows the store when it grows or shrinks (a rescan)."""
         if offset < 0 or size <= 0:
             raise BackendError(f"{inner.description}: window offset {offset} size {size}")
         if offset + size > inner.size:
@@ -28,12 +30,26 @@ class WindowBackend:
         self.inner = inner
         self.offset = offset
         self.size = size
+        self.to_end = to_end
         self.block_size = inner.block_size
         self.readonly = inner.readonly
         # Also what the namespace's UUID is derived from: two windows differ.
         self.description = f"{inner.description},offset={offset},size={size}"
         #: Identify Namespace's DLFEAT depends on it (see admin/identify.py)
         self.is_block_device: bool = getattr(inner, "is_block_device", False)
+
+    def store_size(self) -> int:
+        return self.inner.store_size()
+
+    def current_size(self) -> int:
+        store = self.inner.store_size()
+        size = store - self.offset if self.to_end else self.size
+        if size <= 0 or self.offset + size > store:
+            raise BackendError(
+                f"{self.inner.description}: window {self.offset}+{self.size} now reaches "
+                f"past the end ({store} bytes)"
+            )
+        return size
 
     # The namespace has checked every range against self.size: only shift it.
 

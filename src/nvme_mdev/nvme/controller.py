@@ -26,6 +26,7 @@ from .errors import CommandError, ControllerFatal
 from .identity import ControllerConfig
 from .interrupts import InterruptSink
 from .io import IoCommandSet, IoCounters
+from .media_errors import HostFailure
 from .namespace import Namespace
 from .queues import CompletionQueue, MappedDoorbell, SubmissionQueue, release_views
 from .spec import (
@@ -35,6 +36,7 @@ from .spec import (
     CSTS_RDY,
     CSTS_SHST_COMPLETE,
     CSTS_SHST_NORMAL,
+    DNR,
     DOORBELL_BASE,
     SQE,
     SQE_SIZE,
@@ -111,6 +113,7 @@ class Controller:
         )
         self.features = features.FeatureState(config)
         self.io.write_cache_enabled = lambda: self.features.volatile_write_cache
+        self.io.storage_event = self._storage_event
         self.events = events.AsyncEvents(config.aer_limit)
         self.error_log = log_pages.ErrorLog(config.error_log_entries)
         self.changed_namespaces: set[int] = set()
@@ -173,11 +176,55 @@ class Controller:
             self._namespace_changed(nsid)
         return ns
 
+    def resize_namespace(self, nsid: int, size: int) -> bool:
+        """The storage under `nsid` now holds `size` bytes (a rescan). If that changes
+        its block count (NSZE, NCAP, NUSE), the host is told as for a hot add, so that
+        it revalidates without a reset. Returns whether it was told."""
+        with self.io_thread.paused(), self.lock:
+            ns = self.namespaces.get(nsid)
+            if ns is None:
+                raise ValueError(f"nsid {nsid} is not attached")
+            changed = ns.resize(size)
+            if changed:
+                self._namespace_changed(nsid)
+        return changed
+
     def _namespace_changed(self, nsid: int) -> None:
-        self.changed_namespaces.add(nsid)
+        with self.events.lock:
+            self.changed_namespaces.add(nsid)
         self.events.notice(
             events.NOTICE_NAMESPACE_ATTRIBUTE_CHANGED, LogPage.CHANGED_NAMESPACE_LIST, self
         )
+
+    # --- host storage events and health ------------------------------------------
+
+    def _storage_event(self, ns: Namespace, failure: HostFailure, reason: str) -> None:
+        """A backend failure changed what `ns` is (media_errors.py). Runs on the I/O
+        thread, between commands: it must not take the controller lock."""
+        before = self.critical_warning()
+        if failure.gone and ns.failure is None:
+            log.error("nsid %d: storage gone, failing every command: %s", ns.nsid, reason)
+            ns.failure = reason
+        if failure.read_only and not ns.readonly:
+            log.error("nsid %d: storage went read-only: %s", ns.nsid, reason)
+            ns.host_read_only = reason
+            ns.readonly = True
+            self._namespace_changed(ns.nsid)  # NSATTR changed: Linux marks the disk ro
+        self.events.smart_warning(self.critical_warning() & ~before, self)
+
+    def critical_warning(self) -> int:
+        """SMART / Health Critical Warning from the namespaces' storage: reliability
+        degraded while any is gone; read-only when the host's storage made every
+        namespace read-only (or gone) and at least one was writable."""
+        warning = 0
+        namespaces = list(self.namespaces.values())
+        if any(ns.failure is not None for ns in namespaces):
+            warning |= events.CRITICAL_WARNING_RELIABILITY_DEGRADED
+        if any(ns.host_read_only for ns in namespaces) and all(
+            ns.readonly or ns.failure is not None for ns in namespaces
+        ):
+            warning |= events.CRITICAL_WARNING_READ_ONLY
+        return warning
 
     # --- properties (BAR0) ----------------------------------------------------
 
@@ -446,9 +493,12 @@ class Controller:
     def post_error(
         self, cq: CompletionQueue, sq: SubmissionQueue, dw: tuple[int, ...], err: CommandError
     ) -> None:
-        sf = with_dnr(err.status)
+        if err.dnr is None:
+            sf = with_dnr(err.status)
+        else:
+            sf = err.status | DNR if err.dnr else err.status
         log.debug("sq %d cid %d opcode %#x: %s", sq.qid, dw[0] >> 16, dw[0] & 0xFF, err)
-        self.error_log.record(sq.qid, dw[0] >> 16, sf, dw[1])
+        self.error_log.record(sq.qid, dw[0] >> 16, sf, dw[1], err.lba)
         cq.post(0, 0, sq.head, sq.qid, dw[0] >> 16, sf)
 
     def process_io(self) -> int:

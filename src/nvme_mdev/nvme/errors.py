@@ -4,11 +4,17 @@ from __future__ import annotations
 
 
 class CommandError(Exception):
-    """Completes the command with `status` (a Status Field value, DNR added by the caller)."""
+    """Completes the command with `status` (a Status Field value). Do Not Retry is the
+    caller's: spec.with_dnr() decides unless `dnr` says; `lba` is what the Error
+    Information log entry reports as the first LBA that failed."""
 
-    def __init__(self, status: int, message: str = "") -> None:
+    def __init__(
+        self, status: int, message: str = "", dnr: bool | None = None, lba: int = 0
+    ) -> None:
         super().__init__(message or f"status {status:#05x}")
         self.status = status
+        self.dnr = dnr
+        self.lba = lba
 
 
 class ControllerFatal(Exception):

@@ -13,20 +13,22 @@ Refused, and reported as such in Identify and the Commands Supported and Effects
 - Fused operations, i.e. Compare and Write (Invalid Field in Command; FUSES 0):
   atomicity needs both halves of the pair in one pass of the I/O queue, which the
   controller's queue arbitration does not promise.
+A backend's failure completes the command with the status media_errors.py chooses.
 Limited Retry is accepted and has no effect: nothing here retries. Protection
 information fields are ignored: no namespace is formatted with it.
 """
 
 from __future__ import annotations
 
-import errno
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
 from ..guest_memory import GuestMemory
+from . import media_errors
 from .errors import CommandError
+from .media_errors import HostFailure
 from .namespace import Namespace
 from .prp import (
     Segment,
@@ -92,6 +94,8 @@ class IoCounters:
     bytes_read: int = 0
     bytes_written: int = 0
     media_errors: int = 0
+    #: every backend error, media or not (statistics: host_io_errors)
+    host_errors: int = 0
 
 
 class IoCommandSet:
@@ -114,6 +118,9 @@ class IoCommandSet:
         #: Volatile Write Cache feature (WCE): while it is off every write is made durable
         #: before it completes, as if FUA were set. The owner of the feature installs this.
         self.write_cache_enabled: Callable[[], bool] = _always
+        #: told when a backend failure changes the namespace (gone, or read-only), from
+        #: the I/O thread: the controller raises the events. The owner installs this.
+        self.storage_event: Callable[[Namespace, HostFailure, str], None] = _ignore
         #: SGL Support as Identify Controller reports it (SGLS bits 1:0): 0 PRPs only,
         #: else SGLS_BYTE_GRANULARITY or SGLS_DWORD_GRANULARITY. Set before enabling.
         self.sgl_support = SGLS_BYTE_GRANULARITY
@@ -160,14 +167,31 @@ class IoCommandSet:
 
     def _namespace(self, nsid: int) -> Namespace:
         ns = self.namespaces.get(nsid)
-        if ns is None:
-            # Base 2.0+ (NSID types): an invalid NSID (0, above NN, FFFFFFFFh where no
-            # broadcast is allowed) is Invalid Namespace or Format; a valid but inactive
-            # one (a slot without a namespace, one hot-removed) is Invalid Field in Command.
-            if 0 < nsid <= self.max_namespaces:
-                raise CommandError(Status.INVALID_FIELD, f"nsid {nsid} is not active")
-            raise CommandError(Status.INVALID_NAMESPACE, f"nsid {nsid:#x}")
+        if ns is None or ns.failure is not None:
+            if ns is None:
+                # Base 2.0+ (NSID types): an invalid NSID (0, above NN, FFFFFFFFh where
+                # no broadcast is allowed) is Invalid Namespace or Format; a valid but
+                # inactive one (a slot without a namespace, one hot-removed) is Invalid
+                # Field in Command.
+                if 0 < nsid <= self.max_namespaces:
+                    raise CommandError(Status.INVALID_FIELD, f"nsid {nsid} is not active")
+                raise CommandError(Status.INVALID_NAMESPACE, f"nsid {nsid:#x}")
+            # Its storage is gone: fail fast, never touch it again (DNR: retrying
+            # later will not help until the operator replaces it).
+            raise CommandError(Status.NAMESPACE_NOT_READY, str(ns.failure), dnr=True)
         return ns
+
+    def _host_error(self, exc: OSError, ns: Namespace, writing: bool, offset: int) -> CommandError:
+        """The completion for a backend's failure at byte `offset` of `ns`, counted."""
+        failure = media_errors.classify(exc, writing, ns.backend)
+        counters = self.counters
+        counters.host_errors += 1
+        if failure.media:
+            counters.media_errors += 1
+        reason = f"{ns.backend.description}: {exc.strerror or exc}"
+        if failure.gone or failure.read_only:
+            self.storage_event(ns, failure, reason)
+        return CommandError(failure.status, reason, dnr=failure.dnr, lba=offset >> ns.lba_shift)
 
     def _data_range(self, ns: Namespace, dw: tuple[int, ...]) -> tuple[int, int]:
         slba = dw[10] | (dw[11] << 32)
@@ -192,7 +216,7 @@ class IoCommandSet:
             try:
                 ns.backend.flush()
             except OSError as exc:
-                raise _write_error(exc, self.counters) from exc
+                raise self._host_error(exc, ns, True, 0) from exc
 
     def _scratch_buffer(self) -> memoryview:
         if self._scratch is None:
@@ -238,8 +262,7 @@ class IoCommandSet:
                 ns.backend.readv(offset, [memoryview(bounce)])
                 scatter(self.memory, segments, bounce)
         except OSError as exc:
-            self.counters.media_errors += 1
-            raise CommandError(Status.UNRECOVERED_READ_ERROR, str(exc)) from exc
+            raise self._host_error(exc, ns, False, offset) from exc
         counters = self.counters
         counters.host_read_commands += 1
         counters.bytes_read += length
@@ -282,19 +305,34 @@ class IoCommandSet:
         try:
             ns.backend.writev(offset, views, fua)
         except OSError as exc:
-            raise _write_error(exc, self.counters) from exc
+            raise self._host_error(exc, ns, True, offset) from exc
         counters = self.counters
         counters.host_write_commands += 1
         counters.bytes_written += length
 
     def flush(self, dw: tuple[int, ...]) -> None:
         nsid = dw[1]
-        targets = self.namespaces.values() if nsid == BROADCAST_NSID else [self._namespace(nsid)]
-        try:
-            for ns in targets:
+        if nsid != BROADCAST_NSID:
+            ns = self._namespace(nsid)
+            try:
                 ns.backend.flush()
-        except OSError as exc:
-            raise _write_error(exc, self.counters) from exc
+            except OSError as exc:
+                raise self._host_error(exc, ns, True, 0) from exc
+            return
+        # Every namespace is flushed, even past one that fails; the first failure is
+        # what the command reports. A namespace whose storage is gone cannot be made
+        # durable: the flush does not pretend it was.
+        error: CommandError | None = None
+        for ns in list(self.namespaces.values()):
+            if ns.failure is not None:
+                error = error or CommandError(Status.NAMESPACE_NOT_READY, ns.failure, dnr=True)
+                continue
+            try:
+                ns.backend.flush()
+            except OSError as exc:
+                error = error or self._host_error(exc, ns, True, 0)
+        if error is not None:
+            raise error
 
     def write_zeroes(self, dw: tuple[int, ...]) -> None:
         """Write Zeroes; with DEAC the blocks are deallocated (a hole punched in a file,
@@ -311,7 +349,7 @@ class IoCommandSet:
             if dw[12] & FUA or not self.write_cache_enabled():  # FUA or write-through
                 ns.backend.flush()
         except OSError as exc:
-            raise _write_error(exc, self.counters) from exc
+            raise self._host_error(exc, ns, True, offset) from exc
 
     def dataset_management(self, dw: tuple[int, ...]) -> None:
         """Every attribute combination is accepted (NVM 3.3.3); Deallocate (AD) is
@@ -326,11 +364,11 @@ class IoCommandSet:
             return
         if ns.readonly:
             raise CommandError(Status.NAMESPACE_WRITE_PROTECTED)
-        try:
-            for offset, length in ranges:
+        for offset, length in ranges:
+            try:
                 ns.backend.deallocate(offset, length)
-        except OSError as exc:
-            raise _write_error(exc, self.counters) from exc
+            except OSError as exc:
+                raise self._host_error(exc, ns, True, offset) from exc
 
     def compare(self, dw: tuple[int, ...]) -> None:
         """Compare (NVM 3.3.1): the blocks against the host's buffer; Compare Failure
@@ -345,8 +383,7 @@ class IoCommandSet:
         try:
             ns.backend.readv(offset, [memoryview(stored)])
         except OSError as exc:
-            self.counters.media_errors += 1
-            raise CommandError(Status.UNRECOVERED_READ_ERROR, str(exc)) from exc
+            raise self._host_error(exc, ns, False, offset) from exc
         counters = self.counters
         counters.host_read_commands += 1
         counters.bytes_read += length
@@ -371,8 +408,7 @@ class IoCommandSet:
                 ns.backend.readv(offset + done, [scratch[:n]])
                 done += n
         except OSError as exc:
-            self.counters.media_errors += 1
-            raise CommandError(Status.UNRECOVERED_READ_ERROR, str(exc)) from exc
+            raise self._host_error(exc, ns, False, offset + done) from exc
         # Data Units Read counts what Verify checks (NVM 3.3.5); Host Read Commands does not.
         self.counters.bytes_read += length
 
@@ -408,18 +444,17 @@ class IoCommandSet:
         destination, length = ns.byte_range(dw[10] | (dw[11] << 32), blocks)
         staged = self._scratch_buffer()[:length]
         done = 0
-        try:
-            for offset, n in sources:
+        for offset, n in sources:
+            try:
                 ns.backend.readv(offset, [staged[done : done + n]])
-                done += n
-        except OSError as exc:
-            self.counters.media_errors += 1
-            raise CommandError(Status.UNRECOVERED_READ_ERROR, str(exc)) from exc
+            except OSError as exc:
+                raise self._host_error(exc, ns, False, offset) from exc
+            done += n
         fua = bool(cdw12 & FUA) or not self.write_cache_enabled()
         try:
             ns.backend.writev(destination, [staged], fua)
         except OSError as exc:
-            raise _write_error(exc, self.counters) from exc
+            raise self._host_error(exc, ns, True, destination) from exc
         # Data Units Written counts blocks written; Host Write Commands counts Writes only.
         self.counters.bytes_written += length
 
@@ -428,8 +463,5 @@ def _always() -> bool:
     return True
 
 
-def _write_error(exc: OSError, counters: IoCounters) -> CommandError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return CommandError(Status.CAPACITY_EXCEEDED, str(exc))
-    counters.media_errors += 1
-    return CommandError(Status.WRITE_FAULT, str(exc))
+def _ignore(ns: Namespace, failure: HostFailure, reason: str) -> None:
+    pass

@@ -22,6 +22,10 @@ class Namespace:
     uuid: bytes = field(default=b"")
     nguid: bytes = field(default=b"")
     eui64: bytes = field(default=b"")
+    #: why the storage is gone (media_errors.GONE): every command fails at once
+    failure: str | None = field(default=None, init=False)
+    #: why the storage went read-only under a writable namespace (EROFS)
+    host_read_only: str | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.block_size not in SUPPORTED_BLOCK_SIZES:
@@ -47,6 +51,15 @@ class Namespace:
             self.nguid = digest[16:32]
         if not self.eui64:
             self.eui64 = digest[8:16]
+
+    def resize(self, size: int) -> bool:
+        """The storage now holds `size` bytes (a rescan): the namespace has as many whole
+        blocks (a partial last block is left out). True if the block count changed."""
+        blocks = size >> self.lba_shift
+        changed = blocks != self.blocks
+        self.backend.size = size
+        self.blocks = blocks
+        return changed
 
     def byte_range(self, slba: int, nlb: int) -> tuple[int, int]:
         """(offset, length) in the backend of `nlb` blocks from `slba`; LBA Out of Range if

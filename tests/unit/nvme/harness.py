@@ -511,6 +511,10 @@ class SpyBackend:
         self.readonly = inner.readonly
         self.description = inner.description
         self.fail = fail or {}
+        #: what store_size() says, if not the inner backend's
+        self.store: int | None = None
+        #: as a block device (what media_errors asks before choosing a status)
+        self.is_block_device = False
         self.calls: list[tuple[str, tuple[object, ...]]] = []
 
     def _call(self, name: str, *args: object) -> None:
@@ -540,6 +544,15 @@ class SpyBackend:
     def deallocate(self, offset: int, length: int) -> None:
         self._call("deallocate", offset, length)
         self.inner.deallocate(offset, length)
+
+    def store_size(self) -> int:
+        """The inner store's, unless a test set `store` (a disk that shrank, or went:
+        0) or made `fail['store_size']` raise."""
+        self._call("store_size")
+        return self.inner.store_size() if self.store is None else self.store
+
+    def current_size(self) -> int:
+        return self.store_size()
 
     def close(self) -> None:
         self.inner.close()

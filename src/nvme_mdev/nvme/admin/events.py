@@ -3,6 +3,7 @@ and AER commands held until an event arrives."""
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -10,19 +11,32 @@ from ..errors import CommandError
 from ..spec import (
     AER_TYPE_ERROR,
     AER_TYPE_NOTICE,
+    AER_TYPE_SMART,
     LogPage,
     Status,
 )
 
 if TYPE_CHECKING:
     from ..controller import Controller
+    from ..queues import CompletionQueue, SubmissionQueue
 
 ERROR_INVALID_DOORBELL_REGISTER = 0x00  # Write to Invalid Doorbell Register
 ERROR_INVALID_DOORBELL_VALUE = 0x01  # Invalid Doorbell Write Value
 NOTICE_NAMESPACE_ATTRIBUTE_CHANGED = 0x00
+# SMART / Health Status: 'NVM subsystem reliability has been compromised' (media
+# errors, an internal error, media placed in read-only mode...), Base 5.2 Figure 150.
+SMART_NVM_SUBSYSTEM_RELIABILITY = 0x00
+
+# SMART / Health Information log, Critical Warning (byte 0) bits that are ours to set.
+CRITICAL_WARNING_RELIABILITY_DEGRADED = 1 << 2
+CRITICAL_WARNING_READ_ONLY = 1 << 3
 
 # Async Event Configuration (feature 0x0B) bit that enables each notice.
 _NOTICE_ENABLE_BIT = {NOTICE_NAMESPACE_ATTRIBUTE_CHANGED: 1 << 8}
+
+
+#: logs that report a state rather than a history: reading one answers every event for it
+_STATE_LOGS = frozenset((LogPage.CHANGED_NAMESPACE_LIST, LogPage.SMART_HEALTH))
 
 
 class Deferred(Exception):
@@ -36,15 +50,21 @@ class AsyncEvents:
         self.pending: deque[tuple[int, int, int]] = deque()  # (type, info, log page)
         #: event types reported and not yet cleared by reading their log page (Base 5.2.1)
         self.masked_types: set[int] = set()
+        #: events are raised from the I/O thread too (a backend failure), which must
+        #: never take the controller's lock: this one guards the pending events and the
+        #: controller's changed namespace list, and nothing is waited for under it.
+        self.lock = threading.Lock()
 
     def reset(self) -> None:
-        self.outstanding.clear()
-        self.pending.clear()
-        self.masked_types.clear()
+        with self.lock:
+            self.outstanding.clear()
+            self.pending.clear()
+            self.masked_types.clear()
 
     def queue(self, event_type: int, info: int, log_page: int) -> None:
-        if (event_type, info, log_page) not in self.pending:
-            self.pending.append((event_type, info, log_page))
+        with self.lock:
+            if (event_type, info, log_page) not in self.pending:
+                self.pending.append((event_type, info, log_page))
 
     def error(self, info: int, ctrl: Controller) -> None:
         """An error event (raised from any thread; delivered by the admin worker)."""
@@ -58,31 +78,47 @@ class AsyncEvents:
         self.queue(AER_TYPE_NOTICE, info, log_page)
         ctrl.admin_doorbell.set()
 
-    def log_page_read(self, log_page: int) -> None:
-        """Reading a log page (with RAE clear) unmasks the event type that reported it."""
-        if log_page == LogPage.CHANGED_NAMESPACE_LIST:
-            # The host has just read every change so far: a notice still held back for
-            # them would only send it to read an empty list.
-            self.pending = deque(e for e in self.pending if e[2] != log_page)
-        self.masked_types = {
-            t
-            for t in self.masked_types
-            if not (
-                (t == AER_TYPE_ERROR and log_page == LogPage.ERROR_INFORMATION)
-                or (t == AER_TYPE_NOTICE and log_page == LogPage.CHANGED_NAMESPACE_LIST)
-            )
-        }
+    def smart_warning(self, raised: int, ctrl: Controller) -> None:
+        """Critical Warning bits just set (SMART / Health log byte 0): one event, if the
+        host enabled any of them (Async Event Configuration bits 7:0)."""
+        if raised & ctrl.features.async_event_config & 0xFF:
+            self.queue(AER_TYPE_SMART, SMART_NVM_SUBSYSTEM_RELIABILITY, LogPage.SMART_HEALTH)
+            ctrl.admin_doorbell.set()
+
+    def log_page_read(self, log_page: int, all_reported: bool = True) -> None:
+        """Reading a log page (with RAE clear) unmasks the event type that reported it.
+        `all_reported`: the read left nothing unreported in that log."""
+        with self.lock:
+            if log_page in _STATE_LOGS and all_reported:
+                # The host has just read the state these events were held back to tell
+                # (every change, the critical warnings): sending them now would only
+                # send it to read the same again.
+                self.pending = deque(e for e in self.pending if e[2] != log_page)
+            self.masked_types = {
+                t
+                for t in self.masked_types
+                if not (
+                    (t == AER_TYPE_ERROR and log_page == LogPage.ERROR_INFORMATION)
+                    or (t == AER_TYPE_NOTICE and log_page == LogPage.CHANGED_NAMESPACE_LIST)
+                    or (t == AER_TYPE_SMART and log_page == LogPage.SMART_HEALTH)
+                )
+            }
 
     def deliverable(self) -> bool:
         if not self.outstanding:
             return False
-        return any(t not in self.masked_types for t, _, _ in self.pending)
+        with self.lock:
+            return any(t not in self.masked_types for t, _, _ in self.pending)
 
     def deliver(self, ctrl: Controller) -> None:
         """Complete waiting AERs with pending events (admin worker, controller lock held)."""
         cq, sq = ctrl.admin_cq, ctrl.admin_sq
         if cq is None or sq is None:
             return
+        with self.lock:
+            self._deliver(cq, sq)
+
+    def _deliver(self, cq: CompletionQueue, sq: SubmissionQueue) -> None:
         for event in list(self.pending):
             if not self.outstanding or cq.is_full():
                 return

@@ -65,7 +65,7 @@ def controller_data(ctrl: Controller) -> bytes:
     data[262] = cfg.error_log_entries - 1  # ELPE, 0's based
     data[263] = 0  # NPSS: one power state
     struct.pack_into("<HH", data, 266, WARNING_TEMPERATURE, CRITICAL_TEMPERATURE)
-    capacity = sum(ns.backend.size for ns in ctrl.namespaces.values())
+    capacity = sum(ns.blocks << ns.lba_shift for ns in ctrl.namespaces.values())
     data[280:296] = capacity.to_bytes(16, "little")  # TNVMCAP
     data[512] = (6 << 4) | 6  # SQES: 64 bytes required and maximum
     data[513] = (4 << 4) | 4  # CQES: 16 bytes
@@ -93,7 +93,7 @@ def namespace_data(ns: Namespace | None, max_transfer: int) -> bytes:
     deallocated_read_zeroes = not getattr(ns.backend, "is_block_device", False)
     # DLFEAT: Write Zeroes may deallocate (bit 3); deallocated blocks read 0 (001b) for files.
     data[33] = (1 << 3) | (1 if deallocated_read_zeroes else 0)
-    data[48:64] = (ns.backend.size).to_bytes(16, "little")  # NVMCAP
+    data[48:64] = (ns.blocks << ns.lba_shift).to_bytes(16, "little")  # NVMCAP
     limits = copy_limits(ns, max_transfer)
     struct.pack_into("<HIB", data, 74, limits.mssrl, limits.mcl, limits.msrc)  # MSSRL MCL MSRC
     data[99] = 1 if ns.readonly else 0  # NSATTR: write protected
@@ -140,7 +140,7 @@ def independent_namespace_data(ns: Namespace | None) -> bytes:
         return bytes(data)
     # NSFEAT, NMIC, RESCAP, FPI, ANAGRPID stay zero.
     data[8] = 1 if ns.readonly else 0  # NSATTR: write protected
-    data[14] = 1  # NSTAT: namespace ready
+    data[14] = 0 if ns.failure is not None else 1  # NSTAT: ready unless its storage is gone
     return bytes(data)
 
 

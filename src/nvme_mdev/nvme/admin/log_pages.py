@@ -91,7 +91,7 @@ def supported_log_pages() -> bytes:
 def smart_health(ctrl: Controller) -> bytes:
     data = bytearray(512)
     c = ctrl.counters
-    data[0] = 0  # critical warning
+    data[0] = ctrl.critical_warning()
     struct.pack_into("<H", data, 1, REPORTED_TEMPERATURE)
     data[3] = 100  # available spare, %
     data[4] = 10  # available spare threshold
@@ -122,11 +122,12 @@ def firmware_slot(ctrl: Controller) -> bytes:
     return bytes(data)
 
 
-def changed_namespaces(ctrl: Controller) -> bytes:
-    ids = sorted(ctrl.changed_namespaces)
-    if len(ids) > 1024:
-        ids = [0xFFFFFFFF]  # more changes than the list holds
-    return struct.pack(f"<{len(ids)}I", *ids).ljust(4096, b"\0")
+def changed_namespaces(ctrl: Controller) -> tuple[bytes, list[int]]:
+    """The log, and the NSIDs it reports (the I/O thread may add one meanwhile)."""
+    with ctrl.events.lock:
+        reported = sorted(ctrl.changed_namespaces)
+    ids = [0xFFFFFFFF] if len(reported) > 1024 else reported  # more than the list holds
+    return struct.pack(f"<{len(ids)}I", *ids).ljust(4096, b"\0"), reported
 
 
 def commands_supported_and_effects() -> bytes:
@@ -166,6 +167,7 @@ def get_log_page(ctrl: Controller, dw: tuple[int, ...]) -> int:
         # Every log here has controller or NVM subsystem scope (LPA bit 0 is clear: no
         # per-namespace SMART): another NSID is Invalid Field in Command (Get Log Page).
         raise CommandError(Status.INVALID_FIELD, f"log page {lid:#x} is not per namespace")
+    reported: list[int] = []
     if lid == LogPage.SUPPORTED_LOG_PAGES:
         page = supported_log_pages()
     elif lid == LogPage.ERROR_INFORMATION:
@@ -175,7 +177,7 @@ def get_log_page(ctrl: Controller, dw: tuple[int, ...]) -> int:
     elif lid == LogPage.FIRMWARE_SLOT:
         page = firmware_slot(ctrl)
     elif lid == LogPage.CHANGED_NAMESPACE_LIST:
-        page = changed_namespaces(ctrl)
+        page, reported = changed_namespaces(ctrl)
     elif lid == LogPage.COMMANDS_SUPPORTED_AND_EFFECTS:
         page = commands_supported_and_effects()
     else:
@@ -187,7 +189,11 @@ def get_log_page(ctrl: Controller, dw: tuple[int, ...]) -> int:
     # Only a successful read without RAE clears what the log reported (RAE: 'after
     # the command completes successfully'): the event mask, the changed namespace list.
     if not retain_event:
+        all_reported = True
         if lid == LogPage.CHANGED_NAMESPACE_LIST:
-            ctrl.changed_namespaces.clear()
-        ctrl.events.log_page_read(lid)
+            with ctrl.events.lock:
+                # Only what was reported: a change since then stays listed, and notified.
+                ctrl.changed_namespaces.difference_update(reported)
+                all_reported = not ctrl.changed_namespaces
+        ctrl.events.log_page_read(lid, all_reported)
     return 0
