@@ -234,7 +234,7 @@ def add_daemon_parsers(commands: Any) -> None:
     ):
         add_client_arguments(parser)
 
-    ns = commands.add_parser("ns", help="attach or detach a namespace while the guest runs")
+    ns = commands.add_parser("ns", help="attach, detach or rescan namespaces while the guest runs")
     ns_actions = ns.add_subparsers(dest="action", required=True, metavar="ACTION")
     add = ns_actions.add_parser(
         "add",
@@ -263,6 +263,22 @@ def add_daemon_parsers(commands: Any) -> None:
     remove.add_argument("controller", metavar="CONTROLLER")
     remove.add_argument("nsid", type=int, metavar="NSID")
     add_client_arguments(remove)
+    rescan = ns_actions.add_parser(
+        "rescan",
+        help="notice resized backing files and devices (the guest sees the new size)",
+        description=(
+            "Read the size of each namespace's file or block device again (of every "
+            "controller, of CONTROLLER, or only NSID) and tell the guest about each one "
+            "whose size changed (Namespace Attribute Changed: no reset). A size that is "
+            "not a multiple of the block size is rounded down. A window keeps its size, "
+            "or follows the end of its store if it was given no size; one that no longer "
+            "fits, or a namespace that would grow into another's bytes, keeps its size and "
+            "is reported as an error (exit status 1)."
+        ),
+    )
+    rescan.add_argument("controller", metavar="CONTROLLER", nargs="?")
+    rescan.add_argument("nsid", type=int, metavar="NSID", nargs="?")
+    add_client_arguments(rescan)
 
 
 def cpu_list(text: str) -> set[int]:
@@ -503,6 +519,39 @@ def namespace_remove(args: argparse.Namespace) -> int:
     return 0
 
 
+def namespace_rescan(args: argparse.Namespace) -> int:
+    from .storage import human
+
+    params: dict[str, Any] = {}
+    if args.controller is not None:
+        params["controller"] = args.controller
+    if args.nsid is not None:
+        params["nsid"] = args.nsid
+    result = call(args.control, "namespace_rescan", params)
+    lines = []
+    errors = []
+    for ns in result["namespaces"]:
+        where = f"{ns['controller']} nsid {ns['nsid']}"
+        if ns["error"]:
+            errors.append(ns["error"])
+            continue
+        if ns["changed"]:
+            lines.append(
+                f"{where}: {human(ns['size_before'])} -> {human(ns['size'])} "
+                f"({ns['blocks_before']} -> {ns['blocks']} blocks), guest told"
+            )
+        else:
+            lines.append(f"{where}: {human(ns['size'])}, unchanged")
+        if ns["warning"]:
+            lines.append(f"{where}: warning: {ns['warning']}")
+        if ns["failure"]:
+            lines.append(f"{where}: failed: {ns['failure']}")
+    _print(args, result, "\n".join(lines) or "no namespaces")
+    for error in errors:
+        print(f"nvme-mdev: error: {error}", file=sys.stderr)
+    return 1 if errors else 0
+
+
 def format_controller(c: dict[str, Any]) -> str:
     t = c["iothread"]
     cpus = ",".join(map(str, t["cpus"])) if t["cpus"] is not None else "any"
@@ -526,8 +575,14 @@ def format_namespace(ns: dict[str, Any]) -> str:
     )
     size = human(ns["size"]) if ns["size"] is not None else "?"
     mode = "ro" if ns["readonly"] else "rw"
+    state = ""
+    if ns.get("failure"):
+        state = f"  FAILED: {ns['failure']}"
+    elif ns.get("host_read_only"):
+        state = f"  READ-ONLY: {ns['host_read_only']}"
     return (
         f"  nsid {ns['nsid']}  {ns['spec']}  {size}, {ns['block_size']}-byte blocks, {mode}{where}"
+        f"{state}"
     )
 
 
@@ -613,7 +668,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "list": list_controllers,
             }[args.action](args)
         if args.command == "ns":
-            return {"add": namespace_add, "remove": namespace_remove}[args.action](args)
+            return {"add": namespace_add, "remove": namespace_remove, "rescan": namespace_rescan}[
+                args.action
+            ](args)
     except ConfigError as exc:
         print(f"nvme-mdev: error: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ Methods (params → result); errors are JSON-RPC errors with a one-line message:
   controller_delete  name                                          → controller
   namespace_add      controller spec [nsid ro bs offset size force] → namespace
   namespace_remove   controller nsid                               → namespace
+  namespace_rescan   [controller [nsid]]       → {"namespaces": [size before/after, error]}
   list                                                             → {"controllers": [...]}
   iothread           [controller] [cpus poll_timeout_ms]            → I/O thread settings
   stats              [controller]                                  → statistics
@@ -33,6 +34,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from .backends.file import BackendError
 from .config import ConfigError, NamespaceSpec, parse_cpu_list, parse_size
 from .control import ControlError, Method
 from .engine.poller import DEFAULT_POLL_TIMEOUT
@@ -418,6 +420,75 @@ class Daemon:
             log.info("controller %s: nsid %d detached", name, nsid)
             return description
 
+    def rescan_namespaces(self, controller: str | None, nsid: int | None) -> dict[str, Any]:
+        """Read each namespace's storage size again (all of `controller`'s, or every
+        controller's; or one nsid) and tell the guests what changed. A namespace that
+        cannot take its new size keeps its old one and reports why in its `error`."""
+        with self._lock:
+            if controller is None and nsid is None:
+                targets = [
+                    (m, n)
+                    for _, m in sorted(self.controllers.items())
+                    for n in sorted(m.namespaces)
+                ]
+            else:
+                managed = self._controller(controller)
+                if nsid is None:
+                    targets = [(managed, n) for n in sorted(managed.namespaces)]
+                elif nsid in managed.namespaces:
+                    targets = [(managed, nsid)]
+                else:
+                    have = ", ".join(map(str, sorted(managed.namespaces))) or "none"
+                    raise ConfigError(
+                        f"controller {managed.settings.name} has no nsid {nsid} (has: {have})"
+                    )
+            return {"namespaces": [self._rescan(m, n) for m, n in targets]}
+
+    def _rescan(self, managed: ManagedController, nsid: int) -> dict[str, Any]:
+        name = managed.settings.name
+        label = f"controller {name} nsid {nsid}"
+        attached = managed.namespaces[nsid]
+        ns = managed.device.controller.namespaces[nsid]
+        result: dict[str, Any] = {
+            "controller": name,
+            "nsid": nsid,
+            "spec": attached.spec.text(),
+            "size_before": ns.backend.size,
+            "blocks_before": ns.blocks,
+            "size": ns.backend.size,
+            "blocks": ns.blocks,
+            "changed": False,
+            "error": None,
+            "warning": attached.lease.replaced(),
+            "failure": ns.failure,
+        }
+        try:
+            size = ns.backend.current_size()
+            if size != ns.backend.size:
+                attached.lease.resize(size, label)
+        except BackendError as exc:
+            result["error"] = f"{label}: {exc}"
+        except ConfigError as exc:
+            result["error"] = str(exc)
+        except OSError as exc:
+            result["error"] = f"{label}: {attached.lease.path}: {exc.strerror or exc}"
+        else:
+            result["changed"] = managed.device.controller.resize_namespace(nsid, size)
+            result["size"], result["blocks"] = size, ns.blocks
+            if result["changed"]:
+                log.info(
+                    "controller %s: nsid %d resized, %d -> %d blocks (guest told)",
+                    name,
+                    nsid,
+                    result["blocks_before"],
+                    ns.blocks,
+                )
+        if result["error"]:
+            log.warning("rescan: %s", result["error"])
+        if result["warning"]:
+            log.warning("rescan: %s: %s", label, result["warning"])
+        return result
+
     # --- what there is ---------------------------------------------------------
 
     def describe_namespace(self, managed: ManagedController, nsid: int) -> dict[str, Any]:
@@ -433,6 +504,9 @@ class Daemon:
             "blocks": ns.blocks if ns else None,
             "readonly": ns.readonly if ns else attached.spec.readonly,
             "extent": extent.as_dict() if extent else None,
+            # what the host's storage did to it (media_errors.py)
+            "failure": ns.failure if ns else None,
+            "host_read_only": ns.host_read_only if ns else None,
         }
 
     def describe_controller(self, managed: ManagedController) -> dict[str, Any]:
@@ -491,6 +565,12 @@ class Daemon:
                 controller, _require(params, "nsid", int, "namespace_remove")
             )
 
+        def namespace_rescan(params: dict[str, Any]) -> Any:
+            return self.rescan_namespaces(
+                _get(params, "controller", str, "namespace_rescan"),
+                _get(params, "nsid", int, "namespace_rescan"),
+            )
+
         def list_all(params: dict[str, Any]) -> Any:
             return self.describe()
 
@@ -512,6 +592,7 @@ class Daemon:
             "controller_delete": controller_delete,
             "namespace_add": namespace_add,
             "namespace_remove": namespace_remove,
+            "namespace_rescan": namespace_rescan,
             "list": list_all,
             "stats": stats,
             "prometheus": prometheus,

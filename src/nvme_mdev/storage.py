@@ -15,6 +15,7 @@ rules for sharing them among namespaces, controllers and the host itself.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -259,6 +260,24 @@ class Lease:
         self._hold = hold
         self._released = False
 
+    def resize(self, size: int, label: str) -> None:
+        """The namespace's store now gives it `size` bytes (a rescan). Growing into bytes
+        another writable namespace uses is refused (Conflict); the extent is unchanged."""
+        self._storage._resize(self, size, label)
+
+    def replaced(self) -> str | None:
+        """Whether the path no longer names the store the namespace uses (a file
+        unlinked, or replaced): the namespace keeps using what it opened."""
+        if self.extent is None or self.extent.store[0] != "file":
+            return None
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return f"{self.path} was unlinked; the namespace still uses the open file"
+        if ("file", st.st_dev, st.st_ino) != self.extent.store:
+            return f"{self.path} now names another file; the namespace still uses the old one"
+        return None
+
     def release(self) -> None:
         if not self._released:
             self._released = True
@@ -346,6 +365,28 @@ class HostStorage:
         start = device.start + offset
         disk = ("disk", os.major(device.disk_rdev), os.minor(device.disk_rdev))
         return Extent(disk, str(self.dev / device.disk_name), start, start + size), device
+
+    def _resize(self, lease: Lease, size: int, label: str) -> None:
+        with self._lock:
+            use = lease._use
+            if use is None:
+                return
+            old = use.extent
+            extent = dataclasses.replace(old, end=old.start + size)
+            for other in self._uses:
+                if (
+                    other is not use
+                    and use.writable
+                    and other.writable
+                    and other.extent.overlaps(extent)
+                ):
+                    raise Conflict(
+                        f"{label}: growing to {human(size)} ({extent.span()} of {extent.name}) "
+                        f"would overlap {other.owner} ({other.extent.span()}); it keeps "
+                        f"{human(old.end - old.start)} (shrink or move the other first)"
+                    )
+            use.extent = extent
+            lease.extent = extent
 
     def check_overlap(self, label: str, extent: Extent, writable: bool) -> None:
         """Conflict if a writable `extent` overlaps a writable one in use."""

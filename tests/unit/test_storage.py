@@ -356,3 +356,35 @@ def test_spec_text_round_trips() -> None:
         assert spec.text() == text
         assert NamespaceSpec.parse(spec.text()) == spec
     assert NamespaceSpec.parse("a,offset=1536,size=1000").text() == "a,offset=1536,size=1000"
+
+
+def test_growth_into_another_namespace_is_refused(storage: HostStorage, tmp_path: Path) -> None:
+    """A window to the end of a file that grew follows it; growing into bytes another
+    writable namespace took meanwhile is refused, and the extent stays as it was."""
+    path = tmp_path / "growing.img"
+    with open(path, "wb") as f:
+        f.truncate(32 * MIB)
+    a, la = storage.open(NamespaceSpec.parse(f"{path},offset=16M"), 1, "controller a nsid 1")
+    os.truncate(path, 64 * MIB)
+    # Another namespace takes bytes 48..64 MiB, past a's extent as it was opened.
+    b, lb = storage.open(NamespaceSpec.parse(f"{path},offset=48M"), 1, "controller b nsid 1")
+    assert a.backend.current_size() == 48 * MIB
+    with pytest.raises(Conflict) as refused:
+        la.resize(a.backend.current_size(), "controller a nsid 1")
+    message = str(refused.value)
+    assert message.startswith("controller a nsid 1: growing to 48 MiB")
+    assert "overlap controller b nsid 1 (bytes 48 MiB..64 MiB)" in message
+    assert "keeps 16 MiB" in message and "\n" not in message
+    assert la.extent is not None and (la.extent.start, la.extent.end) == (16 * MIB, 32 * MIB)
+    # Once b is gone, a may grow; and shrinking is always allowed.
+    b.backend.close()
+    lb.release()
+    la.resize(48 * MIB, "controller a nsid 1")
+    assert la.extent is not None and la.extent.end == 64 * MIB
+    la.resize(MIB, "controller a nsid 1")
+    assert la.extent is not None and la.extent.end == 17 * MIB
+    assert la.replaced() is None
+    os.unlink(path)
+    assert "was unlinked; the namespace still uses the open file" in str(la.replaced())
+    a.backend.close()
+    la.release()

@@ -115,11 +115,17 @@ LOG_PAGES: Table = {
     LogPage.ERROR_INFORMATION: ("full", "a ring of the most recent errors"),
     LogPage.SMART_HEALTH: (
         "partial",
-        "real I/O counters, power-on hours, unsafe shutdowns, media errors; the "
-        "temperature is a constant; controller scope only (LPA bit 0 clear)",
+        "real I/O counters, power-on hours, unsafe shutdowns, media errors; critical "
+        "warnings from the host's storage (reliability degraded: a namespace's storage "
+        "is gone; read-only: it went read-only); the temperature is a constant; "
+        "controller scope only (LPA bit 0 clear)",
     ),
     LogPage.FIRMWARE_SLOT: ("full", "one read-only slot"),
-    LogPage.CHANGED_NAMESPACE_LIST: ("full", "cleared on read unless RAE"),
+    LogPage.CHANGED_NAMESPACE_LIST: (
+        "full",
+        "namespaces attached, detached, resized (ns rescan) or write-protected by the "
+        "host's storage; cleared on read unless RAE",
+    ),
     LogPage.COMMANDS_SUPPORTED_AND_EFFECTS: ("full", ""),
     LogPage.DEVICE_SELF_TEST: ("refused", "no self-test"),
     LogPage.TELEMETRY_HOST: ("refused", "no telemetry"),
