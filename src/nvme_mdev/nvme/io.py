@@ -189,6 +189,8 @@ class IoCommandSet:
         if failure.media:
             counters.media_errors += 1
         reason = f"{ns.backend.description}: {exc.strerror or exc}"
+        if failure.gone and exc.errno not in media_errors.GONE_ERRNOS:
+            reason = f"{ns.backend.description}: its capacity is now 0 (the device is gone)"
         if failure.gone or failure.read_only:
             self.storage_event(ns, failure, reason)
         return CommandError(failure.status, reason, dnr=failure.dnr, lba=offset >> ns.lba_shift)

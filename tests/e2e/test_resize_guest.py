@@ -1,0 +1,207 @@
+"""A backing file resized while a Linux guest runs: after `nvme-mdev ns rescan` the
+guest's disk changes size (/sys/block/nvme0n1/size), through the Namespace Attribute
+Changed event alone: no controller reset. It grows, the guest writes the new last
+block, then it shrinks."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from test_hotplug_guest import wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools" / "guest"))
+
+import guestvm  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+CLI = [sys.executable, "-m", "nvme_mdev.cli"]
+MIB = 1 << 20
+
+# Sizes in 512-byte sectors, as /sys/block says: 64 MiB, 96 MiB, 48 MiB.
+GUEST_SCRIPT = r"""
+set -euo pipefail
+for _ in $(seq 300); do [ -b /dev/nvme0n1 ] && break; sleep 0.1; done
+[ -b /dev/nvme0n1 ]
+size() { cat /sys/block/nvme0n1/size; }
+wait_size() { for _ in $(seq 1200); do [ "$(size)" = "$1" ] && break; sleep 0.1; done; }
+echo "RESIZE-READY $(size)"
+[ "$(size)" = 131072 ]
+wait_size 196608
+echo "RESIZE-GROWN $(size)"
+[ "$(size)" = 196608 ]
+nvme id-ns /dev/nvme0n1 | grep -E '^(nsze|ncap)'
+head -c 512 /dev/urandom > /tmp/b
+dd if=/tmp/b of=/dev/nvme0n1 bs=512 seek=196607 oflag=direct status=none
+dd if=/dev/nvme0n1 of=/tmp/c bs=512 skip=196607 count=1 iflag=direct status=none
+cmp /tmp/b /tmp/c
+sha256sum /tmp/b
+echo RESIZE-WRITTEN
+wait_size 98304
+echo "RESIZE-SHRUNK $(size)"
+[ "$(size)" = 98304 ]
+dd if=/dev/nvme0n1 of=/dev/null bs=64k count=16 iflag=direct status=none
+dmesg | grep -iE 'nvme0n1|capacity change' || true
+if dmesg | grep -iE 'nvme.*(timeout|abort|reset)'; then exit 1; fi
+echo RESIZE-PASS
+"""
+
+
+def test_a_resized_image_is_seen_by_a_linux_guest(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    with open(disk, "wb") as f:
+        f.truncate(64 * MIB)
+    control = tmp_path / "control.sock"
+    sock = tmp_path / "vm.sock"
+    log_path = tmp_path / "daemon.log"
+    with open(log_path, "w") as log:
+        daemon = subprocess.Popen(
+            [*CLI, "daemon", "--control", str(control)], stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        for _ in range(500):
+            if control.exists() or daemon.poll() is not None:
+                break
+            time.sleep(0.02)
+
+        def cli(*args: str) -> str:
+            result = subprocess.run(
+                [*CLI, *args, "--control", str(control)], capture_output=True, text=True, timeout=60
+            )
+            assert result.returncode == 0, result.stderr + log_path.read_text()
+            return result.stdout
+
+        cli("controller", "create", "vm", "--socket", str(sock), "--ns", str(disk))
+        console = tmp_path / "console.log"
+        results: list[guestvm.GuestResult] = []
+        guest = threading.Thread(
+            target=lambda: results.append(
+                guestvm.run_guest(GUEST_SCRIPT, sockets=[str(sock)], timeout=600, log_path=console)
+            )
+        )
+        guest.start()
+        try:
+            wait_for("RESIZE-READY", console, guest)
+            os.truncate(disk, 96 * MIB)
+            grown = cli("ns", "rescan")
+            print(grown)
+            assert "vm nsid 1: 64 MiB -> 96 MiB (131072 -> 196608 blocks), guest told" in grown
+            wait_for("RESIZE-WRITTEN", console, guest)
+            # What the guest wrote in the grown part reached the file.
+            digest = next(
+                line.split()[0]
+                for line in console.read_text(errors="replace").splitlines()
+                if line.endswith("/tmp/b")
+            )
+            with open(disk, "rb") as f:
+                f.seek(96 * MIB - 512)
+                assert hashlib.sha256(f.read(512)).hexdigest() == digest
+            os.truncate(disk, 48 * MIB)
+            print(cli("ns", "rescan", "vm"))
+        finally:
+            guest.join(660)
+        (result,) = results
+        print(result.output)
+        assert result.status == 0, "guest script failed (output above)"
+        assert "RESIZE-PASS" in result.output
+        assert re.search(r"^nsze\s*:\s*0x30000\s*$", result.output, re.MULTILINE)  # nvme-cli
+        assert daemon.poll() is None
+    finally:
+        if daemon.poll() is None:
+            daemon.terminate()
+        assert daemon.wait(30) == 0
+
+
+# The guest reads until its disk fails, then checks that every later command fails at
+# once (Namespace Not Ready with Do Not Retry: no retries, no timeout, no reset).
+FAILING_SCRIPT = r"""
+set -uo pipefail
+for _ in $(seq 300); do [ -b /dev/nvme0n1 ] && break; sleep 0.1; done
+[ -b /dev/nvme0n1 ] || exit 1
+echo FAIL-READY
+for _ in $(seq 1200); do
+    dd if=/dev/nvme0n1 of=/dev/null bs=4k count=1 iflag=direct status=none 2>/tmp/err || break
+    sleep 0.1
+done
+echo "FAIL-SEEN $(cat /tmp/err)"
+start=$(date +%s%N)
+for i in 1 2 3 4 5; do
+    dd if=/dev/nvme0n1 of=/dev/null bs=4k count=1 skip=$i iflag=direct status=none && exit 1
+    dd if=/dev/zero of=/dev/nvme0n1 bs=4k count=1 seek=$i oflag=direct status=none && exit 1
+done
+end=$(date +%s%N)
+echo "FAIL-FAST-MS $(( (end - start) / 1000000 ))"
+dmesg | grep -iE 'nvme|I/O error' | tail -n 8
+nvme smart-log /dev/nvme0 | grep -iE '^(critical_warning|media_errors|num_err_log_entries)'
+if dmesg | grep -iE 'nvme.*(timeout|abort|reset)'; then exit 1; fi
+echo FAIL-PASS
+"""
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("losetup") is None, reason="loop devices need root"
+)
+def test_a_disk_that_goes_away_fails_fast_in_a_linux_guest(tmp_path: Path) -> None:
+    backing = tmp_path / "backing.img"
+    with open(backing, "wb") as f:
+        f.truncate(64 * MIB)
+    loop = subprocess.run(
+        ["losetup", "-f", "--show", str(backing)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    sock = tmp_path / "vm.sock"
+    log_path = tmp_path / "serve.log"
+    try:
+        with open(log_path, "w") as log:
+            serve = subprocess.Popen(
+                [*CLI, "serve", "--socket", str(sock), loop], stdout=log, stderr=subprocess.STDOUT
+            )
+        try:
+            for _ in range(500):
+                if Path(f"{sock}.ctl").exists() or serve.poll() is not None:
+                    break
+                time.sleep(0.02)
+            console = tmp_path / "console.log"
+            results: list[guestvm.GuestResult] = []
+            guest = threading.Thread(
+                target=lambda: results.append(
+                    guestvm.run_guest(
+                        FAILING_SCRIPT, sockets=[str(sock)], timeout=600, log_path=console
+                    )
+                )
+            )
+            guest.start()
+            try:
+                wait_for("FAIL-READY", console, guest)
+                # As a deleted disk does: capacity 0 (del_gendisk sets it so).
+                os.truncate(backing, 0)
+                subprocess.run(["losetup", "-c", loop], check=True)
+            finally:
+                guest.join(660)
+            (result,) = results
+            print(result.output)
+            print(log_path.read_text())
+            assert result.status == 0, "guest script failed (output above)"
+            assert "FAIL-PASS" in result.output
+            fast = re.search(r"FAIL-FAST-MS (\d+)", result.output)
+            assert fast is not None and int(fast[1]) < 10_000  # ten commands, no retries
+            assert re.search(r"^critical_warning\s*:\s*0x4\s*$", result.output, re.MULTILINE)
+            assert serve.poll() is None
+            listing = subprocess.run(
+                [*CLI, "list", "--control", f"{sock}.ctl"], capture_output=True, text=True
+            )
+            assert "FAILED: " in listing.stdout
+        finally:
+            serve.terminate()
+            assert serve.wait(30) == 0
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=False)
