@@ -18,16 +18,14 @@ from . import __version__
 from .bench import add_arguments as add_bench_arguments
 from .bench import main as bench_main
 from .config import ConfigError, NamespaceSpec, parse_cpu_list
-from .control import ControlError, ControlServer, Method, call, default_control_path
+from .control import ControlError, ControlServer, call, default_control_path
 from .engine.poller import DEFAULT_POLL_TIMEOUT
 from .metrics import MetricsServer
 from .nvme.identity import ControllerConfig
-from .statistics import prometheus_text
 
 if TYPE_CHECKING:
     # The device stack loads only in the processes that serve (not in client commands).
     from .daemon import Daemon
-    from .virtual_controller import VirtualController
 
 log = logging.getLogger("nvme_mdev")
 
@@ -298,6 +296,8 @@ def serve(args: argparse.Namespace) -> int:
     line and the control socket beside the vfio-user socket."""
     from .daemon import ControllerSettings, Daemon, NamespaceRequest, SocketTaken, subsystem_nqn
 
+    stop = _stop_on_signals()
+
     if args.poll_timeout_ms < 0:
         raise ConfigError("--poll-timeout-ms: must be 0 or more")
     if args.iothread_cpu is not None and not args.iothread_cpu <= os.sched_getaffinity(0):
@@ -340,12 +340,13 @@ def serve(args: argparse.Namespace) -> int:
     except ConfigError:
         daemon.stop()
         raise
-    return _run_until_signal(daemon, control, metrics)
+    return _run_until_signal(daemon, control, metrics, stop)
 
 
 def run_daemon(args: argparse.Namespace) -> int:
     from .daemon import Daemon, load_config
 
+    stop = _stop_on_signals()
     # Check the whole file before anything is opened or bound.
     declared = load_config(args.config) if args.config else []
     parent = os.path.dirname(os.path.abspath(args.control))
@@ -367,7 +368,7 @@ def run_daemon(args: argparse.Namespace) -> int:
         len(declared),
         f" from {args.config}" if args.config else "",
     )
-    return _run_until_signal(daemon, control, metrics)
+    return _run_until_signal(daemon, control, metrics, stop)
 
 
 def _control_plane(
@@ -388,8 +389,9 @@ def _control_plane(
         raise ConfigError(f"--metrics {metrics_address}: {exc}") from exc
 
 
-def _run_until_signal(daemon: Daemon, control: ControlServer, metrics: MetricsServer | None) -> int:
-    """Serve until SIGINT or SIGTERM, then finish in-flight commands, flush, exit 0."""
+def _stop_on_signals() -> threading.Event:
+    """An event SIGINT and SIGTERM set, from now on: installed before any socket exists,
+    so that a signal that comes as soon as a socket appears still stops cleanly."""
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
@@ -397,6 +399,13 @@ def _run_until_signal(daemon: Daemon, control: ControlServer, metrics: MetricsSe
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    return stop
+
+
+def _run_until_signal(
+    daemon: Daemon, control: ControlServer, metrics: MetricsServer | None, stop: threading.Event
+) -> int:
+    """Serve until SIGINT or SIGTERM, then finish in-flight commands, flush, exit 0."""
     control.start()
     if metrics is not None:
         metrics.start()
@@ -425,22 +434,6 @@ def _sd_notify(state: str) -> None:
             sock.sendall(state.encode())
     except OSError as exc:
         log.warning("sd_notify: %s", exc)
-
-
-def device_methods(device: VirtualController) -> dict[str, Method]:
-    """The control methods of one device on its own (no daemon around it)."""
-    from .daemon import iothread_request
-
-    def stats(params: dict[str, Any]) -> Any:
-        return device.statistics()
-
-    def prometheus(params: dict[str, Any]) -> Any:
-        return prometheus_text({"nvme-mdev": device.statistics()})
-
-    def iothread(params: dict[str, Any]) -> Any:
-        return iothread_request(device, params)
-
-    return {"stats": stats, "prometheus": prometheus, "iothread": iothread}
 
 
 # --- client commands: talk to a daemon (or a serve) over its control socket ------------

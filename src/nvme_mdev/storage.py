@@ -11,16 +11,21 @@ rules for sharing them among namespaces, controllers and the host itself.
   the host uses (a mounted filesystem, device-mapper or RAID on top, a loop device
   over a file) is refused unless the spec says `force`; block devices are claimed
   exclusively (O_EXCL), once per disk, however many namespaces share it.
+- Across processes (two daemons, or `serve`s, on one image file): a writable
+  namespace of a file holds an open-file-description lock on its bytes (see
+  `WriterLock`), so a second process's writable namespace over them is refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import logging
 import os
 import re
 import stat
+import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,11 +229,63 @@ class Extent:
         return {"store": self.name, "start": self.start, "end": self.end}
 
 
+class WriterLock:
+    """An OFD lock (fcntl F_OFD_SETLK) that marks bytes of a file as written by a
+    namespace, seen by every process that honours it (other nvme-mdev processes).
+
+    Readers may share anything and two writers nothing, so the lock cannot sit on the
+    bytes themselves (a write lock there would also exclude readers): it sits on their
+    image in a lane far past any real data, WRITER_LANE + [start, end), where only
+    writers take locks. Open file description locks, unlike POSIX record locks, belong
+    to this descriptor alone: closing another descriptor of the file in this process
+    keeps them, and the lock goes away with the descriptor (also if the process dies).
+    """
+
+    #: 2^62: beyond any file's size (off_t is 63 bits), room for any offset in it
+    WRITER_LANE = 1 << 62
+    _FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux/LP64: type, whence, start, len, pid
+
+    def __init__(self, path: str, label: str, start: int, end: int) -> None:
+        self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)  # a write lock needs a writer
+        self._label = label
+        try:
+            self.set(start, end)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def set(self, start: int, end: int) -> None:
+        """Hold exactly [start, end); Conflict if another process writes any of it."""
+        lane = self.WRITER_LANE
+        if end > start:  # (a length of 0 would mean "to the end of all offsets")
+            try:
+                # Lock the new range first: a refused growth keeps the old lock whole.
+                self._lock(fcntl.F_WRLCK, lane + start, end - start)
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise ConfigError(f"{self._label}: cannot lock: {exc.strerror}") from exc
+                raise Conflict(
+                    f"{self._label}: bytes {human(start)}..{human(end)} are written by a "
+                    "namespace of another nvme-mdev process; two writable namespaces may "
+                    "not share bytes (make one read-only, or move a window)"
+                ) from exc
+        self._lock(fcntl.F_UNLCK, lane + max(start, end), 0)  # what a shrink gave up
+
+    def _lock(self, kind: int, start: int, length: int) -> None:
+        flock = self._FLOCK.pack(kind, os.SEEK_SET, start, length, 0)
+        fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, flock)
+
+    def close(self) -> None:
+        os.close(self._fd)  # the lock goes with its open file description
+
+
 @dataclass
 class _Use:
     extent: Extent
     writable: bool
     owner: str
+    #: other processes' view of this writable file namespace (None: a disk, or read-only)
+    lock: WriterLock | None = None
 
 
 @dataclass
@@ -335,6 +392,9 @@ class HostStorage:
                 raise Busy(
                     f"{label}: in use by the host: {'; '.join(users)} (add force to share it)"
                 )
+            lock = None
+            if device is None and writable:
+                lock = WriterLock(path, label, extent.start, extent.end)
             hold = None
             if device is not None:
                 if spec.force:
@@ -347,10 +407,12 @@ class HostStorage:
         try:
             ns = make_namespace(nsid, backend, spec)
         except ConfigError:
+            if lock is not None:
+                lock.close()
             if hold is not None:
                 self._release_locked(None, hold)
             raise
-        use = _Use(extent, writable, owner)
+        use = _Use(extent, writable, owner, lock)
         self._uses.append(use)
         return ns, Lease(self, path, extent, use, hold)
 
@@ -385,6 +447,8 @@ class HostStorage:
                         f"would overlap {other.owner} ({other.extent.span()}); it keeps "
                         f"{human(old.end - old.start)} (shrink or move the other first)"
                     )
+            if use.lock is not None:
+                use.lock.set(extent.start, extent.end)  # Conflict: another process's bytes
             use.extent = extent
             lease.extent = extent
 
@@ -498,6 +562,8 @@ class HostStorage:
     def _release_locked(self, use: _Use | None, hold: int | None) -> None:
         if use is not None and use in self._uses:
             self._uses.remove(use)
+            if use.lock is not None:
+                use.lock.close()
         if hold is not None and hold in self._holds:
             claim = self._holds[hold]
             claim.count -= 1

@@ -65,12 +65,30 @@ def test_socket_in_use_is_refused(tmp_path: Path, image: Path) -> None:
     sock = tmp_path / "s.sock"
     proc = start(sock, str(image))
     try:
-        result = run("--socket", str(sock), str(image))
+        result = run("--socket", str(sock), f"{image},ro")  # (writing it would be refused)
         assert result.returncode == 2
         assert "in use" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_two_processes_may_not_write_the_same_bytes(tmp_path: Path, image: Path) -> None:
+    """A second `serve` on an image another one writes: refused in one line, unless it
+    takes other bytes of the file or only reads."""
+    first = start(tmp_path / "a.sock", f"{image},size=8M")
+    try:
+        result = run("--socket", str(tmp_path / "b.sock"), str(image))
+        assert result.returncode != 0
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "written by a namespace of another nvme-mdev process" in lines[0]
+        for spec in (f"{image},offset=8M", f"{image},ro"):
+            other = start(tmp_path / "c.sock", spec)
+            other.terminate()
+            assert other.wait(10) == 0
+    finally:
+        first.terminate()
+        first.wait(10)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

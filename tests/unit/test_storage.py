@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -387,4 +389,77 @@ def test_growth_into_another_namespace_is_refused(storage: HostStorage, tmp_path
     os.unlink(path)
     assert "was unlinked; the namespace still uses the open file" in str(la.replaced())
     a.backend.close()
+    la.release()
+
+
+# Holds namespaces of a file in a process of its own (another daemon) until stdin closes.
+_OTHER_PROCESS = """
+import sys
+from nvme_mdev.config import NamespaceSpec
+from nvme_mdev.storage import HostStorage
+storage = HostStorage(sysfs=sys.argv[1], mountinfo=sys.argv[1] + "/none")
+held = [storage.open(NamespaceSpec.parse(spec), 1, "other") for spec in sys.argv[2:]]
+print("holding", flush=True)
+sys.stdin.read()
+"""
+
+
+class OtherProcess:
+    def __init__(self, tmp_path: Path, *specs: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _OTHER_PROCESS, str(tmp_path / "nosys"), *specs],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert self.proc.stdout is not None and self.proc.stdout.readline() == "holding\n"
+
+    def exit(self) -> None:
+        self.proc.communicate(timeout=30)
+        assert self.proc.returncode == 0
+
+
+def test_another_process_writing_the_bytes_is_refused(
+    storage: HostStorage, image: Path, tmp_path: Path
+) -> None:
+    """Two nvme-mdev processes on one image file: writable namespaces may not overlap
+    there either; read-only ones and disjoint windows may share it."""
+    other = OtherProcess(tmp_path, f"{image},offset=8M,size=8M")
+    try:
+        with pytest.raises(Conflict) as refused:
+            storage.open(NamespaceSpec.parse(f"{image},offset=15M,size=2M"), 1, "mine")
+        message = str(refused.value)
+        assert "15 MiB..17 MiB are written by a namespace of another nvme-mdev process" in message
+        assert "\n" not in message
+        with pytest.raises(Conflict):
+            storage.open(NamespaceSpec.parse(str(image)), 1, "mine")
+        reader, lr = storage.open(NamespaceSpec.parse(f"{image},ro"), 1, "mine")
+        before, lb = storage.open(NamespaceSpec.parse(f"{image},size=8M"), 2, "mine")
+        after, la = storage.open(NamespaceSpec.parse(f"{image},offset=16M"), 3, "mine")
+        for ns, lease in ((reader, lr), (before, lb), (after, la)):
+            ns.backend.close()  # type: ignore[attr-defined]
+            lease.release()
+    finally:
+        other.exit()
+    # The other process is gone, and its locks with it.
+    ns, lease = storage.open(NamespaceSpec.parse(str(image)), 1, "mine")
+    ns.backend.close()  # type: ignore[attr-defined]
+    lease.release()
+
+
+def test_growth_into_another_process_bytes_is_refused(storage: HostStorage, tmp_path: Path) -> None:
+    path = tmp_path / "growing.img"
+    with open(path, "wb") as f:
+        f.truncate(32 * MIB)
+    a, la = storage.open(NamespaceSpec.parse(f"{path},offset=16M"), 1, "controller a nsid 1")
+    os.truncate(path, 64 * MIB)
+    other = OtherProcess(tmp_path, f"{path},offset=48M")
+    try:
+        with pytest.raises(Conflict, match="written by a namespace of another nvme-mdev process"):
+            la.resize(48 * MIB, "controller a nsid 1")
+        assert la.extent is not None and la.extent.end == 32 * MIB
+        la.resize(MIB, "controller a nsid 1")  # shrinking gives bytes back ...
+    finally:
+        other.exit()
+    la.resize(48 * MIB, "controller a nsid 1")  # ... and growing into free ones works
+    assert la.extent is not None and la.extent.end == 64 * MIB
+    a.backend.close()  # type: ignore[attr-defined]
     la.release()
