@@ -54,4 +54,9 @@ class Backend(Protocol):
         size) and raises BackendError if it no longer lies inside its store."""
         ...
 
+    def io_target(self) -> tuple[int, int] | None:
+        """(descriptor, offset of this backend's byte 0 in it) for an engine that does
+        its own reads and writes (io_uring); None: only readv/writev reach the storage."""
+        ...
+
     def close(self) -> None: ...

@@ -131,6 +131,9 @@ class FileBackend:
                     start += n
             pos = end
 
+    def io_target(self) -> tuple[int, int] | None:
+        return (self.fd, 0) if self.fd >= 0 else None
+
     def flush(self) -> None:
         if not self.readonly:
             os.fdatasync(self.fd)
@@ -200,6 +203,9 @@ class NullBackend:
 
     def writev(self, offset: int, buffers: Sequence[memoryview], fua: bool) -> None:
         pass
+
+    def io_target(self) -> tuple[int, int] | None:
+        return None  # nothing to read or write: the synchronous no-op is the fastest
 
     def flush(self) -> None:
         pass

@@ -59,6 +59,10 @@ class WindowBackend:
     def writev(self, offset: int, buffers: Sequence[memoryview], fua: bool) -> None:
         self.inner.writev(self.offset + offset, buffers, fua)
 
+    def io_target(self) -> tuple[int, int] | None:
+        target = self.inner.io_target()
+        return None if target is None else (target[0], target[1] + self.offset)
+
     def flush(self) -> None:
         self.inner.flush()
 

@@ -1,0 +1,195 @@
+"""The io_uring ring and engine (backends/uring.py) against real files and the real
+kernel interface: no mocks."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nvme_mdev.backends import uring
+from nvme_mdev.backends.file import FileBackend, NullBackend
+from nvme_mdev.backends.io_engine import SyncEngine, make_io_engine
+from nvme_mdev.backends.window import WindowBackend
+
+pytestmark = pytest.mark.skipif(
+    uring.unavailable() is not None, reason=f"no io_uring here: {uring.unavailable()}"
+)
+
+
+@pytest.fixture
+def ring() -> Iterator[uring.Ring]:
+    r = uring.Ring(64)
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def fd(tmp_path: Path) -> Iterator[int]:
+    f = os.open(tmp_path / "data", os.O_RDWR | os.O_CREAT, 0o600)
+    yield f
+    os.close(f)
+
+
+def iovecs(*buffers: bytearray) -> ctypes.Array[ctypes.c_uint64]:
+    arr = (ctypes.c_uint64 * (2 * len(buffers)))()
+    for i, b in enumerate(buffers):
+        arr[2 * i] = uring.buffer_address(memoryview(b))
+        arr[2 * i + 1] = len(b)
+    return arr
+
+
+def run(ring: uring.Ring, count: int) -> dict[int, int]:
+    ring.submit(wait=count)
+    out: dict[int, int] = {}
+    while len(out) < count:
+        out.update(ring.completions())
+        if len(out) < count:
+            ring.wait(1)
+    return out
+
+
+def test_write_fsync_read_round_trip(ring: uring.Ring, fd: int) -> None:
+    a, b = bytearray(b"A" * 4096), bytearray(b"B" * 512)
+    wiov = iovecs(a, b)
+    ring.prep(uring.IORING_OP_WRITEV, fd, ctypes.addressof(wiov), 2, 8192, 0, 1)
+    assert run(ring, 1) == {1: 4608}
+    ring.prep(uring.IORING_OP_FSYNC, fd, 0, 0, 0, uring.IORING_FSYNC_DATASYNC, 2)
+    assert run(ring, 1) == {2: 0}
+    c, d = bytearray(512), bytearray(4096)
+    riov = iovecs(c, d)
+    ring.prep(uring.IORING_OP_READV, fd, ctypes.addressof(riov), 2, 8192, 0, 3)
+    assert run(ring, 1) == {3: 4608}
+    assert bytes(c + d) == b"A" * 4096 + b"B" * 512
+    assert os.pread(fd, 4608, 8192) == bytes(a + b)
+
+
+def test_errors_are_negative_errno(ring: uring.Ring, fd: int, tmp_path: Path) -> None:
+    buf = bytearray(512)
+    iov = iovecs(buf)
+    ring.prep(uring.IORING_OP_READV, 9999, ctypes.addressof(iov), 1, 0, 0, 1)  # no such fd
+    ro = os.open(tmp_path / "data", os.O_RDONLY)
+    try:
+        ring.prep(uring.IORING_OP_WRITEV, ro, ctypes.addressof(iov), 1, 0, 0, 2)
+        done = run(ring, 2)
+    finally:
+        os.close(ro)
+    assert done == {1: -errno.EBADF, 2: -errno.EBADF}
+
+
+def test_short_read_at_end_of_file(ring: uring.Ring, fd: int) -> None:
+    os.pwrite(fd, b"x" * 100, 0)
+    buf = bytearray(4096)
+    iov = iovecs(buf)
+    ring.prep(uring.IORING_OP_READV, fd, ctypes.addressof(iov), 1, 0, 0, 5)
+    assert run(ring, 1) == {5: 100}
+
+
+def test_batch_of_64_in_one_submit(ring: uring.Ring, fd: int) -> None:
+    buffers = [bytearray(bytes([i]) * 512) for i in range(64)]
+    arrays = [iovecs(b) for b in buffers]
+    assert ring.sq_space() == 64
+    for i, arr in enumerate(arrays):
+        ring.prep(uring.IORING_OP_WRITEV, fd, ctypes.addressof(arr), 1, i * 512, 0, 100 + i)
+    assert ring.sq_space() == 0
+    assert ring.submit() == 64
+    done: dict[int, int] = {}
+    while len(done) < 64:
+        ring.wait(1)
+        done.update(ring.completions())
+    assert done == {100 + i: 512 for i in range(64)}
+    assert ring.sq_space() == 64
+    data = os.pread(fd, 64 * 512, 0)
+    assert data == b"".join(bytes(b) for b in buffers)
+
+
+def test_timed_wait_returns_without_completions(ring: uring.Ring) -> None:
+    start = time.monotonic()
+    ring.wait(1, timeout_ns=2_000_000)
+    assert time.monotonic() - start < 1.0
+    assert ring.completions() == []
+
+
+def test_buffer_address_leaves_no_export(tmp_path: Path) -> None:
+    m = mmap.mmap(-1, 8192)
+    view = memoryview(m)
+    base = uring.buffer_address(view)
+    assert uring.buffer_address(view[4096:]) == base + 4096
+    view.release()
+    m.close()  # BufferError if the address lookup had left an export behind
+
+
+# --- the engine ----------------------------------------------------------------------
+
+
+def test_engine_queues_submits_and_reaps(tmp_path: Path) -> None:
+    path = tmp_path / "img"
+    path.write_bytes(bytes(1 << 16))
+    backend = FileBackend(str(path))
+    window = WindowBackend(backend, 4096, 8192)
+    engine = uring.UringEngine(8)
+    try:
+        data = memoryview(bytearray(b"w" * 1024))
+        req = engine.queue_writev(window, 512, [data[:512], data[512:]], fua=True)
+        assert req is not None and engine.in_flight == 1
+        engine.submit()
+        (done,) = engine.reap(wait=True)
+        assert done is req and req.result == 1024 and req.write and req.fua
+        engine.release(req)
+        assert engine.in_flight == 0
+        assert os.pread(backend.fd, 1024, 4096 + 512) == b"w" * 1024
+    finally:
+        engine.close()
+        backend.close()
+
+
+def test_engine_declines_what_it_cannot_take(tmp_path: Path) -> None:
+    path = tmp_path / "img"
+    path.write_bytes(bytes(1 << 16))
+    backend = FileBackend(str(path))
+    engine = uring.UringEngine(4)
+    try:
+        buf = memoryview(bytearray(512))
+        assert engine.queue_readv(NullBackend(1 << 20), 0, [buf]) is None  # no descriptor
+        assert engine.queue_writev(backend, 0, [buf.toreadonly()], False) is None
+        assert engine.queue_readv(backend, 0, [buf] * 1025) is None  # > IOV_MAX
+        taken = [engine.queue_readv(backend, 512 * i, [buf]) for i in range(4)]
+        assert all(r is not None for r in taken)
+        assert engine.queue_readv(backend, 0, [buf]) is None  # the ring is full
+        engine.submit()
+        got = []
+        while len(got) < 4:
+            got += engine.reap(wait=True)
+        for req in got:
+            engine.release(req)
+        assert engine.queue_readv(backend, 0, [buf]) is not None  # room again
+        engine.submit()
+        for req in engine.reap(wait=True):
+            engine.release(req)
+    finally:
+        engine.close()
+        backend.close()
+
+
+def test_engine_wait_times_out_and_reaps_nothing_without_work() -> None:
+    engine = uring.UringEngine(4)
+    try:
+        engine.wait(1_000_000)
+        assert engine.reap(wait=True) == []  # nothing outstanding: never blocks
+    finally:
+        engine.close()
+
+
+def test_selection() -> None:
+    assert isinstance(make_io_engine("sync"), SyncEngine)
+    auto = make_io_engine("auto")
+    assert auto.name == "uring"
+    auto.close()
+    with pytest.raises(ValueError):
+        make_io_engine("aio")
