@@ -25,6 +25,8 @@ from ..nvme.controller import Controller
 log = logging.getLogger(__name__)
 
 DEFAULT_POLL_TIMEOUT = 0.5
+#: longest wait for an in-flight transfer before looking at the queues again (ns)
+IN_FLIGHT_WAIT_NS = 200_000
 
 
 class IoThread:
@@ -88,8 +90,11 @@ class IoThread:
             self._running = False
             self._cond.notify_all()
         self._wake.set()
+        # (the loop ends after its current pass; in-flight transfers are drained below)
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join()
+        # Whatever is still in flight completes before the caller closes the backends.
+        self.controller.drain_io()
 
     def wake(self) -> None:
         self._wake.set()
@@ -138,6 +143,13 @@ class IoThread:
                 # controller until the guest resets it, but keep serving.
                 log.exception("I/O processing failed")
                 ctrl.fatal("I/O processing failed")
+            if ctrl.io_in_flight() and not ctrl.registers.fatal:
+                # Never park with transfers in flight: nothing would post their
+                # completions. Sleep in the kernel until one ends, briefly, so that
+                # new submissions are still seen.
+                ctrl.wait_io(IN_FLIGHT_WAIT_NS)
+                idle_since = time.monotonic()
+                continue
             if ctrl.doorbell_words is not None and ctrl.registers.ready:
                 # Mapped doorbells never trap: nothing would wake a parked thread.
                 # (Disabled, it parks: enabling the controller wakes it.)

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
+from ..backends.io_engine import IoEngine, Request, SyncEngine
 from ..guest_memory import DmaError, GuestMemory
 from ..statistics import ControllerStats
 from . import registers as regs
@@ -89,6 +90,7 @@ class Controller:
         interrupts: InterruptSink,
         namespaces: list[Namespace] | None = None,
         doorbell_words: memoryview | None = None,
+        io_engine: IoEngine | None = None,
     ) -> None:
         self.config = config
         #: BAR0's doorbell page as 32-bit words (see words32) when the client maps it
@@ -111,6 +113,9 @@ class Controller:
         self.io = IoCommandSet(
             memory, self.namespaces, config.max_transfer, self.counters, config.max_namespaces
         )
+        #: runs Read and Write transfers: synchronously, or many in flight (io_uring)
+        self.engine: IoEngine = io_engine if io_engine is not None else SyncEngine()
+        self.io.engine = self.engine
         self.features = features.FeatureState(config)
         self.io.write_cache_enabled = lambda: self.features.volatile_write_cache
         self.io.storage_event = self._storage_event
@@ -169,7 +174,7 @@ class Controller:
         """Hot remove: commands already fetched have completed (the I/O thread is held
         between commands while this runs); later ones fail with Invalid Namespace.
         The caller flushes and closes the returned namespace's backend."""
-        with self.io_thread.paused(), self.lock:
+        with self.io_quiesced(), self.lock:
             ns = self.namespaces.pop(nsid, None)
             if ns is None:
                 raise ValueError(f"nsid {nsid} is not attached")
@@ -326,15 +331,17 @@ class Controller:
     def _shutdown(self) -> None:
         """Normal or abrupt shutdown: stop processing and make all data durable."""
         r = self.registers
-        with self.io_thread.paused():
+        with self.io_quiesced():
             for ns in self.namespaces.values():
                 with contextlib.suppress(OSError):
                     ns.backend.flush()
         r.csts = regs.with_shst(r.csts, CSTS_SHST_COMPLETE)
 
     def reset(self) -> None:
-        """Controller Level Reset (CC.EN 1 → 0, FLR, DEVICE_RESET)."""
-        with self.lock, self.io_thread.paused():
+        """Controller Level Reset (CC.EN 1 → 0, FLR, DEVICE_RESET). Transfers in flight
+        are waited for (the kernel is writing guest memory) and complete unposted: a
+        reset aborts every outstanding command."""
+        with self.lock, self.io_quiesced(post=False):
             queues: list[SubmissionQueue | CompletionQueue] = [
                 *self.io_sqs.values(),
                 *self.io_cqs.values(),
@@ -356,6 +363,32 @@ class Controller:
             self.registers.reset()
             self.interrupts.set_intx(False)
 
+    @contextlib.contextmanager
+    def io_quiesced(self, post: bool = True) -> Iterator[None]:
+        """The I/O thread held between commands and no transfer left in flight: each one
+        the engine still runs is waited for and completed (posted, unless `post` is
+        False or the controller is fatal)."""
+        with self.io_thread.paused():
+            self.drain_io(post)
+            yield
+
+    def drain_io(self, post: bool = True) -> None:
+        """Wait for every transfer in flight and complete its command (from the I/O
+        thread, or from a thread that holds it paused)."""
+        engine = self.engine
+        if not engine.in_flight:
+            return
+        post = post and not self.registers.csts & CSTS_CFS
+        touched: list[CompletionQueue] = []
+        engine.submit()
+        while engine.in_flight:
+            requests = engine.reap(wait=True)
+            if not requests:
+                break  # nothing left in the kernel (never wait for what cannot come)
+            self._complete_requests(requests, touched, post)
+        for cq in touched:
+            self.signal(cq)
+
     def fatal(self, reason: str) -> None:
         """Controller Fatal Status: the host must reset us."""
         log.error("controller fatal: %s", reason)
@@ -363,8 +396,9 @@ class Controller:
 
     def release_memory_views(self) -> None:
         """Drop every cached view of guest memory (the transport is about to unmap).
-        Queues resolve their memory again on next use."""
-        with self.lock, self.io_thread.paused():
+        Queues resolve their memory again on next use. Transfers in flight finish first:
+        the kernel must be done with guest memory before it goes."""
+        with self.lock, self.io_quiesced():
             queues: list[SubmissionQueue | CompletionQueue] = [
                 *self.io_sqs.values(),
                 *self.io_cqs.values(),
@@ -521,7 +555,7 @@ class Controller:
                 stats = sq.stats
                 slots = sq.memory.view()  # None: reachable by messages only
                 seen = clock()
-                n = 0
+                n = posted = 0
                 while n < burst and sq.head != sq.tail and not cq.is_full():
                     if slots is not None:  # fetch(), inline: this runs for every command
                         dw = SQE.unpack_from(slots, sq.head * SQE_SIZE)
@@ -529,29 +563,40 @@ class Controller:
                     else:
                         dw = SQE.unpack(sq.fetch())
                     opcode = dw[0] & 0xFF
+                    n += 1
                     try:
                         if self.aborts:  # almost always empty: no call on the hot path
                             self._check_aborted(sq.qid, dw[0] >> 16)
-                        io.execute(dw)
+                        req = io.execute(dw)
                     except CommandError as err:
                         self.post_error(cq, sq, dw, err)
                         stats.record(opcode, 0, True, clock() - seen)
-                    else:
-                        cq.post(0, 0, sq.head, sq.qid, dw[0] >> 16, 0)
-                        nbytes = 0
-                        if opcode in DATA_OPCODES:
-                            ns = namespaces.get(dw[1])
-                            if ns is not None:
-                                nbytes = ((dw[12] & 0xFFFF) + 1) << ns.lba_shift
-                        stats.record(opcode, nbytes, False, clock() - seen)
-                    n += 1
+                        posted += 1
+                        continue
+                    if req is not None:  # in flight: completed when the engine is done
+                        req.dw, req.owner, req.seen = dw, sq, seen
+                        cq.reserved += 1
+                        continue
+                    cq.post(0, 0, sq.head, sq.qid, dw[0] >> 16, 0)
+                    posted += 1
+                    nbytes = 0
+                    if opcode in DATA_OPCODES:
+                        ns = namespaces.get(dw[1])
+                        if ns is not None:
+                            nbytes = ((dw[12] & 0xFFFF) + 1) << ns.lba_shift
+                    stats.record(opcode, nbytes, False, clock() - seen)
                 if n:
                     done += n
-                    cq.unsignalled += n
-                    if cq not in touched:
-                        touched.append(cq)
+                    if posted:
+                        cq.unsignalled += posted
+                        if cq not in touched:
+                            touched.append(cq)
                     # Keep the guest from ringing while we poll (see queues.arm_event_index).
                     sq.arm_event_index(parked=False)
+            engine = self.engine
+            if engine.in_flight:
+                engine.submit()  # the whole pass in one system call
+                done += self._complete_requests(engine.reap(), touched, True)
         except DmaError as exc:
             self.fatal(f"I/O queue memory: {exc}")
         for cq in touched:
@@ -559,6 +604,52 @@ class Controller:
         if self._coalesced:
             self.flush_coalesced_interrupts(force=False)
         return done
+
+    def _complete_requests(
+        self, requests: list[Request], touched: list[CompletionQueue], post: bool
+    ) -> int:
+        """Complete the commands whose transfers the engine has finished: the same
+        statuses, counters and statistics as a synchronous command. Every request is
+        released, whatever happens to its completion."""
+        io, engine, clock = self.io, self.engine, time.monotonic_ns
+        unreachable: DmaError | None = None
+        for req in requests:
+            sq: SubmissionQueue = req.owner
+            dw = req.dw
+            cq = sq.cq
+            cq.reserved -= 1
+            opcode = dw[0] & 0xFF
+            try:
+                try:
+                    io.finish(req)
+                except CommandError as err:
+                    if post:
+                        self.post_error(cq, sq, dw, err)
+                    sq.stats.record(opcode, 0, True, clock() - req.seen)
+                else:
+                    if post:
+                        cq.post(0, 0, sq.head, sq.qid, dw[0] >> 16, 0)
+                    sq.stats.record(opcode, req.length, False, clock() - req.seen)
+            except DmaError as exc:
+                unreachable = exc  # the CQ's memory: fatal, once all are released
+            finally:
+                engine.release(req)
+            if post:
+                cq.unsignalled += 1
+                if cq not in touched:
+                    touched.append(cq)
+        if unreachable is not None:
+            raise unreachable
+        return len(requests)
+
+    def io_in_flight(self) -> int:
+        """Commands whose transfers the engine is running."""
+        return self.engine.in_flight
+
+    def wait_io(self, timeout_ns: int) -> None:
+        """Block until a transfer in flight ends, `timeout_ns` at most (the I/O thread,
+        with nothing else to do: the completion is posted by the next process_io)."""
+        self.engine.wait(timeout_ns)
 
     def signal(self, cq: CompletionQueue) -> None:
         """Tell the guest about new completions on `cq`: MSI-X (one message per batch,

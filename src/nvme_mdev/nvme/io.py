@@ -20,11 +20,13 @@ information fields are ignored: no namespace is formatted with it.
 
 from __future__ import annotations
 
+import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from ..backends.io_engine import IoEngine, Request, SyncEngine
 from ..guest_memory import GuestMemory
 from . import media_errors
 from .errors import CommandError
@@ -98,8 +100,12 @@ class IoCounters:
     host_errors: int = 0
 
 
+Handler = Callable[[tuple[int, ...]], Request | None]
+
+
 class IoCommandSet:
-    """Executes I/O commands against a set of namespaces."""
+    """Executes I/O commands against a set of namespaces. A Read or Write whose
+    transfer the engine queued returns its Request: finish() completes it later."""
 
     def __init__(
         self,
@@ -115,6 +121,8 @@ class IoCommandSet:
         self.max_namespaces = max_namespaces
         self.max_transfer = max_transfer
         self.counters = counters
+        #: runs the transfers of Read and Write (the controller's I/O engine)
+        self.engine: IoEngine = SyncEngine()
         #: Volatile Write Cache feature (WCE): while it is off every write is made durable
         #: before it completes, as if FUA were set. The owner of the feature installs this.
         self.write_cache_enabled: Callable[[], bool] = _always
@@ -126,7 +134,7 @@ class IoCommandSet:
         self.sgl_support = SGLS_BYTE_GRANULARITY
         #: staging for Verify and Copy, allocated on first use, max_transfer bytes
         self._scratch: memoryview | None = None
-        self._handlers: dict[int, Callable[[tuple[int, ...]], None]] = {
+        self._handlers: dict[int, Handler] = {
             IoOpcode.READ: self.read,
             IoOpcode.WRITE: self.write,
             IoOpcode.FLUSH: self.flush,
@@ -136,23 +144,50 @@ class IoCommandSet:
             IoOpcode.VERIFY: self.verify,
             IoOpcode.COPY: self.copy,
         }
-        self._sgl_handlers: dict[int, Callable[[tuple[int, ...]], None]] = {
+        self._sgl_handlers: dict[int, Handler] = {
             IoOpcode.READ: self._read_sgl,
             IoOpcode.WRITE: self._write_sgl,
         }
 
-    def execute(self, dw: tuple[int, ...]) -> None:
-        """Run the command in SQE dwords `dw`; raises CommandError on failure."""
+    def execute(self, dw: tuple[int, ...]) -> Request | None:
+        """Run the command in SQE dwords `dw`; raises CommandError on failure. Returns
+        the Request when the engine took the transfer (the command is not done yet)."""
         handler = self._handlers.get(dw[0] & 0xFF)
         if handler is None:
             raise CommandError(Status.INVALID_OPCODE)
         if dw[0] & 0xC300:  # FUSE or PSDT (a literal: this runs for every command)
             handler = self._sgl_handler(dw[0], handler)
-        handler(dw)
+        return handler(dw)
 
-    def _sgl_handler(
-        self, cdw0: int, handler: Callable[[tuple[int, ...]], None]
-    ) -> Callable[[tuple[int, ...]], None]:
+    def finish(self, req: Request) -> None:
+        """Complete a transfer the engine ran, as the synchronous path would have: a
+        short one is finished here (rare), errors become NVMe statuses (CommandError),
+        and the SMART counters count it."""
+        res = req.result
+        try:
+            if res < 0:
+                raise OSError(-res, os.strerror(-res))
+            if res < req.length:
+                rest = _after(req.views, res)
+                if req.write:
+                    req.backend.writev(req.offset + res, rest, req.fua)
+                else:
+                    req.backend.readv(req.offset + res, rest)
+        except OSError as exc:
+            ns = self.namespaces.get(req.dw[1])
+            if ns is None:  # (a hot remove drains its I/O first: not expected)
+                status = Status.WRITE_FAULT if req.write else Status.UNRECOVERED_READ_ERROR
+                raise CommandError(status, str(exc)) from exc
+            raise self._host_error(exc, ns, req.write, req.offset) from exc
+        counters = self.counters
+        if req.write:
+            counters.host_write_commands += 1
+            counters.bytes_written += req.length
+        else:
+            counters.host_read_commands += 1
+            counters.bytes_read += req.length
+
+    def _sgl_handler(self, cdw0: int, handler: Handler) -> Handler:
         """The handler for a command whose data pointer is an SGL. Read and Write have
         their own, so that their PRP path tests nothing it does not need."""
         if cdw0 & CDW0_FUSE:
@@ -225,16 +260,16 @@ class IoCommandSet:
             self._scratch = memoryview(bytearray(self.max_transfer))
         return self._scratch
 
-    def read(self, dw: tuple[int, ...]) -> None:
+    def read(self, dw: tuple[int, ...]) -> Request | None:
         ns = self._namespace(dw[1])
         offset, length = self._data_range(ns, dw)
         if dw[12] & (1 << 30):  # FUA (folded to a constant: this is the hot path)
             self._commit(ns)
         prp1, prp2 = dw[6] | (dw[7] << 32), dw[8] | (dw[9] << 32)
         segments, views = prp_views(self.memory, prp1, prp2, length, to_guest=True)
-        self._read_to_guest(ns, offset, length, segments, views, copy_to_guest)
+        return self._read_to_guest(ns, offset, length, segments, views, copy_to_guest)
 
-    def _read_sgl(self, dw: tuple[int, ...]) -> None:
+    def _read_sgl(self, dw: tuple[int, ...]) -> Request | None:
         """Read with an SGL: as read(), and bit buckets discard what they cover."""
         ns = self._namespace(dw[1])
         offset, length = self._data_range(ns, dw)
@@ -243,7 +278,7 @@ class IoCommandSet:
         dword = self.sgl_support == SGLS_DWORD_GRANULARITY
         segments = sgl_segments(self.memory, dw, length, True, dword)
         views = sgl_views(self.memory, segments, to_guest=True)
-        self._read_to_guest(ns, offset, length, segments, views, sgl_copy_to_guest)
+        return self._read_to_guest(ns, offset, length, segments, views, sgl_copy_to_guest)
 
     def _read_to_guest(
         self,
@@ -253,11 +288,16 @@ class IoCommandSet:
         segments: list[Segment],
         views: list[memoryview] | None,
         scatter: Callable[[GuestMemory, list[Segment], bytearray], None],
-    ) -> None:
+    ) -> Request | None:
         """The backend reads straight into the guest's buffers (`views`), or into a
-        bounce buffer that `scatter` copies to the segments when memory is not mapped."""
+        bounce buffer that `scatter` copies to the segments when memory is not mapped.
+        An engine that takes the transfer returns its Request."""
         try:
             if views is not None:
+                req = self.engine.queue_readv(ns.backend, offset, views)
+                if req is not None:
+                    req.length = length
+                    return req
                 ns.backend.readv(offset, views)
             else:
                 bounce = bytearray(length)
@@ -268,8 +308,9 @@ class IoCommandSet:
         counters = self.counters
         counters.host_read_commands += 1
         counters.bytes_read += length
+        return None
 
-    def write(self, dw: tuple[int, ...]) -> None:
+    def write(self, dw: tuple[int, ...]) -> Request | None:
         ns = self._namespace(dw[1])
         offset, length = self._data_range(ns, dw)
         if ns.readonly:
@@ -277,9 +318,9 @@ class IoCommandSet:
         fua = bool(dw[12] & (1 << 30)) or not self.write_cache_enabled()
         prp1, prp2 = dw[6] | (dw[7] << 32), dw[8] | (dw[9] << 32)
         segments, views = prp_views(self.memory, prp1, prp2, length, to_guest=False)
-        self._write_from_guest(ns, offset, length, segments, views, fua)
+        return self._write_from_guest(ns, offset, length, segments, views, fua)
 
-    def _write_sgl(self, dw: tuple[int, ...]) -> None:
+    def _write_sgl(self, dw: tuple[int, ...]) -> Request | None:
         """Write with an SGL: as write() (a bit bucket in a write has no effect)."""
         ns = self._namespace(dw[1])
         offset, length = self._data_range(ns, dw)
@@ -289,7 +330,7 @@ class IoCommandSet:
         dword = self.sgl_support == SGLS_DWORD_GRANULARITY
         segments = sgl_segments(self.memory, dw, length, False, dword)
         views = sgl_views(self.memory, segments, to_guest=False)
-        self._write_from_guest(ns, offset, length, segments, views, fua)
+        return self._write_from_guest(ns, offset, length, segments, views, fua)
 
     def _write_from_guest(
         self,
@@ -299,11 +340,17 @@ class IoCommandSet:
         segments: list[Segment],
         views: list[memoryview] | None,
         fua: bool,
-    ) -> None:
+    ) -> Request | None:
         """The backend writes straight from the guest's buffers, or from a copy of the
-        segments when memory is not mapped."""
+        segments when memory is not mapped. An engine that takes the transfer returns
+        its Request (guest buffers only: a copy is written at once)."""
         if views is None:
             views = [memoryview(copy_from_guest(self.memory, segments))]
+        else:
+            req = self.engine.queue_writev(ns.backend, offset, views, fua)
+            if req is not None:
+                req.length = length
+                return req
         try:
             ns.backend.writev(offset, views, fua)
         except OSError as exc:
@@ -311,6 +358,7 @@ class IoCommandSet:
         counters = self.counters
         counters.host_write_commands += 1
         counters.bytes_written += length
+        return None
 
     def flush(self, dw: tuple[int, ...]) -> None:
         nsid = dw[1]
@@ -467,3 +515,15 @@ def _always() -> bool:
 
 def _ignore(ns: Namespace, failure: HostFailure, reason: str) -> None:
     pass
+
+
+def _after(views: Sequence[memoryview], skip: int) -> list[memoryview]:
+    """The buffers from byte `skip` on (what a short transfer left undone)."""
+    rest = []
+    for view in views:
+        if skip >= view.nbytes:
+            skip -= view.nbytes
+            continue
+        rest.append(view.cast("B")[skip:] if skip else view)
+        skip = 0
+    return rest

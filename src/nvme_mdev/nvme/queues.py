@@ -186,6 +186,7 @@ class CompletionQueue:
         "memory",
         "phase",
         "qid",
+        "reserved",
         "shadow",
         "size",
         "sq_ids",
@@ -215,6 +216,9 @@ class CompletionQueue:
         self.sq_ids: set[int] = set()
         #: completions posted since the last interrupt (for interrupt coalescing)
         self.unsignalled = 0
+        #: slots promised to commands in flight in an I/O engine: never given to others,
+        #: so that their completions always find room
+        self.reserved = 0
 
     def refresh_head(self) -> None:
         """Take the head from the shadow doorbell, if the guest uses one."""
@@ -224,10 +228,12 @@ class CompletionQueue:
                 self.head = head
 
     def is_full(self) -> bool:
-        if (self.tail + 1) % self.size != self.head:
+        """No room for one more completion beside those posted and those reserved."""
+        limit = self.size - 1 - self.reserved
+        if (self.tail - self.head) % self.size < limit:
             return False
         self.refresh_head()
-        return (self.tail + 1) % self.size == self.head
+        return (self.tail - self.head) % self.size >= limit
 
     def has_unconsumed(self) -> bool:
         return self.head != self.tail

@@ -10,6 +10,7 @@ _SRC = Path(__file__).resolve().parents[3] / "src"
 if str(_SRC) not in sys.path:
     sys.path.insert(0, str(_SRC))
 
+import harness  # noqa: E402
 import pytest  # noqa: E402
 from harness import Host, NamespaceFactory, make_file  # noqa: E402
 
@@ -37,6 +38,20 @@ def file_ns(tmp_path: Path) -> Iterator[NamespaceFactory]:
     yield make
     for b in backends:
         b.close()
+
+
+@pytest.fixture(autouse=True)
+def _close_engines() -> Iterator[None]:
+    yield
+    while harness.ENGINES:
+        harness.ENGINES.pop().close()
+
+
+@pytest.fixture(params=["sync", "uring"])
+def io_engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test once per I/O engine: Hosts made in it get that engine."""
+    monkeypatch.setattr(harness, "ENGINE", request.param)
+    return str(request.param)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nvme_mdev.backends.file import FileBackend
+from nvme_mdev.backends.io_engine import IoEngine, make_io_engine
 from nvme_mdev.guest_memory import DmaError, words32
 from nvme_mdev.nvme.controller import Controller
 from nvme_mdev.nvme.identity import ControllerConfig
@@ -23,6 +24,10 @@ NamespaceFactory = Callable[..., Namespace]
 BROADCAST = 0xFFFFFFFF
 #: a guest-physical address nothing is mapped at
 UNMAPPED = 0x7_0000_0000
+#: the I/O engine a Host gets unless told (conftest's `io_engine` fixture sets it)
+ENGINE = "sync"
+#: engines made by Hosts, closed after each test (conftest)
+ENGINES: list[IoEngine] = []
 
 
 def with_dnr(status: int) -> int:
@@ -191,14 +196,22 @@ class Host:
         admin_entries: int = 32,
         memory_size: int = 8 << 20,
         mapped_doorbells: bool = False,
+        engine: str | None = None,
     ) -> None:
         self.memory = FakeGuestMemory(memory_size)
         self.interrupts = FakeInterrupts()
         config = config or ControllerConfig()
         #: BAR0's doorbell page as the guest would map it (serve --mmap-doorbells)
         self.doorbell_words = words32(memoryview(bytearray(PAGE))) if mapped_doorbells else None
+        self.engine = make_io_engine(engine or ENGINE)
+        ENGINES.append(self.engine)
         self.ctrl = Controller(
-            config, self.memory, self.interrupts, namespaces, doorbell_words=self.doorbell_words
+            config,
+            self.memory,
+            self.interrupts,
+            namespaces,
+            doorbell_words=self.doorbell_words,
+            io_engine=self.engine,
         )
         self._next = self.memory.base
         self.admin = HostQueue(self, 0, admin_entries)
@@ -395,10 +408,16 @@ class Host:
 
     # --- I/O --------------------------------------------------------------------
 
+    def run_io(self) -> int:
+        """One pass over the I/O queues, then every transfer in flight completed."""
+        n = self.ctrl.process_io()
+        self.ctrl.drain_io()
+        return n
+
     def io_cmd(self, qid: int, dwords: Sequence[int]) -> Completion:
         q = self.io[qid]
         cid = q.submit(dwords)
-        self.ctrl.process_io()
+        self.run_io()
         done = q.reap()
         assert len(done) == 1, done
         assert done[0].cid == cid

@@ -30,6 +30,8 @@ from nvme_mdev.nvme.identity import ControllerConfig
 from nvme_mdev.nvme.namespace import Namespace
 from nvme_mdev.nvme.spec import IoOpcode, LogPage, Status
 
+#: every test here runs with the synchronous and the io_uring engine
+pytestmark = pytest.mark.usefixtures("io_engine")
 READ, WRITE = IoOpcode.READ, IoOpcode.WRITE
 FUA = 1 << 30
 DEAC = 1 << 25

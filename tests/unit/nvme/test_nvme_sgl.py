@@ -19,6 +19,8 @@ from nvme_mdev.nvme.namespace import Namespace
 from nvme_mdev.nvme.sgl import BIT_BUCKET, sgl_segments
 from nvme_mdev.nvme.spec import AdminOpcode, Cns, IoOpcode, Status
 
+#: every test here runs with the synchronous and the io_uring engine
+pytestmark = pytest.mark.usefixtures("io_engine")
 READ, WRITE = IoOpcode.READ, IoOpcode.WRITE
 # SGL Identifier byte: type in bits 7:4, sub type 3:0
 DATA, BUCKET, SEGMENT, LAST = 0x00, 0x10, 0x20, 0x30

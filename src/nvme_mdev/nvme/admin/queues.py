@@ -101,8 +101,12 @@ def delete_io_sq(ctrl: Controller, dw: tuple[int, ...]) -> int:
     sq = ctrl.io_sqs.get(qid)
     if qid == 0 or sq is None:
         raise CommandError(Status.INVALID_QUEUE_IDENTIFIER, f"SQ {qid}")
-    # Commands run to completion as they are fetched, so none is left to abort.
-    with ctrl.io_thread.paused():
+    # Base 5.6: commands of the queue not completed yet are either completed or
+    # aborted before this command completes. Those fetched run to completion (an I/O
+    # engine's transfers in flight are waited for and posted with their real status:
+    # the kernel cannot be stopped from writing guest memory); those not fetched are
+    # dropped with the queue (implicitly aborted).
+    with ctrl.io_quiesced():
         del ctrl.io_sqs[qid]
         ctrl.active_io_sqs = tuple(ctrl.io_sqs[q] for q in sorted(ctrl.io_sqs))
         sq.cq.sq_ids.discard(qid)
@@ -189,8 +193,9 @@ def doorbell_buffer_config(ctrl: Controller, dw: tuple[int, ...]) -> int:
 def abort(ctrl: Controller, dw: tuple[int, ...]) -> int:
     """Abort (Base 5.1): a command still waiting in its SQ is marked, and completes
     with Command Abort Requested instead of running when it is fetched (DW0 bit 0
-    clear). Commands run to completion as soon as they are fetched, so one that has
-    been fetched is past aborting: 'not aborted' (DW0 bit 0 set)."""
+    clear). A command that has been fetched runs to completion (its transfer may be
+    in flight in an I/O engine: the kernel's I/O is not cancelled), so it is past
+    aborting: 'not aborted' (DW0 bit 0 set)."""
     sqid, cid = dw[10] & 0xFFFF, dw[10] >> 16
     sq = ctrl.admin_sq if sqid == 0 else ctrl.io_sqs.get(sqid)
     if sq is None:

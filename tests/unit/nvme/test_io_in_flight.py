@@ -1,0 +1,286 @@
+"""Commands in flight in the io_uring engine: many at once, completed out of order,
+CQ slots reserved for them, and what reset, SQ deletion, hot remove and Abort do
+to them. Real io_uring on real files; the engine below only holds completions back
+(or shuffles them) to make the interesting orders happen."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import harness
+import pytest
+from harness import PAGE, Host, NamespaceFactory, rw
+
+from nvme_mdev.backends import uring
+from nvme_mdev.backends.file import FileBackend
+from nvme_mdev.backends.io_engine import Request
+from nvme_mdev.engine.poller import IoThread
+from nvme_mdev.nvme.namespace import Namespace
+from nvme_mdev.nvme.spec import AdminOpcode, IoOpcode, Status
+
+pytestmark = pytest.mark.skipif(uring.unavailable() is not None, reason="no io_uring here")
+
+READ, WRITE = IoOpcode.READ, IoOpcode.WRITE
+
+
+class HeldEngine(uring.UringEngine):
+    """Completions are held back while `hold` is set, then handed over all at once in
+    a shuffled order (a drain, reap(wait=True), always gets them)."""
+
+    def __init__(self) -> None:
+        super().__init__(64)
+        self.hold = True
+        self.held: list[Request] = []
+        self.rng = random.Random(7)
+
+    def reap(self, wait: bool = False) -> list[Request]:
+        self.held += super().reap(wait)
+        if self.hold and not wait:
+            return []
+        while self._outstanding:  # everything the kernel still owes
+            self.held += super().reap(True)
+        out, self.held = self.held, []
+        self.rng.shuffle(out)
+        return out
+
+
+@pytest.fixture
+def engine() -> Iterator[HeldEngine]:
+    e = HeldEngine()
+    yield e
+    e.close()
+
+
+def make_host(ns: Namespace, engine: HeldEngine, cq_entries: int | None = None) -> Host:
+    h = Host([ns])
+    harness.ENGINES.append(h.engine)  # closed after the test
+    h.engine = engine
+    h.ctrl.engine = h.ctrl.io.engine = engine
+    h.enable()
+    h.create_io_queue_pair(1, entries=64, cq_entries=cq_entries)
+    return h
+
+
+def fd_of(ns: Namespace) -> int:
+    assert isinstance(ns.backend, FileBackend)
+    return ns.backend.fd
+
+
+def submit_writes(h: Host, count: int, block: int = 512) -> dict[int, bytes]:
+    """`count` one-block writes of distinct data; {cid: data}."""
+    q = h.io[1]
+    sent = {}
+    for i in range(count):
+        buf = h.buffer(PAGE)
+        data = bytes([i + 1]) * block
+        h.memory.write(buf, data)
+        sent[q.submit(rw(WRITE, 1, buf, i, 1), ring=False)] = data
+    q.ring_sq()
+    return sent
+
+
+def test_many_in_flight_complete_out_of_order(
+    file_ns: NamespaceFactory, engine: HeldEngine
+) -> None:
+    ns = file_ns()
+    h = make_host(ns, engine)
+    sent = submit_writes(h, 40)
+    assert h.ctrl.process_io() + h.ctrl.process_io() == 40  # (two arbitration bursts)
+    assert h.ctrl.io_in_flight() == 40
+    assert h.io[1].peek() == []  # nothing posted before the data is written
+    assert h.ctrl.io_cqs[1].reserved == 40
+    engine.hold = False
+    h.ctrl.process_io()
+    done = h.io[1].reap()
+    assert sorted(c.cid for c in done) == sorted(sent)
+    assert [c.cid for c in done] != sorted(sent)  # shuffled: posted as they came
+    assert all(c.status == 0 and c.sq_id == 1 for c in done)
+    assert h.ctrl.io_in_flight() == 0 and h.ctrl.io_cqs[1].reserved == 0
+    for i, data in enumerate(sent.values()):
+        assert os.pread(fd_of(ns), 512, i * 512) == data
+    counters = h.ctrl.counters
+    assert counters.host_write_commands == 40 and counters.bytes_written == 40 * 512
+
+
+def test_reads_in_flight_land_in_guest_memory(
+    file_ns: NamespaceFactory, engine: HeldEngine
+) -> None:
+    ns = file_ns(fill=bytes(range(256)) * 2)
+    h = make_host(ns, engine)
+    q = h.io[1]
+    bufs = {}
+    for i in range(32):
+        buf = h.buffer(PAGE)
+        bufs[q.submit(rw(READ, 1, buf, i, 8), ring=False)] = buf
+    q.ring_sq()
+    h.ctrl.process_io()
+    engine.hold = False
+    h.ctrl.process_io()
+    done = q.reap()
+    assert len(done) == 32 and all(c.status == 0 for c in done)
+    expected = bytes(range(256)) * 16
+    for cid, buf in bufs.items():
+        assert h.memory.read(buf, 4096) == expected, cid
+    assert h.ctrl.counters.host_read_commands == 32
+
+
+def test_cq_slots_are_reserved_for_commands_in_flight(
+    file_ns: NamespaceFactory, engine: HeldEngine
+) -> None:
+    h = make_host(file_ns(), engine, cq_entries=4)  # 3 usable slots
+    submit_writes(h, 8)
+    assert h.ctrl.process_io() == 3  # one slot per command in flight, then full
+    assert h.ctrl.io_cqs[1].is_full()
+    assert h.ctrl.process_io() == 0
+    engine.hold = False
+    h.ctrl.process_io()  # posts the 3 (no room was given away), fetches nothing
+    q = h.io[1]
+    first = q.reap()
+    assert len(first) == 3
+    total = len(first)
+    while total < 8:
+        h.ctrl.process_io()
+        h.ctrl.drain_io()
+        got = q.reap()
+        assert got, "no progress"
+        total += len(got)
+    assert total == 8
+
+
+def test_reset_waits_for_transfers_and_posts_nothing(
+    file_ns: NamespaceFactory, engine: HeldEngine
+) -> None:
+    ns = file_ns()
+    h = make_host(ns, engine)
+    sent = submit_writes(h, 16)
+    h.ctrl.process_io()
+    assert h.ctrl.io_in_flight() == 16
+    cq = h.io[1]
+    h.disable()  # CC.EN = 0
+    assert h.ctrl.io_in_flight() == 0
+    assert cq.peek() == []
+    for i, data in enumerate(sent.values()):  # the kernel finished before the reset did
+        assert os.pread(fd_of(ns), 512, i * 512) == data
+
+
+def test_sq_deletion_completes_commands_in_flight_first(
+    file_ns: NamespaceFactory, engine: HeldEngine
+) -> None:
+    h = make_host(file_ns(), engine)
+    sent = submit_writes(h, 10)
+    h.ctrl.process_io()
+    c = h.delete_sq(1)
+    assert c.status == 0
+    done = h.io[1].reap()
+    assert sorted(x.cid for x in done) == sorted(sent) and all(x.status == 0 for x in done)
+    assert h.ctrl.io_in_flight() == 0
+    assert h.delete_cq(1).status == 0
+
+
+def test_hot_remove_completes_commands_in_flight_first(
+    file_ns: NamespaceFactory, engine: HeldEngine
+) -> None:
+    h = make_host(file_ns(), engine)
+    sent = submit_writes(h, 5)
+    h.ctrl.process_io()
+    ns = h.ctrl.detach_namespace(1)
+    assert h.ctrl.io_in_flight() == 0
+    done = h.io[1].reap()
+    assert sorted(x.cid for x in done) == sorted(sent) and all(x.status == 0 for x in done)
+    ns.backend.close()
+
+
+def test_abort_of_a_command_in_flight_is_not_aborted(
+    file_ns: NamespaceFactory, engine: HeldEngine
+) -> None:
+    h = make_host(file_ns(), engine)
+    (cid,) = submit_writes(h, 1)
+    h.ctrl.process_io()
+    assert h.ctrl.io_in_flight() == 1
+    c = h.admin_cmd([AdminOpcode.ABORT, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1 | (cid << 16)])
+    assert c.status == 0 and c.dw0 & 1  # not aborted
+    h.ctrl.drain_io()
+    (done,) = h.io[1].reap()
+    assert done.cid == cid and done.status == 0
+
+
+def test_kernel_errors_map_as_the_synchronous_path(tmp_path: Path, engine: HeldEngine) -> None:
+    path = tmp_path / "img"
+    path.write_bytes(bytes(1 << 20))
+    backend = FileBackend(str(path))
+    h = make_host(Namespace(1, backend), engine)
+    engine.hold = False
+    os.close(backend.fd)
+    backend.fd = os.open(path, os.O_RDONLY)  # writes now fail in the kernel: EBADF
+    buf = h.buffer(PAGE)
+    c = h.io_cmd(1, rw(WRITE, 1, buf, 0, 1))
+    assert c.status == Status.WRITE_FAULT  # media error: retry allowed
+    os.close(backend.fd)
+    backend.fd = os.open(path, os.O_WRONLY)  # and reads
+    c = h.io_cmd(1, rw(READ, 1, buf, 0, 1))
+    assert c.status == Status.UNRECOVERED_READ_ERROR
+    assert h.ctrl.counters.media_errors == 2
+    assert h.ctrl.counters.host_read_commands == h.ctrl.counters.host_write_commands == 0
+    backend.close()
+
+
+def test_short_read_is_finished_synchronously(tmp_path: Path, engine: HeldEngine) -> None:
+    path = tmp_path / "img"
+    path.write_bytes(b"z" * (1 << 20))
+    backend = FileBackend(str(path))
+    h = make_host(Namespace(1, backend), engine)
+    engine.hold = False
+    os.truncate(path, 1024)  # the file shrank under the namespace: reads end early
+    buf = h.buffer(PAGE)
+    c = h.io_cmd(1, rw(READ, 1, buf, 0, 2))
+    assert c.status == 0
+    c = h.io_cmd(1, rw(READ, 1, buf, 0, 4))  # past the end: EIO, as preadv would say
+    assert c.status == Status.UNRECOVERED_READ_ERROR
+    backend.close()
+
+
+def test_fua_write_is_a_dsync_write(file_ns: NamespaceFactory, engine: HeldEngine) -> None:
+    h = make_host(file_ns(), engine)
+    engine.hold = False
+    taken: list[bool] = []
+    queue = engine.queue_writev
+
+    def spy(backend: object, offset: int, views: list[memoryview], fua: bool) -> Request | None:
+        taken.append(fua)
+        return queue(backend, offset, views, fua)
+
+    engine.queue_writev = spy  # type: ignore[method-assign]
+    buf = h.buffer(PAGE)
+    assert h.io_cmd(1, rw(WRITE, 1, buf, 0, 1, dw12_flags=1 << 30)).status == 0
+    assert h.io_cmd(1, rw(WRITE, 1, buf, 0, 1)).status == 0
+    assert taken == [True, False]
+
+
+def test_io_thread_does_not_park_with_commands_in_flight(tmp_path: Path) -> None:
+    image = tmp_path / "ns.img"
+    image.write_bytes(bytes(1 << 20))
+    h = Host([Namespace(1, FileBackend(str(image)))], engine="uring")
+    h.enable()
+    q = h.create_io_queue_pair(1, entries=64)
+    io = IoThread(h.ctrl, poll_timeout=0.01)
+    io.start()
+    try:
+        for round_ in range(20):
+            cids = set()
+            for i in range(32):
+                cids.add(q.submit(rw(WRITE, 1, h.scratch, i, 1), ring=False))
+            q.ring_sq()
+            got: list[int] = []
+            for _ in range(5000):
+                got += [c.cid for c in q.reap()]
+                if len(got) == 32:
+                    break
+                time.sleep(0.001)
+            assert sorted(got) == sorted(cids), round_
+    finally:
+        io.stop()
+    assert h.ctrl.io_in_flight() == 0
