@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
+from .backends.io_engine import ENGINE_NAMES
 from .bench import add_arguments as add_bench_arguments
 from .bench import main as bench_main
 from .config import ConfigError, NamespaceSpec, parse_cpu_list
@@ -152,6 +153,15 @@ def add_controller_options(parser: argparse.ArgumentParser, defaults_shown: bool
         help=(
             "put the doorbell registers in memory the VM maps: no doorbell ever traps, "
             "and the I/O thread polls without parking (one busy CPU per controller)"
+        ),
+    )
+    parser.add_argument(
+        "--io-engine",
+        choices=ENGINE_NAMES,
+        default="auto",
+        help=(
+            "how reads and writes reach the storage: uring (io_uring, many in flight), "
+            "sync (preadv/pwritev), auto (uring where the kernel allows it; default)"
         ),
     )
     parser.add_argument(
@@ -327,6 +337,7 @@ def serve(args: argparse.Namespace) -> int:
         iothread_cpu=frozenset(args.iothread_cpu) if args.iothread_cpu is not None else None,
         mmap_doorbells=args.mmap_doorbells,
         namespaces=tuple(NamespaceRequest(spec) for spec in specs),
+        io_engine=args.io_engine,
     )
     daemon = Daemon()
     try:
@@ -453,6 +464,7 @@ def controller_create(args: argparse.Namespace) -> int:
         "model": args.model,
         "poll_timeout_ms": args.poll_timeout_ms,
         "mmap_doorbells": args.mmap_doorbells,
+        "io_engine": args.io_engine,
         "namespaces": [_absolute_spec(spec) for spec in args.ns],
     }
     if args.serial is not None:
@@ -554,6 +566,7 @@ def format_controller(c: dict[str, Any]) -> str:
         f"iothread cpus {cpus}, poll {t['poll_timeout_ms']} ms  "
         f"{'enabled' if c['enabled'] else 'not enabled'}"
         + ("  mapped doorbells" if c["mmap_doorbells"] else "")
+        + (f"  io engine {c['io_engine']}" if "io_engine" in c else "")
     ]
     lines += [format_namespace(ns) for ns in c["namespaces"]] or ["  no namespaces"]
     return "\n".join(lines)

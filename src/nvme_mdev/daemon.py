@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .backends.file import BackendError
+from .backends.io_engine import ENGINE_NAMES
 from .config import ConfigError, NamespaceSpec, parse_cpu_list, parse_size
 from .control import ControlError, Method
 from .engine.poller import DEFAULT_POLL_TIMEOUT
@@ -58,6 +59,7 @@ CONTROLLER_KEYS = frozenset(
         "poll_timeout_ms",
         "iothread_cpu",
         "mmap_doorbells",
+        "io_engine",
         "namespaces",
         "namespace",  # the TOML spelling: [[controller.namespace]]
     )
@@ -146,6 +148,8 @@ class ControllerSettings:
     iothread_cpu: frozenset[int] | None = None
     mmap_doorbells: bool = False
     namespaces: tuple[NamespaceRequest, ...] = ()
+    #: how Reads and Writes reach the storage: auto, sync or uring (io_engine.py)
+    io_engine: str = "auto"
 
     @classmethod
     def from_params(
@@ -199,6 +203,9 @@ class ControllerSettings:
             NamespaceRequest.from_params(ns, f"{where} namespace {i + 1}")
             for i, ns in enumerate(listed)
         )
+        engine = _get(params, "io_engine", str, where) or "auto"
+        if engine not in ENGINE_NAMES:
+            raise ConfigError(f"{where}: io_engine {engine!r}: one of {', '.join(ENGINE_NAMES)}")
         return cls(
             name,
             socket,
@@ -207,6 +214,7 @@ class ControllerSettings:
             cpu_set,
             bool(_get(params, "mmap_doorbells", bool, where)),
             namespaces,
+            engine,
         )
 
 
@@ -293,6 +301,7 @@ class Daemon:
                     settings.config,
                     poll_timeout=settings.poll_timeout_ms / 1000,
                     mmap_doorbells=settings.mmap_doorbells,
+                    io_engine=settings.io_engine,
                 )
             except (ConfigError, SocketInUse) as exc:
                 for ns in namespaces:
@@ -521,6 +530,7 @@ class Daemon:
             "queue_depth": s.config.max_queue_entries,
             "mdts": s.config.mdts,
             "mmap_doorbells": s.mmap_doorbells,
+            "io_engine": managed.device.controller.engine.name,
             "enabled": managed.device.controller.registers.ready,
             "iothread": managed.device.io_thread_settings(),
             "namespaces": [self.describe_namespace(managed, n) for n in sorted(managed.namespaces)],

@@ -11,6 +11,8 @@ import os
 from collections.abc import Iterator
 from typing import Any, Final
 
+from .backends.io_engine import make_io_engine
+from .config import ConfigError
 from .engine.poller import DEFAULT_POLL_TIMEOUT, AdminWorker, IoThread
 from .guest_memory import words32
 from .nvme.controller import Controller
@@ -44,8 +46,15 @@ class VirtualController:
         config: ControllerConfig | None = None,
         poll_timeout: float = DEFAULT_POLL_TIMEOUT,
         mmap_doorbells: bool = False,
+        io_engine: str = "auto",
     ) -> None:
+        """`io_engine`: auto, sync or uring (backends/io_engine.py); ConfigError if uring
+        is asked for and the kernel refuses it."""
         config = config or ControllerConfig()
+        try:
+            engine = make_io_engine(io_engine)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--io-engine {io_engine}: {exc}") from exc
         self.memory = DmaMemory()
         self._bar0_fd: int | None = None
         self._bar0_map: mmap.mmap | None = None
@@ -69,7 +78,12 @@ class VirtualController:
             bar0_mmap_areas=areas,
         )
         self.controller = Controller(
-            config, self.memory, self.function, namespaces, doorbell_words=doorbell_words
+            config,
+            self.memory,
+            self.function,
+            namespaces,
+            doorbell_words=doorbell_words,
+            io_engine=engine,
         )
         self.function.attach_bar0(self.controller)
         self.io_thread = IoThread(self.controller, poll_timeout)
@@ -132,7 +146,8 @@ class VirtualController:
         """Finish in-flight commands, make written data durable, release everything."""
         self.server.stop()
         self.admin_worker.stop()
-        self.io_thread.stop()
+        self.io_thread.stop()  # and every transfer in flight drained
+        self.controller.engine.close()
         for ns in self.controller.namespaces.values():
             try:
                 ns.backend.flush()

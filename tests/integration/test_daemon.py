@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from nvme_mdev.backends import uring
 from nvme_mdev.control import call
 from nvme_mdev.nvme_host import Completion, NvmeHost, read_write
 
@@ -120,8 +121,11 @@ def test_two_controllers_share_a_file_through_windows(
     b = daemon.ok(
         "controller", "create", "vm2", "--socket", str(tmp_path / "vm2.sock"),
         "--ns", f"{shared},offset=32M", "--serial", "SECOND", "--model", "Other model",
+        "--io-engine", "sync",
     )  # fmt: skip
     assert (b["serial"], b["model"]) == ("SECOND", "Other model")
+    assert b["io_engine"] == "sync"
+    assert a["io_engine"] == ("uring" if uring.unavailable() is None else "sync")  # auto
     assert a["serial"] != b["serial"] and a["subsystem_nqn"] != b["subsystem_nqn"]
     for name in ("vm1.sock", "vm2.sock"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600

@@ -48,6 +48,7 @@ def test_controller_everything() -> None:
             "poll_timeout_ms": 0,
             "iothread_cpu": "0-2,5",
             "mmap_doorbells": True,
+            "io_engine": "sync",
             "namespace": [
                 "a.img,ro",
                 {
@@ -69,10 +70,11 @@ def test_controller_everything() -> None:
         "S1",
         "M",
     )
-    assert (s.poll_timeout_ms, s.iothread_cpu, s.mmap_doorbells) == (
+    assert (s.poll_timeout_ms, s.iothread_cpu, s.mmap_doorbells, s.io_engine) == (
         0,
         frozenset({0, 1, 2, 5}),
         True,
+        "sync",
     )
     a, b = s.namespaces
     assert (a.spec.path, a.spec.readonly, a.nsid) == ("a.img", True, None)
@@ -100,6 +102,7 @@ def test_controller_everything() -> None:
         ({"name": "a", "socket": "s", "max_io_queues": 65}, "max_io_queues must be 1..64"),
         ({"name": "a", "socket": "s", "serial": "x" * 21}, "serial"),
         ({"name": "a", "socket": "s", "poll_timeout_ms": -1}, "0 or more"),
+        ({"name": "a", "socket": "s", "io_engine": "aio"}, "io_engine 'aio'"),
         ({"name": "a", "socket": "s", "iothread_cpu": "x"}, "expected CPUs"),
         ({"name": "a", "socket": "s", "iothread_cpu": [True]}, "iothread_cpu"),
         ({"name": "a", "socket": "s", "namespaces": "a.img"}, "namespaces must be a list"),

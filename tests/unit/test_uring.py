@@ -193,3 +193,12 @@ def test_selection() -> None:
     auto.close()
     with pytest.raises(ValueError):
         make_io_engine("aio")
+
+
+def test_auto_falls_back_to_sync_where_io_uring_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(uring, "unavailable", lambda: "io_uring is disabled")
+    assert isinstance(make_io_engine("auto"), SyncEngine)
+    with pytest.raises(OSError, match="disabled"):
+        make_io_engine("uring")
