@@ -5,10 +5,12 @@ read) and each backend (a page-cache file, and a null namespace with no storage)
 
 - native: fio on the host, straight on the backing file, with io_uring and psync
   (on the null backend, fio's null ioengine: fio alone, doing no I/O);
-- nvme-mdev: the device as `nvme-mdev serve` in its own process, driven by the
-  project's own NVMe host driver (`nvme_host`) in this process as the guest:
-  shared memfd guest RAM, its own I/O queue, batched submission, shadow
-  doorbells, MSI-X eventfds.
+- nvme-mdev/ENGINE: the device as `nvme-mdev serve --io-engine ENGINE` in its own
+  process, driven by the project's own NVMe host driver (`nvme_host`) in this
+  process as the guest: shared memfd guest RAM, its own I/O queue, batched
+  submission, shadow doorbells, MSI-X eventfds. One device per I/O engine (sync,
+  and uring where the kernel has io_uring), side by side; the null namespace has
+  no storage to queue I/O to, so it is measured once.
 
 The device runs as a separate process, never in this one: in-process it would
 share the client's GIL, and its CPU time could not be told apart from the client's.
@@ -36,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from .backends import uring
 from .config import ConfigError, parse_size
 from .nvme_host import PAGE, HostQueuePair, NvmeHost, NvmeHostError
 from .vfio_user.client import ClientError
@@ -141,6 +144,8 @@ class Options:
     poll_completions: bool = False
     poll_timeout_ms: int = 500
     seed: int = 1
+    #: the device's I/O engines, one device (serve process) each
+    engines: tuple[str, ...] = ("sync", "uring")
 
 
 # --- CPU time -------------------------------------------------------------------------
@@ -281,11 +286,18 @@ class Fio:
 class DeviceProcess:
     """`nvme-mdev serve` in its own process (own interpreter, own GIL, own CPU time)."""
 
-    def __init__(self, socket_path: Path, specs: Sequence[str], poll_timeout_ms: int) -> None:
+    def __init__(
+        self,
+        socket_path: Path,
+        specs: Sequence[str],
+        poll_timeout_ms: int,
+        engine: str = "auto",
+    ) -> None:
         self.socket_path = socket_path
         self._log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (lives as long as we do)
         args = [sys.executable, "-m", "nvme_mdev.cli", "serve", "--socket", str(socket_path)]
-        args += ["--log-level", "warning", "--poll-timeout-ms", str(poll_timeout_ms), *specs]
+        args += ["--log-level", "warning", "--poll-timeout-ms", str(poll_timeout_ms)]
+        args += ["--io-engine", engine, *specs]
         self.proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log
         )
@@ -508,6 +520,11 @@ class GuestDriver:
         return _Run(len(latencies), t - start, latencies, errors, cpu_ns)
 
 
+def device_target(engine: str) -> str:
+    """The device's row name with `engine`: nvme-mdev/sync, nvme-mdev/uring."""
+    return f"{DEVICE}/{engine}"
+
+
 def _device_cell(
     driver: GuestDriver,
     device: DeviceProcess,
@@ -517,8 +534,9 @@ def _device_cell(
     blocks: int,
     seconds: float,
     seed: int,
+    engine: str,
 ) -> Result:
-    result = Result(w.name, backend, DEVICE)
+    result = Result(w.name, backend, device_target(engine))
     commands_before = driver.smart_commands()
     me = os.getpid()
     run = driver.run(w, nsid, blocks, seconds, seed, lambda: (device.cpu_ns(), process_cpu_ns(me)))
@@ -603,6 +621,7 @@ def run_bench(opts: Options, progress: Callable[[str], None] | None = None) -> R
             "doorbells": "shadow" if opts.shadow_doorbells else "mmio",
             "completions": "poll" if opts.poll_completions else "irq",
             "device_poll_timeout_ms": opts.poll_timeout_ms,
+            "io_engines": list(opts.engines),
         },
         fio=None,
     )
@@ -632,29 +651,36 @@ def run_bench(opts: Options, progress: Callable[[str], None] | None = None) -> R
         if "null" in opts.backends:
             specs.append(f"null:{opts.size},bs={BLOCK}")
             nsids["null"] = len(specs)
-        device = DeviceProcess(work / "nvme.sock", specs, opts.poll_timeout_ms)
-        stack.callback(device.stop)
         max_depth = max(w.depth for w in opts.workloads)
         max_block = max(w.block_size for w in opts.workloads)
-        try:
-            driver = GuestDriver(
-                device.socket_path,
-                max_depth,
-                max_block,
-                opts.shadow_doorbells,
-                opts.poll_completions,
-            )
-        except (OSError, NvmeHostError) as exc:
-            raise BenchError(f"connecting to the device: {exc} ({device.log_tail()})") from exc
-        stack.callback(driver.close)
-        report.settings["device_pid"] = device.pid
+        devices: dict[str, tuple[DeviceProcess, GuestDriver]] = {}
+        for engine in opts.engines:
+            device = DeviceProcess(work / f"{engine}.sock", specs, opts.poll_timeout_ms, engine)
+            stack.callback(device.stop)
+            try:
+                driver = GuestDriver(
+                    device.socket_path,
+                    max_depth,
+                    max_block,
+                    opts.shadow_doorbells,
+                    opts.poll_completions,
+                )
+            except (OSError, NvmeHostError) as exc:
+                raise BenchError(f"connecting to the device: {exc} ({device.log_tail()})") from exc
+            stack.callback(driver.close)
+            devices[engine] = (device, driver)
+        report.settings["device_pid"] = ",".join(str(d.pid) for d, _ in devices.values())
         blocks = opts.size // BLOCK
         for backend in opts.backends:
             natives = (FIO_URING, FIO_PSYNC) if backend == "file" else (FIO_NULL,)
+            # null: no storage, nothing any engine could queue: one device is enough
+            engines = opts.engines if backend == "file" else opts.engines[:1]
             for w in opts.workloads:
                 cells = [*natives] if fio is not None else []
-                for target in [*cells, DEVICE]:
-                    if target == DEVICE:
+                for target in [*cells, *map(device_target, engines)]:
+                    if target.startswith(DEVICE):
+                        engine = target.partition("/")[2]
+                        device, driver = devices[engine]
                         result = _device_cell(
                             driver,
                             device,
@@ -664,6 +690,7 @@ def run_bench(opts: Options, progress: Callable[[str], None] | None = None) -> R
                             blocks,
                             opts.seconds,
                             opts.seed,
+                            engine,
                         )
                         # Let the I/O thread park before the next fio cell, so that its
                         # polling does not take a core from fio.
@@ -675,7 +702,10 @@ def run_bench(opts: Options, progress: Callable[[str], None] | None = None) -> R
                     say(_progress_line(result))
     report.machine["load_end"] = [round(x, 2) for x in os.getloadavg()]
     _with_ratios(report.results)
-    mismatched = [r for r in report.results if r.target == DEVICE and r.device_commands != r.ios]
+    report.notes += _engine_comparison(report.results, opts.engines)
+    mismatched = [
+        r for r in report.results if r.target.startswith(DEVICE) and r.device_commands != r.ios
+    ]
     if mismatched:
         report.notes.append(
             "device count differs from the client's: "
@@ -684,6 +714,27 @@ def run_bench(opts: Options, progress: Callable[[str], None] | None = None) -> R
             )
         )
     return report
+
+
+def _engine_comparison(results: list[Result], engines: Sequence[str]) -> list[str]:
+    """One line per file workload: each engine's IOPS over the first engine's."""
+    if len(engines) < 2:
+        return []
+    iops = {(r.workload, r.target): r.iops for r in results if r.ok and r.backend == "file"}
+    first = device_target(engines[0])
+    lines = []
+    for workload in dict.fromkeys(r.workload for r in results):
+        base = iops.get((workload, first))
+        if not base:
+            continue
+        ratios = [
+            f"{e} {iops[(workload, device_target(e))] / base:.2f}x"
+            for e in engines[1:]
+            if (workload, device_target(e)) in iops
+        ]
+        if ratios:
+            lines.append(f"I/O engines, {workload}, file: {', '.join(ratios)} of {engines[0]}")
+    return lines
 
 
 def _progress_line(r: Result) -> str:
@@ -721,7 +772,11 @@ def table_rows(report: Report) -> list[list[str]]:
             rows.append([r.workload, r.backend, r.target, f"error: {r.error}"])
             continue
         client = _num(r.client_cpu_us, ".2f")
-        if r.target == DEVICE and r.client_util is not None and r.client_util >= CLIENT_BOUND:
+        if (
+            r.target.startswith(DEVICE)
+            and r.client_util is not None
+            and r.client_util >= CLIENT_BOUND
+        ):
             client += "*"  # the Python guest, not the device, limits this row
         rows.append(
             [
@@ -752,7 +807,8 @@ def format_report(report: Report) -> str:
         f"load average {' '.join(map(str, m['load_start']))} at start, "
         f"{' '.join(map(str, m.get('load_end', [])))} at end",
         f"guest: nvme_host in this process, {s['doorbells']} doorbells, "
-        f"{s['completions']} completions; device: nvme-mdev serve, pid {s.get('device_pid', '?')}",
+        f"{s['completions']} completions; device: nvme-mdev serve, "
+        f"I/O engines {', '.join(s.get('io_engines', []))}, pid {s.get('device_pid', '?')}",
         "",
     ]
     rows = [list(COLUMNS), *table_rows(report)]
@@ -839,6 +895,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--poll-timeout-ms", type=int, default=None, help="the device's (default 500; --quick: 50)"
     )
+    parser.add_argument(
+        "--io-engines",
+        default=None,
+        help="the device's I/O engines, one device each (default: sync,uring; "
+        "sync alone where the kernel has no io_uring)",
+    )
     parser.add_argument("--seed", type=int, default=1, help="random LBAs' seed")
     parser.add_argument(
         "--json",
@@ -872,6 +934,12 @@ def options_from_args(args: argparse.Namespace) -> Options:
         poll_ms = QUICK_POLL_TIMEOUT_MS if args.quick else 500
     if poll_ms < 0:
         raise ConfigError("--poll-timeout-ms: must be 0 or more")
+    if args.io_engines is None:
+        engines = ["sync"] if uring.unavailable() else ["sync", "uring"]
+    else:
+        engines = list(dict.fromkeys(e for e in args.io_engines.split(",") if e))
+        if not engines or any(e not in ("sync", "uring") for e in engines):
+            raise ConfigError(f"--io-engines {args.io_engines!r}: sync, uring or sync,uring")
     return Options(
         seconds=seconds,
         size=size,
@@ -884,6 +952,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         poll_completions=args.completions == "poll",
         poll_timeout_ms=poll_ms,
         seed=args.seed,
+        engines=tuple(engines),
     )
 
 
@@ -913,6 +982,7 @@ __all__ = [
     "Result",
     "Workload",
     "add_arguments",
+    "device_target",
     "format_report",
     "main",
     "run_bench",

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from nvme_mdev import cli
+from nvme_mdev.backends import uring
 from nvme_mdev.bench import BACKENDS, WORKLOADS, WRITE_PATTERN
 from nvme_mdev.config import NamespaceSpec
 from nvme_mdev.nvme_host import NvmeHost, need_event, read_write
@@ -43,24 +44,30 @@ def test_quick_bench_runs_every_cell_through_the_device(
     results = {(r["workload"], r["backend"], r["target"]): r for r in report["results"]}
     rows = _rows(table)
     fio = shutil.which("fio") is not None
+    engines = ["sync"] if uring.unavailable() else ["sync", "uring"]
     for backend in BACKENDS:
         natives = ["fio-io_uring", "fio-psync"] if backend == "file" else ["fio-null"]
+        devices = [f"nvme-mdev/{e}" for e in (engines if backend == "file" else engines[:1])]
         for w in WORKLOADS:
-            r = results[(w.name, backend, "nvme-mdev")]
-            assert r["error"] is None and r["ios"] > 0 and r["iops"] > 0
-            # The device's own SMART counters saw exactly the I/Os the client completed.
-            assert r["device_commands"] == r["ios"]
-            assert r["device_cpu_us"] > 0 and r["client_cpu_us"] > 0
-            assert rows[(w.name, backend, "nvme-mdev")]["IOPS"].replace(",", "").isdigit()
+            for device in devices:
+                r = results[(w.name, backend, device)]
+                assert r["error"] is None and r["ios"] > 0 and r["iops"] > 0
+                # The device's own SMART counters saw exactly the I/Os the client completed.
+                assert r["device_commands"] == r["ios"]
+                assert r["device_cpu_us"] > 0 and r["client_cpu_us"] > 0
+                assert rows[(w.name, backend, device)]["IOPS"].replace(",", "").isdigit()
             for target in natives if fio else []:
                 native = results[(w.name, backend, target)]
                 assert (w.name, backend, target) in rows
                 if target == "fio-io_uring" and native["error"]:
                     continue  # a kernel without io_uring: the row says so
                 assert native["error"] is None and native["iops"] > 0
-                if target == natives[0]:  # the reference: the device's row has a ratio
-                    assert r["ratio"] > 0
-                    assert rows[(w.name, backend, "nvme-mdev")]["vs native"].endswith("x")
+                if target == natives[0]:  # the reference: the device's rows have a ratio
+                    for device in devices:
+                        assert results[(w.name, backend, device)]["ratio"] > 0
+                        assert rows[(w.name, backend, device)]["vs native"].endswith("x")
+    if len(engines) > 1:
+        assert "I/O engines, randread-4k-qd32, file: uring" in table
     if not fio:
         assert "not found" in table
     # Only the device writes this pattern (the file starts random, fio writes its own).
@@ -79,7 +86,8 @@ def test_without_fio_the_bench_says_so_and_runs_the_device(
     assert cli.main([*argv, "--backends", "null", "--workloads", "randread-4k-qd32"]) == 0
     table = capsys.readouterr().out
     assert sum("not found" in line for line in table.splitlines()) == 1
-    assert list(_rows(table)) == [("randread-4k-qd32", "null", "nvme-mdev")]
+    engine = "sync"  # the first of the default engines
+    assert list(_rows(table)) == [("randread-4k-qd32", "null", f"nvme-mdev/{engine}")]
 
 
 def test_bench_refuses_an_existing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
