@@ -4,9 +4,11 @@ model over memfd "guest RAM" (as DMA_MAP gives it), a null or file namespace,
 commands pre-written into a 1024-entry SQ, shadow doorbells as Linux uses them.
 Each round publishes a batch of `--depth` commands and runs process_io until all
 complete, so it measures doorbell → command → backend → completion → interrupt.
+File rows run once per I/O engine (sync; uring where the kernel has io_uring).
 
     tools/profile_hot_path.py                 # µs per command, by workload
     tools/profile_hot_path.py --profile read  # and where the time goes (cProfile)
+    tools/profile_hot_path.py --profile read --backend file --engine uring
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from nvme_mdev.backends import uring
 from nvme_mdev.backends.file import FileBackend, NullBackend
+from nvme_mdev.backends.io_engine import make_io_engine
 from nvme_mdev.nvme.controller import Controller
 from nvme_mdev.nvme.identity import ControllerConfig
 from nvme_mdev.nvme.namespace import Namespace
@@ -48,7 +52,7 @@ class Interrupts:
 
 
 class Rig:
-    def __init__(self, namespace: Namespace) -> None:
+    def __init__(self, namespace: Namespace, engine: str = "sync") -> None:
         fd = os.memfd_create("profile-ram")
         os.ftruncate(fd, RAM_SIZE)
         self.memory = DmaMemory()
@@ -56,7 +60,10 @@ class Rig:
         assert region.buffer is not None
         self.ram = region.buffer
         self.interrupts = Interrupts()
-        self.ctrl = Controller(ControllerConfig(), self.memory, self.interrupts, [namespace])
+        self.engine = make_io_engine(engine)
+        self.ctrl = Controller(
+            ControllerConfig(), self.memory, self.interrupts, [namespace], io_engine=self.engine
+        )
         self._next = RAM_BASE
         asq, acq = self.alloc(PAGE), self.alloc(PAGE)
         self.ctrl.mmio_write(Reg.AQA, 4, (31 << 16) | 31)
@@ -114,9 +121,13 @@ class Rig:
     def round(self, depth: int) -> None:
         self.tail = (self.tail + depth) % ENTRIES
         struct.pack_into("<I", self.ram, self.sq_shadow, self.tail)
-        done = 0
-        while done < depth:
-            done += self.ctrl.process_io()
+        ctrl = self.ctrl
+        sq = ctrl.io_sqs[1]
+        while True:  # until every command is fetched and none is in flight
+            if not ctrl.process_io() and ctrl.io_in_flight():
+                ctrl.wait_io(200_000)  # as the I/O thread does: no spinning on the kernel
+            if sq.head == self.tail and not ctrl.io_in_flight():
+                break
         # consume: the guest moves its CQ head (phase checks are the guest's cost, not ours)
         self.head = (self.head + depth) % ENTRIES
         struct.pack_into("<I", self.ram, self.cq_shadow, self.head)
@@ -130,7 +141,9 @@ WORKLOADS = {
 }
 
 
-def measure(backend: str, workload: str, depth: int, seconds: float) -> tuple[float, int]:
+def measure(
+    backend: str, workload: str, depth: int, seconds: float, engine: str = "sync"
+) -> tuple[float, int]:
     with tempfile.TemporaryDirectory() as tmp:
         if backend == "null":
             ns = Namespace(1, NullBackend(1 << 40))
@@ -139,7 +152,7 @@ def measure(backend: str, workload: str, depth: int, seconds: float) -> tuple[fl
             with open(path, "wb") as f:
                 f.truncate(1 << 30)
             ns = Namespace(1, FileBackend(str(path)))
-        rig = Rig(ns)
+        rig = Rig(ns, engine)
         opcode, nlb = WORKLOADS[workload]
         rig.prepare(opcode, 512, nlb)
         for _ in range(50):  # warm up
@@ -152,6 +165,7 @@ def measure(backend: str, workload: str, depth: int, seconds: float) -> tuple[fl
             count += 20 * depth
         cpu = time.thread_time() - cpu0
         ns.backend.close()
+        rig.engine.close()
         return cpu / count * 1e6, rig.interrupts.sent
 
 
@@ -161,20 +175,26 @@ def main() -> int:
     parser.add_argument("--profile", choices=sorted(WORKLOADS), help="cProfile this workload")
     parser.add_argument("--backend", choices=("null", "file"), default="null")
     parser.add_argument("--depth", type=int, default=32)
+    parser.add_argument("--engine", choices=("sync", "uring"), default="sync")
     args = parser.parse_args()
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()
-        measure(args.backend, args.profile, args.depth, args.seconds)
+        measure(args.backend, args.profile, args.depth, args.seconds, args.engine)
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
         return 0
-    print(f"{'backend':<8} {'workload':<10} {'depth':>5} {'µs/command':>11} {'commands/s':>11}")
+    engines = ["sync"] if uring.unavailable() else ["sync", "uring"]
+    head = f"{'backend':<8} {'engine':<6} {'workload':<10} {'depth':>5}"
+    print(f"{head} {'µs/command':>11} {'commands/s':>11}")
     for backend in ("null", "file"):
-        for workload in WORKLOADS:
-            for depth in (1, 32):
-                us, _ = measure(backend, workload, depth, args.seconds)
-                print(f"{backend:<8} {workload:<10} {depth:>5} {us:>11.2f} {1e6 / us:>11,.0f}")
+        # null has no storage for an engine to queue to: it always runs synchronously
+        for engine in engines if backend == "file" else ["sync"]:
+            for workload in WORKLOADS:
+                for depth in (1, 32):
+                    us, _ = measure(backend, workload, depth, args.seconds, engine)
+                    row = f"{backend:<8} {engine:<6} {workload:<10} {depth:>5}"
+                    print(f"{row} {us:>11.2f} {1e6 / us:>11,.0f}")
     return 0
 
 

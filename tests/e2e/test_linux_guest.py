@@ -189,8 +189,10 @@ echo SMALL-CHECK-PASS
         ("", False, "PCI-MSIX", ()),
         # QEMU maps the doorbell page into the guest: no doorbell write ever traps.
         ("", True, "PCI-MSIX", ("--mmap-doorbells",)),
+        # The main test runs the default engine (io_uring where the kernel has it).
+        ("", True, "PCI-MSIX", ("--io-engine", "sync")),
     ],
-    ids=["intx", "dma-messages", "mapped-doorbells"],
+    ids=["intx", "dma-messages", "mapped-doorbells", "sync-engine"],
 )
 def test_guest_variants(
     tmp_path: Path,
