@@ -654,8 +654,19 @@ def run_bench(opts: Options, progress: Callable[[str], None] | None = None) -> R
         max_depth = max(w.depth for w in opts.workloads)
         max_block = max(w.block_size for w in opts.workloads)
         devices: dict[str, tuple[DeviceProcess, GuestDriver]] = {}
-        for engine in opts.engines:
-            device = DeviceProcess(work / f"{engine}.sock", specs, opts.poll_timeout_ms, engine)
+        for i, engine in enumerate(opts.engines):
+            engine_specs = specs
+            if path and i:
+                # Two processes may not write one file's bytes (storage.WriterLock): every
+                # other engine gets a copy of its own, prepared the same way.
+                copy = Path(path).with_name(f"{Path(path).stem}-{engine}.img")  # same fs
+                _prepare_file(copy, opts.size)
+                stack.callback(copy.unlink, missing_ok=True)
+                engine_specs = [f"{copy},bs={BLOCK}" if spec.startswith(path) else spec
+                                for spec in specs]  # fmt: skip
+            device = DeviceProcess(
+                work / f"{engine}.sock", engine_specs, opts.poll_timeout_ms, engine
+            )
             stack.callback(device.stop)
             try:
                 driver = GuestDriver(
