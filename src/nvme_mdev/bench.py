@@ -146,6 +146,8 @@ class Options:
     seed: int = 1
     #: the device's I/O engines, one device (serve process) each
     engines: tuple[str, ...] = ("sync", "uring")
+    #: drop the host's page cache before every cell: file rows then measure the storage
+    cold: bool = False
 
 
 # --- CPU time -------------------------------------------------------------------------
@@ -560,6 +562,16 @@ def _device_cell(
 
 # --- the run ---------------------------------------------------------------------------
 
+DROP_CACHES = "/proc/sys/vm/drop_caches"
+
+
+def drop_page_cache() -> None:
+    """Write back, then drop the clean page cache (root): what a cell reads next comes
+    from the storage itself."""
+    os.sync()
+    with open(DROP_CACHES, "w") as f:
+        f.write("1")
+
 
 def _prepare_file(path: Path, size: int) -> None:
     """A fully written file (no holes: a hole reads as free zeroes) in the page cache."""
@@ -622,6 +634,7 @@ def run_bench(opts: Options, progress: Callable[[str], None] | None = None) -> R
             "completions": "poll" if opts.poll_completions else "irq",
             "device_poll_timeout_ms": opts.poll_timeout_ms,
             "io_engines": list(opts.engines),
+            "cold": opts.cold,
         },
         fio=None,
     )
@@ -689,6 +702,8 @@ def run_bench(opts: Options, progress: Callable[[str], None] | None = None) -> R
             for w in opts.workloads:
                 cells = [*natives] if fio is not None else []
                 for target in [*cells, *map(device_target, engines)]:
+                    if opts.cold and backend == "file":
+                        drop_page_cache()
                     if target.startswith(DEVICE):
                         engine = target.partition("/")[2]
                         device, driver = devices[engine]
@@ -812,7 +827,9 @@ def format_report(report: Report) -> str:
     m, s = report.machine, report.settings
     head = [
         f"nvme-mdev bench: {s['seconds_per_cell']:g} s per cell, "
-        f"{s['size'] >> 20} MiB file (page cache) and null namespace; "
+        f"{s['size'] >> 20} MiB file "
+        f"({'page cache dropped before every cell' if s.get('cold') else 'page cache'}) "
+        "and null namespace; "
         f"{report.fio or 'no fio'}",
         f"machine: {m['cpu']}, {m['cpus']} CPUs, Linux {m['kernel']}, Python {m['python']}; "
         f"load average {' '.join(map(str, m['load_start']))} at start, "
@@ -912,6 +929,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the device's I/O engines, one device each (default: sync,uring; "
         "sync alone where the kernel has no io_uring)",
     )
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="drop the host's page cache before every file cell (root): the rows then "
+        "measure the storage, not memory; give a --size larger than a cell reads",
+    )
     parser.add_argument("--seed", type=int, default=1, help="random LBAs' seed")
     parser.add_argument(
         "--json",
@@ -945,6 +968,8 @@ def options_from_args(args: argparse.Namespace) -> Options:
         poll_ms = QUICK_POLL_TIMEOUT_MS if args.quick else 500
     if poll_ms < 0:
         raise ConfigError("--poll-timeout-ms: must be 0 or more")
+    if args.cold and not os.access(DROP_CACHES, os.W_OK):
+        raise ConfigError(f"--cold: needs root (it writes {DROP_CACHES} before every cell)")
     if args.io_engines is None:
         engines = ["sync"] if uring.unavailable() else ["sync", "uring"]
     else:
@@ -964,6 +989,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         poll_timeout_ms=poll_ms,
         seed=args.seed,
         engines=tuple(engines),
+        cold=args.cold,
     )
 
 

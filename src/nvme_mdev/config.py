@@ -69,6 +69,9 @@ class NamespaceSpec:
     size: int | None = None
     #: use storage the host is using (mounted, held by another program)
     force: bool = False
+    #: O_DIRECT for the I/O engine's aligned transfers: None is the default (block
+    #: devices yes, files no), True/False what `direct=on|off` asked for
+    direct: bool | None = None
 
     @classmethod
     def parse(cls, text: str, block_size: int = 512, readonly: bool = False) -> NamespaceSpec:
@@ -76,6 +79,7 @@ class NamespaceSpec:
         if not path:
             raise ConfigError(f"{text!r}: empty path")
         offset, size, force = 0, None, False
+        direct: bool | None = None
         for option in options:
             key, _, value = option.partition("=")
             if key == "ro" and not value:
@@ -88,12 +92,14 @@ class NamespaceSpec:
                 offset = parse_size(value)
             elif key in ("size", "length") and value:
                 size = parse_size(value)
+            elif key == "direct" and value in ("on", "off"):
+                direct = value == "on"
             else:
                 raise ConfigError(
                     f"{text!r}: unknown option {option!r} "
-                    "(known: ro, bs=512|4096, offset=SIZE, size=SIZE, force)"
+                    "(known: ro, bs=512|4096, offset=SIZE, size=SIZE, force, direct=on|off)"
                 )
-        return cls(path, readonly, block_size, offset, size, force).checked(text)
+        return cls(path, readonly, block_size, offset, size, force, direct).checked(text)
 
     def checked(self, text: str | None = None) -> NamespaceSpec:
         """Self, if its fields agree; ConfigError naming `text` (or the path) if not."""
@@ -130,6 +136,8 @@ class NamespaceSpec:
             options.append(f"size={size_text(self.size)}")
         if self.force:
             options.append("force")
+        if self.direct is not None:
+            options.append(f"direct={'on' if self.direct else 'off'}")
         return ",".join([self.path, *options])
 
     def open(self, nsid: int) -> Namespace:
@@ -140,7 +148,7 @@ class NamespaceSpec:
             backend = NullBackend(parse_size(self.path[5:]))
         else:
             try:
-                backend = FileBackend(self.path, readonly=self.readonly)
+                backend = FileBackend(self.path, readonly=self.readonly, direct=self.direct)
                 if self.windowed:
                     backend = window(backend, self.offset, self.size)
             except BackendError as exc:

@@ -379,7 +379,9 @@ class HostStorage:
         try:
             # Never O_EXCL here: the claim is taken below, once per disk, so that
             # several namespaces can share a disk through windows.
-            backend: Backend = FileBackend(path, readonly=spec.readonly, exclusive=False)
+            backend: Backend = FileBackend(
+                path, readonly=spec.readonly, exclusive=False, direct=spec.direct
+            )
             if spec.windowed:
                 backend = window(backend, spec.offset, spec.size)
         except BackendError as exc:

@@ -5,6 +5,7 @@ Nothing here asserts a speed."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from nvme_mdev import cli
+from nvme_mdev import bench, cli
 from nvme_mdev.backends import uring
 from nvme_mdev.bench import BACKENDS, WORKLOADS, WRITE_PATTERN
 from nvme_mdev.config import NamespaceSpec
@@ -77,6 +78,27 @@ def test_quick_bench_runs_every_cell_through_the_device(
         for off in range(0, len(data), len(WRITE_PATTERN))
     )
     assert written > 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--cold drops the page cache: root only")
+def test_cold_bench_drops_the_page_cache_before_every_file_cell(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    drops: list[int] = []
+    real = bench.drop_page_cache
+
+    def counted() -> None:
+        real()
+        drops.append(1)
+
+    monkeypatch.setattr(bench, "drop_page_cache", counted)
+    argv = ["bench", "--quick", "--seconds", "0.1", "--size", "4M", "--cold"]
+    argv += ["--workloads", "randread-4k-qd32", "--file", str(tmp_path / "cold.img")]
+    assert cli.main(argv) == 0
+    table = capsys.readouterr().out
+    assert "page cache dropped before every cell" in table
+    file_rows = [key for key in _rows(table) if key[1] == "file"]
+    assert len(drops) == len(file_rows) > 0  # fio's rows and each engine's
 
 
 def test_without_fio_the_bench_says_so_and_runs_the_device(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from nvme_mdev.backends import uring
 from nvme_mdev.backends.file import BackendError, FileBackend
 from nvme_mdev.config import NamespaceSpec
 from nvme_mdev.nvme_host import NvmeHost, read_write
@@ -57,6 +58,15 @@ def test_guest_io_reaches_the_device(tmp_path: Path, loop: tuple[str, Path]) -> 
             assert q.command(read_write(0x01, 1, buf, 2048, 16, prp2=buf + 4096)).ok
             assert q.command([0x00, 1]).ok  # Flush
             assert backing.read_bytes()[2048 * 512 : 2048 * 512 + 8192] == b"\x5a" * 8192
+            # A block device is opened O_DIRECT too, and io_uring sent the aligned write there.
+            target = ns.backend.io_target()
+            assert target is not None and target.direct_fd >= 0 and target.direct_align == 512
+            if uring.unavailable() is None:
+                assert vc.controller.engine.name == "uring"
+                assert getattr(vc.controller.engine, "direct", 0) >= 1
+            back = host.alloc(8192)
+            assert q.command(read_write(0x02, 1, back, 2048, 16, prp2=back + 4096)).ok
+            assert host.ram.read(back, 8192) == b"\x5a" * 8192
             # Write Zeroes on a block device: BLKZEROOUT.
             assert q.command([0x08, 1, 0, 0, 0, 0, 0, 0, 0, 0, 2048, 0, 7]).ok
             data = backing.read_bytes()[2048 * 512 : 2048 * 512 + 8192]

@@ -76,6 +76,15 @@ def test_open_too_small(tmp_path: Path) -> None:
         NamespaceSpec.parse(str(image)).open(1)
 
 
+def test_direct_option() -> None:
+    assert NamespaceSpec.parse("a.img").direct is None  # block devices yes, files no
+    on, off = NamespaceSpec.parse("a.img,direct=on"), NamespaceSpec.parse("a.img,direct=off")
+    assert (on.direct, off.direct) == (True, False)
+    assert NamespaceSpec.parse(on.text()) == on and NamespaceSpec.parse(off.text()) == off
+    with pytest.raises(ConfigError, match=r"unknown option .direct=yes.*direct=on\|off"):
+        NamespaceSpec.parse("a.img,direct=yes")
+
+
 def test_window_and_force_options() -> None:
     spec = NamespaceSpec.parse("/dev/sdb,offset=1G,size=2G,force,ro")
     assert (spec.offset, spec.size, spec.force, spec.readonly) == (1 << 30, 2 << 30, True, True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
 import time
@@ -14,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from nvme_mdev.backends import uring
-from nvme_mdev.backends.file import FileBackend, NullBackend
-from nvme_mdev.backends.io_engine import SyncEngine, make_io_engine
+from nvme_mdev.backends.file import BackendError, FileBackend, NullBackend
+from nvme_mdev.backends.io_engine import Request, SyncEngine, make_io_engine
 from nvme_mdev.backends.window import WindowBackend
 
 pytestmark = pytest.mark.skipif(
@@ -202,3 +203,109 @@ def test_auto_falls_back_to_sync_where_io_uring_is_refused(
     assert isinstance(make_io_engine("auto"), SyncEngine)
     with pytest.raises(OSError, match="disabled"):
         make_io_engine("uring")
+
+
+def _direct_capable(tmp_path: Path) -> Path:
+    """A directory whose filesystem takes O_DIRECT (/tmp may be a tmpfs, which does not)."""
+    for place in (tmp_path, Path("/var/tmp")):
+        probe = place / f"direct-probe-{os.getpid()}"
+        probe.write_bytes(bytes(4096))
+        try:
+            os.close(os.open(probe, os.O_RDONLY | os.O_DIRECT))
+            return place
+        except OSError:
+            continue
+        finally:
+            probe.unlink()
+    pytest.skip("no filesystem here takes O_DIRECT")
+
+
+def test_direct_transfers_take_the_o_direct_descriptor_when_aligned(tmp_path: Path) -> None:
+    """direct=on: a transfer whose buffers, lengths and offset are aligned goes through
+    the O_DIRECT descriptor; any other through the page cache; both read what is there."""
+    path = _direct_capable(tmp_path) / f"direct-{os.getpid()}.img"
+    path.write_bytes(b"".join(bytes([i]) * 4096 for i in range(16)))
+    backend = FileBackend(str(path), direct=True)
+    engine = uring.UringEngine(8)
+    pages = mmap.mmap(-1, 4 * 4096)  # page-aligned, like mmap'd guest memory
+    view = memoryview(pages)
+    try:
+        target = backend.io_target()
+        assert target is not None and target.direct_fd >= 0 and target.direct_align == 4096
+        assert fcntl.fcntl(target.direct_fd, fcntl.F_GETFL) & os.O_DIRECT
+
+        def transfer(req: Request | None) -> int:
+            assert req is not None
+            engine.submit()
+            (done,) = engine.reap(wait=True)
+            result = done.result
+            engine.release(done)
+            return int(result)
+
+        # Aligned: two pages from file page 3, and a write of page 1 back to page 9.
+        assert (
+            transfer(engine.queue_readv(backend, 3 * 4096, [view[:4096], view[8192:12288]])) == 8192
+        )
+        assert engine.direct == 1
+        assert view[:4096] == bytes([3]) * 4096 and view[8192:12288] == bytes([4]) * 4096
+        view[4096:8192] = b"\xaa" * 4096
+        assert transfer(engine.queue_writev(backend, 9 * 4096, [view[4096:8192]], False)) == 4096
+        assert engine.direct == 2
+        assert (
+            os.pread(backend.fd, 4096, 9 * 4096) == b"\xaa" * 4096
+        )  # coherent for buffered readers
+        # Not aligned (a buffer at a 512-byte offset, an offset inside a page): buffered.
+        assert transfer(engine.queue_readv(backend, 5 * 4096, [view[512:1024]])) == 512
+        assert transfer(engine.queue_readv(backend, 512, [view[8192:8704]])) == 512
+        assert engine.direct == 2
+        assert view[512:1024] == bytes([5]) * 512 and view[8192:8704] == bytes([0]) * 512
+        # A window that starts inside a page: its offsets count from there.
+        window = WindowBackend(backend, 512, 8 * 4096)
+        assert transfer(engine.queue_readv(window, 0, [view[:4096]])) == 4096
+        assert engine.direct == 2 and view[:4096] == bytes(3584) + bytes([1]) * 512
+        assert transfer(engine.queue_readv(window, 4096 - 512, [view[:4096]])) == 4096
+        assert engine.direct == 3 and view[:4096] == bytes([1]) * 4096
+    finally:
+        view.release()
+        pages.close()
+        engine.close()
+        backend.close()
+        path.unlink()
+
+
+def test_direct_is_off_for_files_unless_asked_and_refused_where_impossible(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "img"
+    path.write_bytes(bytes(1 << 16))
+    default = FileBackend(str(path))
+    off = FileBackend(str(path), direct=False)
+    try:
+        for backend in (default, off):
+            target = backend.io_target()
+            assert target is not None and target.direct_fd == -1
+    finally:
+        default.close()
+        off.close()
+
+
+def test_direct_asked_for_where_the_filesystem_refuses_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(Kernels from 6.6 give even tmpfs O_DIRECT: the refusal is staged.)"""
+    path = tmp_path / "img"
+    path.write_bytes(bytes(1 << 16))
+    real_open = os.open
+
+    def no_direct(name: str, flags: int, *args: int) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real_open(name, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    with pytest.raises(BackendError, match=r"img: O_DIRECT: Invalid argument \(use direct=off\)"):
+        FileBackend(str(path), direct=True)
+    buffered = FileBackend(str(path))  # a file by default: buffered, never asks
+    target = buffered.io_target()
+    assert target is not None and target.direct_fd == -1
+    buffered.close()

@@ -10,7 +10,19 @@ Errors are raised as OSError and turned into NVMe status codes by the caller
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
+
+
+class IoTarget(NamedTuple):
+    """Where an engine that does its own reads and writes (io_uring) sends them."""
+
+    fd: int
+    #: offset of the backend's byte 0 in fd (a window's start)
+    base: int
+    #: the same storage opened O_DIRECT, for transfers aligned to `direct_align`; -1: none
+    direct_fd: int = -1
+    #: what O_DIRECT needs: buffer addresses, lengths and offsets multiples of it
+    direct_align: int = 0
 
 
 class Backend(Protocol):
@@ -54,9 +66,9 @@ class Backend(Protocol):
         size) and raises BackendError if it no longer lies inside its store."""
         ...
 
-    def io_target(self) -> tuple[int, int] | None:
-        """(descriptor, offset of this backend's byte 0 in it) for an engine that does
-        its own reads and writes (io_uring); None: only readv/writev reach the storage."""
+    def io_target(self) -> IoTarget | None:
+        """Where an engine that does its own reads and writes (io_uring) sends them;
+        None: only readv/writev reach the storage."""
         ...
 
     def close(self) -> None: ...

@@ -312,6 +312,8 @@ class UringEngine:
         self.in_flight = 0
         #: queued and not yet reaped: what the kernel still owes a completion for
         self._outstanding = 0
+        #: transfers sent O_DIRECT (the others went through the host's page cache)
+        self.direct = 0
 
     def queue_readv(self, backend: Any, offset: int, views: Sequence[memoryview]) -> Request | None:
         return self._queue(IORING_OP_READV, backend, offset, views, 0, False)
@@ -344,17 +346,23 @@ class UringEngine:
         iov = req.iov
         if len(iov) < 2 * count:
             iov = req.iov = (ctypes.c_uint64 * (2 * count))()
+        fd, base, direct_fd, align = where
+        at = base + offset
+        bits = at  # every address, length and the offset: O_DIRECT wants them all aligned
         try:
             i = 0
             for view in views:
-                iov[i] = _addressof(_c_char.from_buffer(view))
-                iov[i + 1] = view.nbytes
+                address = iov[i] = _addressof(_c_char.from_buffer(view))
+                nbytes = iov[i + 1] = view.nbytes
+                bits |= address | nbytes
                 i += 2
         except (TypeError, ValueError):
             return None  # read-only or empty buffers: the synchronous path copes
         free.pop()
-        fd, base = where
-        self.ring.prep(opcode, fd, _addressof(iov), count, base + offset, rw_flags, req.index)
+        if direct_fd >= 0 and not bits & (align - 1):
+            fd = direct_fd  # past the host's page cache; the rest goes through it
+            self.direct += 1
+        self.ring.prep(opcode, fd, _addressof(iov), count, at, rw_flags, req.index)
         req.backend = backend
         req.offset = offset
         req.views = views  # the guest memory stays referenced until the kernel is done

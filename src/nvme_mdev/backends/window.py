@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .base import Backend
+from .base import Backend, IoTarget
 from .file import BackendError
 
 
@@ -59,9 +59,9 @@ class WindowBackend:
     def writev(self, offset: int, buffers: Sequence[memoryview], fua: bool) -> None:
         self.inner.writev(self.offset + offset, buffers, fua)
 
-    def io_target(self) -> tuple[int, int] | None:
+    def io_target(self) -> IoTarget | None:
         target = self.inner.io_target()
-        return None if target is None else (target[0], target[1] + self.offset)
+        return None if target is None else target._replace(base=target.base + self.offset)
 
     def flush(self) -> None:
         self.inner.flush()
