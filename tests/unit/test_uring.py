@@ -160,16 +160,17 @@ def test_engine_declines_what_it_cannot_take(tmp_path: Path) -> None:
         assert engine.queue_readv(NullBackend(1 << 20), 0, [buf]) is None  # no descriptor
         assert engine.queue_writev(backend, 0, [buf.toreadonly()], False) is None
         assert engine.queue_readv(backend, 0, [buf] * 1025) is None  # > IOV_MAX
-        taken = [engine.queue_readv(backend, 512 * i, [buf]) for i in range(4)]
+        # (FUA writes: a buffered write without it is done in place)
+        taken = [engine.queue_writev(backend, 512 * i, [buf], True) for i in range(4)]
         assert all(r is not None for r in taken)
-        assert engine.queue_readv(backend, 0, [buf]) is None  # the ring is full
+        assert engine.queue_writev(backend, 0, [buf], True) is None  # the ring is full
         engine.submit()
         got = []
         while len(got) < 4:
             got += engine.reap(wait=True)
         for req in got:
             engine.release(req)
-        assert engine.queue_readv(backend, 0, [buf]) is not None  # room again
+        assert engine.queue_writev(backend, 0, [buf], True) is not None  # room again
         engine.submit()
         for req in engine.reap(wait=True):
             engine.release(req)
@@ -309,3 +310,24 @@ def test_direct_asked_for_where_the_filesystem_refuses_it(
     target = buffered.io_target()
     assert target is not None and target.direct_fd == -1
     buffered.close()
+
+
+def test_a_buffered_write_without_fua_is_left_to_the_synchronous_path(tmp_path: Path) -> None:
+    """It only copies into the page cache; io_uring would punt it to a worker thread.
+    With FUA it waits for the storage, and goes to the ring."""
+    path = tmp_path / "img"
+    path.write_bytes(bytes(1 << 16))
+    backend = FileBackend(str(path))
+    engine = uring.UringEngine(4)
+    try:
+        buf = memoryview(bytearray(512))
+        assert engine.queue_writev(backend, 0, [buf], fua=False) is None
+        req = engine.queue_writev(backend, 0, [buf], fua=True)
+        assert req is not None
+        engine.submit()
+        (done,) = engine.reap(wait=True)
+        assert done is req and req.result == 512
+        engine.release(req)
+    finally:
+        engine.close()
+        backend.close()

@@ -342,11 +342,17 @@ class UringEngine:
         where = target()
         if where is None:
             return None
+        fd, base, direct_fd, align = where
+        # A buffered write only copies into the page cache: in place it takes a few
+        # microseconds, while io_uring hands it to a worker thread (ext4 and others will
+        # not do a buffered write that must not block): bench, page cache: 0.5-0.7x.
+        buffered_write_in_place = opcode == IORING_OP_WRITEV and not fua
+        if buffered_write_in_place and direct_fd < 0:
+            return None
         req = free[-1]
         iov = req.iov
         if len(iov) < 2 * count:
             iov = req.iov = (ctypes.c_uint64 * (2 * count))()
-        fd, base, direct_fd, align = where
         at = base + offset
         bits = at  # every address, length and the offset: O_DIRECT wants them all aligned
         try:
@@ -358,10 +364,12 @@ class UringEngine:
                 i += 2
         except (TypeError, ValueError):
             return None  # read-only or empty buffers: the synchronous path copes
-        free.pop()
         if direct_fd >= 0 and not bits & (align - 1):
             fd = direct_fd  # past the host's page cache; the rest goes through it
             self.direct += 1
+        elif buffered_write_in_place:
+            return None
+        free.pop()
         self.ring.prep(opcode, fd, _addressof(iov), count, at, rw_flags, req.index)
         req.backend = backend
         req.offset = offset

@@ -71,14 +71,15 @@ def fd_of(ns: Namespace) -> int:
 
 
 def submit_writes(h: Host, count: int, block: int = 512) -> dict[int, bytes]:
-    """`count` one-block writes of distinct data; {cid: data}."""
+    """`count` one-block FUA writes of distinct data; {cid: data}. (FUA: a buffered
+    write without it is done in place, see UringEngine._queue.)"""
     q = h.io[1]
     sent = {}
     for i in range(count):
         buf = h.buffer(PAGE)
         data = bytes([i + 1]) * block
         h.memory.write(buf, data)
-        sent[q.submit(rw(WRITE, 1, buf, i, 1), ring=False)] = data
+        sent[q.submit(rw(WRITE, 1, buf, i, 1, dw12_flags=1 << 30), ring=False)] = data
     q.ring_sq()
     return sent
 
