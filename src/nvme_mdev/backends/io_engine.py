@@ -32,12 +32,14 @@ class Request:
     __slots__ = (
         "backend",
         "dw",
+        "dw0",
         "fua",
         "index",
         "iov",
         "length",
         "offset",
         "owner",
+        "passthrough",
         "result",
         "seen",
         "views",
@@ -55,8 +57,13 @@ class Request:
         self.views: Sequence[memoryview] = ()
         self.write = False
         self.fua = False
-        #: bytes transferred, or -errno
+        #: bytes transferred, or -errno; for a passthrough command 0, -errno, or the
+        #: host's NVMe Status Field (> 0)
         self.result = 0
+        #: a NVMe command passed through to the host (not a read or write of bytes)
+        self.passthrough = False
+        #: a passthrough command's completion Dword 0, from the host (else 0)
+        self.dw0 = 0
         # The command's context, the controller's to fill: its dwords, its submission
         # queue (typed loosely: backends know nothing of queues), when it was fetched.
         self.dw: tuple[int, ...] = ()
@@ -79,6 +86,14 @@ class IoEngine(Protocol):
     ) -> Request | None:
         """Queue a write from `views` (durable before it completes with `fua`);
         None: declined, the caller writes synchronously."""
+        ...
+
+    def queue_passthrough(
+        self, backend: Any, dw: tuple[int, ...], views: Sequence[memoryview]
+    ) -> Request | None:
+        """Queue the guest's NVMe command `dw` (checked) to a passthrough backend's host
+        namespace, with its data in `views`; None: declined, the caller runs it
+        synchronously (backend.execute)."""
         ...
 
     def submit(self) -> None:
@@ -110,6 +125,11 @@ class SyncEngine:
 
     def queue_writev(
         self, backend: Any, offset: int, views: Sequence[memoryview], fua: bool
+    ) -> Request | None:
+        return None
+
+    def queue_passthrough(
+        self, backend: Any, dw: tuple[int, ...], views: Sequence[memoryview]
     ) -> Request | None:
         return None
 
