@@ -77,14 +77,18 @@ class VirtualController:
             bar0_mmap_fd=self._bar0_fd,
             bar0_mmap_areas=areas,
         )
-        self.controller = Controller(
-            config,
-            self.memory,
-            self.function,
-            namespaces,
-            doorbell_words=doorbell_words,
-            io_engine=engine,
-        )
+        try:
+            self.controller = Controller(
+                config,
+                self.memory,
+                self.function,
+                namespaces,
+                doorbell_words=doorbell_words,
+                io_engine=engine,
+            )
+        except ValueError as exc:  # a namespace this controller cannot serve
+            engine.close()
+            raise ConfigError(str(exc)) from exc
         self.function.attach_bar0(self.controller)
         self.io_thread = IoThread(self.controller, poll_timeout)
         self.admin_worker = AdminWorker(self.controller)

@@ -39,6 +39,7 @@ from .spec import (
     CSTS_SHST_NORMAL,
     DNR,
     DOORBELL_BASE,
+    PAGE_SIZE,
     SQE,
     SQE_SIZE,
     AdminOpcode,
@@ -107,12 +108,12 @@ class Controller:
             cap=regs.Capabilities(mqes=config.max_queue_entries - 1, timeout_500ms=10).encode()
         )
         self.namespaces: dict[int, Namespace] = {}
-        for ns in namespaces or []:
-            self.add_namespace(ns)
         self.counters = IoCounters()
         self.io = IoCommandSet(
             memory, self.namespaces, config.max_transfer, self.counters, config.max_namespaces
         )
+        for ns in namespaces or []:
+            self.add_namespace(ns)
         #: runs Read and Write transfers: synchronously, or many in flight (io_uring)
         self.engine: IoEngine = io_engine if io_engine is not None else SyncEngine()
         self.io.engine = self.engine
@@ -159,7 +160,26 @@ class Controller:
             raise ValueError(f"nsid {ns.nsid} outside 1..{self.config.max_namespaces}")
         if ns.nsid in self.namespaces:
             raise ValueError(f"nsid {ns.nsid} already in use")
+        if ns.passthrough:
+            self._check_passthrough(ns)
+            self.io.passthrough = True
         self.namespaces[ns.nsid] = ns
+
+    def _check_passthrough(self, ns: Namespace) -> None:
+        """A passthrough command reaches the host's queue whole (nothing splits it):
+        the host must take our largest transfer, in as many pieces as a PRP list of
+        it has pages (the kernel maps each page of guest memory as a segment)."""
+        limit = getattr(ns.backend, "max_transfer", None) or self.config.max_transfer
+        segments = getattr(ns.backend, "max_segments", None)
+        if segments:
+            limit = min(limit, (segments - 1) * PAGE_SIZE)
+        if self.config.max_transfer > limit:
+            mdts = max(0, (limit // PAGE_SIZE).bit_length() - 1)
+            raise ValueError(
+                f"{ns.backend.description}: the host's queue takes at most {limit} bytes "
+                f"per command, less than this controller's MDTS ({self.config.max_transfer}"
+                f" bytes): give the controller mdts {mdts} or less"
+            )
 
     def attach_namespace(self, ns: Namespace) -> None:
         """Hot add: `ns` is active at once, and the host is told (Namespace Attribute
@@ -533,7 +553,7 @@ class Controller:
             sf = err.status | DNR if err.dnr else err.status
         log.debug("sq %d cid %d opcode %#x: %s", sq.qid, dw[0] >> 16, dw[0] & 0xFF, err)
         self.error_log.record(sq.qid, dw[0] >> 16, sf, dw[1], err.lba)
-        cq.post(0, 0, sq.head, sq.qid, dw[0] >> 16, sf)
+        cq.post(err.result, 0, sq.head, sq.qid, dw[0] >> 16, sf)
 
     def process_io(self) -> int:
         """One round-robin pass over the I/O submission queues, at most the Arbitration
@@ -627,8 +647,8 @@ class Controller:
                         self.post_error(cq, sq, dw, err)
                     sq.stats.record(opcode, 0, True, clock() - req.seen)
                 else:
-                    if post:
-                        cq.post(0, 0, sq.head, sq.qid, dw[0] >> 16, 0)
+                    if post:  # Dword 0: a passthrough command's, from the host; else 0
+                        cq.post(req.dw0, 0, sq.head, sq.qid, dw[0] >> 16, 0)
                     sq.stats.record(opcode, req.length, False, clock() - req.seen)
             except DmaError as exc:
                 unreachable = exc  # the CQ's memory: fatal, once all are released

@@ -20,6 +20,7 @@ information fields are ignored: no namespace is formatted with it.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from collections.abc import Callable, Sequence
@@ -28,7 +29,7 @@ from typing import Final
 
 from ..backends.io_engine import IoEngine, Request, SyncEngine
 from ..guest_memory import GuestMemory
-from . import media_errors
+from . import media_errors, passthrough
 from .errors import CommandError
 from .media_errors import HostFailure
 from .namespace import Namespace
@@ -58,6 +59,12 @@ _COPY_RANGE_FORMAT_0 = struct.Struct("<8xQI12x")
 COPY_DESCRIPTOR_FORMATS: Final = 1 << 0  # Identify Controller CDFS/OCFS: format 0h only
 #: Source ranges per Copy: 128 format 0h entries fill one 4 KiB page, one PRP entry.
 COPY_MAX_RANGES: Final = 128
+
+#: opcodes whose data length the statistics and SMART count as data moved
+_DATA_OPCODES: Final = frozenset((IoOpcode.READ, IoOpcode.WRITE, IoOpcode.COMPARE))
+#: what the kernel answers for a command it refused to send (not a storage failure)
+_REFUSED_ERRNOS: Final = frozenset((errno.EINVAL, errno.EFAULT, errno.E2BIG, errno.EOPNOTSUPP))
+ALLOWED_WRITES: Final = passthrough.ALLOWED_OPCODES
 
 # Command Dword 0
 CDW0_FUSE: Final = 0x3 << 8
@@ -134,6 +141,9 @@ class IoCommandSet:
         self.sgl_support = SGLS_BYTE_GRANULARITY
         #: staging for Verify and Copy, allocated on first use, max_transfer bytes
         self._scratch: memoryview | None = None
+        #: some namespace passes commands through to a host NVMe namespace (the owner
+        #: sets it when one is added; it only makes execute() look the namespace up)
+        self.passthrough = False
         self._handlers: dict[int, Handler] = {
             IoOpcode.READ: self.read,
             IoOpcode.WRITE: self.write,
@@ -152,6 +162,10 @@ class IoCommandSet:
     def execute(self, dw: tuple[int, ...]) -> Request | None:
         """Run the command in SQE dwords `dw`; raises CommandError on failure. Returns
         the Request when the engine took the transfer (the command is not done yet)."""
+        if self.passthrough:  # (False unless a passthrough namespace was ever added)
+            ns = self.namespaces.get(dw[1])
+            if ns is not None and ns.passthrough and ns.failure is None:
+                return self._pass_through(ns, dw)
         handler = self._handlers.get(dw[0] & 0xFF)
         if handler is None:
             raise CommandError(Status.INVALID_OPCODE)
@@ -164,6 +178,9 @@ class IoCommandSet:
         short one is finished here (rare), errors become NVMe statuses (CommandError),
         and the SMART counters count it."""
         res = req.result
+        if req.passthrough:
+            self._passed_through(req.dw, res, req.dw0, req.length)
+            return
         try:
             if res < 0:
                 raise OSError(-res, os.strerror(-res))
@@ -186,6 +203,68 @@ class IoCommandSet:
         else:
             counters.host_read_commands += 1
             counters.bytes_read += req.length
+
+    def _pass_through(self, ns: Namespace, dw: tuple[int, ...]) -> Request | None:
+        """NVMe passthrough (passthrough.py): the checked command goes to the host's
+        namespace with the guest's buffers; queued to the engine, or run at once."""
+        t = passthrough.check(dw, ns.blocks, ns.lba_shift, self.max_transfer, ns.readonly)
+        views: list[memoryview] = []
+        if t.length:
+            if dw[0] & CDW0_PSDT:
+                dword = self.sgl_support == SGLS_DWORD_GRANULARITY
+                if not self.sgl_support:
+                    raise CommandError(Status.INVALID_FIELD, "SGLs are not supported")
+                segments = sgl_segments(self.memory, dw, t.length, t.to_guest, dword)
+                mapped = sgl_views(self.memory, segments, t.to_guest)
+            else:
+                prp1, prp2 = dw[6] | (dw[7] << 32), dw[8] | (dw[9] << 32)
+                _, mapped = prp_views(self.memory, prp1, prp2, t.length, t.to_guest)
+            if mapped is None:
+                raise CommandError(
+                    Status.INVALID_FIELD, "passthrough needs guest memory shared with the device"
+                )
+            views = mapped
+        backend = ns.backend
+        data = t.length if dw[0] & 0xFF in _DATA_OPCODES else 0
+        req = self.engine.queue_passthrough(backend, dw, views)
+        if req is not None:
+            req.dw = dw  # (the controller sets it too, later: finish() needs it)
+            req.length = data
+            return req
+        try:
+            status, dw0 = backend.execute(dw, views)  # type: ignore[attr-defined]
+        except TypeError as exc:
+            raise CommandError(Status.INVALID_FIELD, "read-only guest memory") from exc
+        except OSError as exc:
+            status, dw0 = -(exc.errno or errno.EIO), 0
+        self._passed_through(dw, status, dw0, data)
+        return None
+
+    def _passed_through(self, dw: tuple[int, ...], res: int, dw0: int, length: int) -> None:
+        """A passthrough command's end: `res` 0, the host's NVMe status (> 0), or -errno
+        (the kernel's); counted as the command set counts its own."""
+        opcode = dw[0] & 0xFF
+        slba = dw[10] | (dw[11] << 32)
+        if res > 0:
+            if (res >> 8) & 0x7 == 2:  # Media and Data Integrity Errors
+                self.counters.media_errors += 1
+            raise passthrough.host_status(res, dw0, slba)
+        if res < 0:
+            ns = self.namespaces.get(dw[1])
+            err = -res
+            exc = OSError(err, os.strerror(err))
+            if err in _REFUSED_ERRNOS or ns is None:
+                # The kernel would not take it (EINVAL: a limit of the host's queue we
+                # did not know); not a fault of the storage.
+                raise CommandError(Status.INVALID_FIELD, f"host kernel: {exc.strerror}")
+            raise self._host_error(exc, ns, bool(ALLOWED_WRITES.get(opcode)), slba << ns.lba_shift)
+        counters = self.counters
+        if opcode == IoOpcode.WRITE:
+            counters.host_write_commands += 1
+            counters.bytes_written += length
+        elif opcode in (IoOpcode.READ, IoOpcode.COMPARE):
+            counters.host_read_commands += 1
+            counters.bytes_read += length
 
     def _sgl_handler(self, cdw0: int, handler: Handler) -> Handler:
         """The handler for a command whose data pointer is an SGL. Read and Write have

@@ -38,6 +38,14 @@ class Namespace:
         if self.backend.size < self.block_size:
             raise ValueError(f"{self.backend.description}: smaller than one block")
         self.readonly = self.readonly or self.backend.readonly
+        #: the guest's I/O commands go to the host's NVMe namespace as they are
+        #: (backends/passthrough.py), not through the backend's reads and writes
+        self.passthrough = bool(getattr(self.backend, "passthrough", False))
+        if self.passthrough and self.block_size != self.backend.block_size:
+            raise ValueError(
+                f"{self.backend.description}: passthrough keeps the host's "
+                f"{self.backend.block_size}-byte blocks, not {self.block_size}"
+            )
         self.lba_shift = self.block_size.bit_length() - 1
         self.blocks = self.backend.size >> self.lba_shift
         digest = hashlib.sha256(f"{self.backend.description}\0{self.nsid}".encode()).digest()
