@@ -8,6 +8,10 @@ A spec is a path with optional comma-separated options:
     disk.img,offset=1G,size=2G   a window: 2 GiB from 1 GiB into the file (or device)
     nvme0:n1p3            partition 3 of namespace 1 of host controller nvme0 (sysfs)
     /dev/sdb3,force       share a partition the host uses (mounted, held): at your risk
+    /dev/ng0n1            NVMe passthrough to host namespace 1 of nvme0: the guest's
+                          commands go to the host's controller (whole namespaces only;
+                          the LBA format is the host's)
+    nvme0:n1,passthrough  the same, named as above (so is /dev/nvme0n1,passthrough)
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 
 from .backends.base import Backend
 from .backends.file import BackendError, FileBackend, NullBackend
+from .backends.passthrough import PassthroughBackend
 from .backends.window import WindowBackend
 from .nvme.namespace import SUPPORTED_BLOCK_SIZES, Namespace
 
@@ -26,6 +31,8 @@ class ConfigError(Exception):
 
 
 _SIZE = re.compile(r"^(\d+)([KMGT]?)i?B?$", re.IGNORECASE)
+#: an NVMe namespace's generic character device: always a passthrough namespace
+NG_DEVICE = re.compile(r"^(?:/dev/)?ng\d+n\d+$")
 
 
 def parse_size(text: str) -> int:
@@ -72,6 +79,8 @@ class NamespaceSpec:
     #: O_DIRECT for the I/O engine's aligned transfers: None is the default (block
     #: devices yes, files no), True/False what `direct=on|off` asked for
     direct: bool | None = None
+    #: NVMe passthrough to a whole host namespace (backends/passthrough.py)
+    passthrough: bool = False
 
     @classmethod
     def parse(cls, text: str, block_size: int = 512, readonly: bool = False) -> NamespaceSpec:
@@ -80,14 +89,22 @@ class NamespaceSpec:
             raise ConfigError(f"{text!r}: empty path")
         offset, size, force = 0, None, False
         direct: bool | None = None
+        passthrough = bool(NG_DEVICE.match(path))
         for option in options:
             key, _, value = option.partition("=")
             if key == "ro" and not value:
                 readonly = True
             elif key == "force" and not value:
                 force = True
+            elif key == "passthrough" and not value:
+                passthrough = True
             elif key == "bs" and value.isdigit():
                 block_size = int(value)
+                if passthrough or "passthrough" in options:
+                    raise ConfigError(
+                        f"{text!r}: a passthrough namespace has the host's LBA format; "
+                        "leave out bs="
+                    )
             elif key == "offset" and value:
                 offset = parse_size(value)
             elif key in ("size", "length") and value:
@@ -97,9 +114,12 @@ class NamespaceSpec:
             else:
                 raise ConfigError(
                     f"{text!r}: unknown option {option!r} "
-                    "(known: ro, bs=512|4096, offset=SIZE, size=SIZE, force, direct=on|off)"
+                    "(known: ro, bs=512|4096, offset=SIZE, size=SIZE, force, direct=on|off, "
+                    "passthrough)"
                 )
-        return cls(path, readonly, block_size, offset, size, force, direct).checked(text)
+        return cls(
+            path, readonly, block_size, offset, size, force, direct, passthrough
+        ).checked(text)
 
     def checked(self, text: str | None = None) -> NamespaceSpec:
         """Self, if its fields agree; ConfigError naming `text` (or the path) if not."""
@@ -115,6 +135,10 @@ class NamespaceSpec:
             )
         if self.is_null and self.windowed:
             raise ConfigError(f"{name}: a null namespace has no window (give null:SIZE)")
+        if self.passthrough and (self.windowed or self.is_null):
+            raise ConfigError(
+                f"{name}: passthrough takes a whole host NVMe namespace, not a window"
+            )
         return self
 
     @property
@@ -138,6 +162,10 @@ class NamespaceSpec:
             options.append("force")
         if self.direct is not None:
             options.append(f"direct={'on' if self.direct else 'off'}")
+        if self.passthrough:
+            options = [o for o in options if not o.startswith("bs=")]  # the host's
+            if not NG_DEVICE.match(self.path):
+                options.append("passthrough")
         return ",".join([self.path, *options])
 
     def open(self, nsid: int) -> Namespace:
@@ -146,6 +174,14 @@ class NamespaceSpec:
         backend: Backend
         if self.is_null:
             backend = NullBackend(parse_size(self.path[5:]))
+        elif self.passthrough:
+            from .storage import resolve_passthrough  # (storage imports this module)
+
+            ng, _ = resolve_passthrough(self.path)
+            try:
+                backend = PassthroughBackend(ng, readonly=self.readonly)
+            except BackendError as exc:
+                raise ConfigError(str(exc)) from exc
         else:
             try:
                 backend = FileBackend(self.path, readonly=self.readonly, direct=self.direct)
@@ -172,8 +208,10 @@ def window(backend: Backend, offset: int, size: int | None) -> Backend:
 
 
 def make_namespace(nsid: int, backend: Backend, spec: NamespaceSpec) -> Namespace:
+    # A passthrough namespace's blocks are the host's (the guest's LBAs are its LBAs).
+    block_size = backend.block_size if spec.passthrough else spec.block_size
     try:
-        return Namespace(nsid, backend, spec.block_size, spec.readonly)
+        return Namespace(nsid, backend, block_size, spec.readonly)
     except ValueError as exc:
         backend.close()
         raise ConfigError(f"{spec.path}: {exc}") from exc

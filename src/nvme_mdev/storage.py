@@ -32,6 +32,7 @@ from pathlib import Path
 
 from .backends.base import Backend
 from .backends.file import BackendError, FileBackend
+from .backends.passthrough import PassthroughBackend, block_name_for, ng_name_for
 from .config import ConfigError, NamespaceSpec, make_namespace, window
 from .nvme.namespace import Namespace
 
@@ -87,6 +88,42 @@ def resolve_host_nvme(text: str, sysfs: Path = Path("/sys"), dev: Path = Path("/
             )
         name = wanted
     return str(dev / name)
+
+
+_NVME_NAMESPACE = re.compile(r"^nvme\d+n\d+$")
+_NVME_PARTITION = re.compile(r"^nvme\d+n\d+p\d+$")
+_NG_NAME = re.compile(r"^ng\d+n\d+$")
+
+
+def resolve_passthrough(
+    text: str, sysfs: Path = Path("/sys"), dev: Path = Path("/dev")
+) -> tuple[str, str | None]:
+    """A passthrough namespace's path (/dev/ngXnY, /dev/nvmeXnY, nvmeX:nY) → its
+    generic character device, and the namespace's block device (None: it has none,
+    as a namespace in a format the block layer does not take)."""
+    match = HOST_NVME.match(text)
+    if match is not None and match[3] is not None:
+        raise ConfigError(
+            f"{text}: a partition has no ng device; passthrough takes a whole namespace "
+            f"({match[1]}:n{match[2]})"
+        )
+    path = resolve_host_nvme(text, sysfs, dev)
+    name = Path(os.path.realpath(path)).name
+    if _NVME_PARTITION.match(name):
+        raise ConfigError(
+            f"{text}: a partition has no ng device; passthrough takes a whole namespace"
+        )
+    if _NVME_NAMESPACE.match(name):
+        name = ng_name_for(name)
+    elif not _NG_NAME.match(name):
+        raise ConfigError(
+            f"{text}: passthrough takes a host NVMe namespace: /dev/ngXnY, /dev/nvmeXnY or nvmeX:nY"
+        )
+    ng = dev / name
+    if not ng.exists():
+        raise ConfigError(f"{text}: no {ng} (NVMe generic devices need Linux 5.13 or later)")
+    block = dev / block_name_for(name)
+    return str(ng), str(block) if block.exists() else None
 
 
 def _names(names: list[str]) -> str:
@@ -370,6 +407,8 @@ class HostStorage:
     def _open(self, spec: NamespaceSpec, nsid: int, owner: str) -> tuple[Namespace, Lease]:
         if spec.is_null:
             return spec.open(nsid), Lease(self, spec.path, None, None, None)
+        if spec.passthrough:
+            return self._open_passthrough(spec, nsid, owner)
         path = resolve_host_nvme(spec.path, self.sysfs, self.dev)
         label = spec.path if path == spec.path else f"{spec.path} ({path})"
         try:
@@ -417,6 +456,48 @@ class HostStorage:
         use = _Use(extent, writable, owner, lock)
         self._uses.append(use)
         return ns, Lease(self, path, extent, use, hold)
+
+    def _open_passthrough(
+        self, spec: NamespaceSpec, nsid: int, owner: str
+    ) -> tuple[Namespace, Lease]:
+        """A whole host NVMe namespace through its ng device. The sharing rules are its
+        block device's: the bytes are the same, so the host must not use them (mounted,
+        held) and its block device is claimed exclusively, as for any disk."""
+        ng, block = resolve_passthrough(spec.path, self.sysfs, self.dev)
+        label = spec.path if ng == spec.path else f"{spec.path} ({ng})"
+        try:
+            backend = PassthroughBackend(ng, readonly=spec.readonly, sysfs=self.sysfs)
+        except BackendError as exc:
+            raise ConfigError(str(exc) if label == ng else f"{spec.path}: {exc}") from exc
+        hold = None
+        try:
+            writable = not (spec.readonly or backend.readonly)
+            device = None
+            if block is not None:
+                st = os.stat(block)
+                extent, device = self.locate(block, st, 0, backend.size)
+            else:
+                rdev = os.stat(ng).st_rdev
+                extent = Extent(("ng", os.major(rdev), os.minor(rdev)), ng, 0, backend.size)
+            self.check_overlap(label, extent, writable)
+            if device is not None and block is not None:
+                if not spec.force and (users := self.host_users(block, st, device, extent)):
+                    raise Busy(
+                        f"{label}: in use by the host: {'; '.join(users)} (add force to share it)"
+                    )
+                if spec.force:
+                    log.warning("%s: passed through without an exclusive claim (force)", label)
+                else:
+                    hold = self._claim(label, block, device)
+            ns = make_namespace(nsid, backend, spec)
+        except ConfigError:
+            backend.close()
+            if hold is not None:
+                self._release_locked(None, hold)
+            raise
+        use = _Use(extent, writable, owner)
+        self._uses.append(use)
+        return ns, Lease(self, ng, extent, use, hold)
 
     def locate(
         self, path: str, st: os.stat_result, offset: int, size: int
