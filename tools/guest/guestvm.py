@@ -8,14 +8,16 @@ modules the guest needs, built here and cached) mounts it, runs the script in a
 chroot of it, prints the script's exit status on the console and powers off.
 
 Library (tests put tools/guest on sys.path, then `import guestvm`):
-    vm = GuestVM(sockets=[path], emulated_nvme_images=[], memory_mb=1024, smp=2)
+    vm = GuestVM(sockets=[path], emulated_nvme_images=[], memory_mb=1024, smp=2,
+                 shares={"project": repo})   # read-only at /mnt/project in the guest
     result = vm.run(script, timeout=900, env={"NAME": "value"})
     result.status, result.output   # the script's exit status (-1: none), the console
     run_guest(script, sockets=[path], ...) is the same in one call.
 CLI:
     guestvm.py run [--socket PATH]... [--emulated-nvme IMAGE]... [--script FILE | --command CODE]
                    [--memory 1G] [--smp 2] [--timeout S] [--env NAME=VALUE]...
-                   [--kernel-args ARGS] [--no-shared-memory] [--log FILE] [--quiet]
+                   [--share TAG=DIR]... [--kernel-args ARGS] [--no-shared-memory]
+                   [--log FILE] [--quiet]
                    [--extra-qemu-arg=ARG]... [-- EXTRA-QEMU-ARGS...]
     guestvm.py info     # the prepared tree: QEMU version, vfio-user-pci, kernel
 """
@@ -46,6 +48,7 @@ STAMP = ".nvme-mdev-ready"
 EXIT_MARKER = re.compile(r"^GUESTVM-EXIT=(\d+)\s*$", re.MULTILINE)
 START_MARKER = "GUESTVM-START"
 TIMEOUT_STATUS = 124  # the CLI's exit status when the guest ran out of time
+SHARE_TAG = re.compile(r"[A-Za-z0-9_-]{1,31}")
 # Modules the guest needs; their dependencies come from modules.dep (nvme-auth,
 # nvme-core; netfs, 9pnet; jbd2, mbcache, crc16). virtio and virtio_pci are built in.
 MODULES = ("virtio_pci", "9pnet_virtio", "9p", "nvme", "ext4")
@@ -83,6 +86,10 @@ mount -t tmpfs shm /newroot/dev/shm
 mount -t tmpfs tmp /newroot/tmp
 mount -t tmpfs run /newroot/run
 mount --bind /host /newroot/mnt
+for tag in $(cat /host/shares 2>/dev/null); do
+    mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 "$tag" "/newroot/mnt/$tag" \
+        || echo "guestvm: cannot mount the shared directory $tag"
+done
 echo "GUESTVM-START $(cut -d' ' -f1 /proc/uptime)"
 chroot /newroot /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp TERM=dumb \
     LANG=C.UTF-8 /bin/bash -c 'set -a; . /mnt/env.sh; set +a; exec /bin/bash /mnt/script.sh' \
@@ -252,6 +259,14 @@ class GuestVM:
     # DMA_READ/DMA_WRITE messages
     shared_memory: bool = True
     root: Path = field(default_factory=lambda: GUEST_DIR)
+    # host directories the guest sees read-only at /mnt/TAG (virtio-9p), e.g. this
+    # project, to run its own code in the guest with the tree's python3
+    shares: Mapping[str, str | os.PathLike[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for tag in self.shares:
+            if not SHARE_TAG.fullmatch(tag) or tag in ("root", "host"):
+                raise ValueError(f"share tag {tag!r}: letters, digits, _ and - (not root, host)")
 
     def command(self, initramfs: Path, host_dir: Path) -> tuple[list[str], dict[str, str]]:
         """QEMU's command line and environment; host_dir is the guest's /mnt."""
@@ -274,6 +289,8 @@ class GuestVM:
             "-virtfs", f"local,path={self.root},mount_tag=root,security_model=none,readonly=on",
             "-virtfs", f"local,path={host_dir},mount_tag=host,security_model=none",
         ]  # fmt: skip
+        for tag, path in self.shares.items():
+            cmd += ["-virtfs", f"local,path={path},mount_tag={tag},security_model=none,readonly=on"]
         for path in self.sockets:
             device = {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": str(path)}}
             cmd += ["-device", json.dumps(device, separators=(",", ":"))]
@@ -304,6 +321,9 @@ class GuestVM:
             (host_dir / "script.sh").write_text(script)
             exports = "".join(f"{k}={shlex.quote(v)}\n" for k, v in (env or {}).items())
             (host_dir / "env.sh").write_text(exports)
+            for tag in self.shares:
+                (host_dir / tag).mkdir()  # the mount point, in the guest's /mnt
+            (host_dir / "shares").write_text("".join(f"{tag}\n" for tag in self.shares))
             cmd, qemu_env = self.command(initramfs, host_dir)
             if log_path is None:
                 return _run_qemu(cmd, qemu_env, timeout, echo, None)
@@ -368,12 +388,13 @@ def run_guest(
     shared_memory: bool = True,
     env: Mapping[str, str] | None = None,
     log_path: str | os.PathLike[str] | None = None,
+    shares: Mapping[str, str | os.PathLike[str]] | None = None,
 ) -> GuestResult:
     """Boot the guest, run `script` (bash) in it, and return its status and the console."""
     vm = GuestVM(
         sockets=sockets or (), emulated_nvme_images=emulated_nvme_images or (),
         memory_mb=memory_mb, smp=smp, extra_args=extra_args or (), kernel_args=kernel_args,
-        shared_memory=shared_memory, root=root,
+        shared_memory=shared_memory, root=root, shares=shares or {},
     )  # fmt: skip
     return vm.run(script, timeout=timeout, env=env, echo=echo, log_path=log_path)
 
@@ -424,6 +445,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--env", type=_env_pair, action="append", default=[], metavar="NAME=VALUE",
         help="environment variable for the script",
     )  # fmt: skip
+    run.add_argument(
+        "--share", type=_env_pair, action="append", default=[], metavar="TAG=DIR",
+        help="a host directory the guest sees read-only at /mnt/TAG",
+    )  # fmt: skip
     run.add_argument("--kernel-args", default="", help="extra kernel command line")
     run.add_argument(
         "--extra-qemu-arg", action="append", default=[], metavar="ARG",
@@ -452,6 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sockets=args.socket, emulated_nvme_images=args.emulated_nvme,
             memory_mb=args.memory, smp=args.smp, extra_args=[*args.extra_qemu_arg, *extra],
             kernel_args=args.kernel_args, shared_memory=not args.no_shared_memory,
+            shares=dict(args.share),
         )  # fmt: skip
         result = vm.run(
             script, timeout=args.timeout, env=dict(args.env), echo=not args.quiet,

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Prepares (once) the private Debian trixie tree that the end-to-end tests and the
 # demo boot: QEMU >= 10.1 from trixie-backports (with vfio-user-pci), a Linux kernel,
-# busybox, nvme-cli, fio and filesystem tools. The host system is left alone apart
-# from installing debootstrap; QEMU runs later through the tree's own loader.
+# busybox, nvme-cli, fio, filesystem tools and python3. The host system is left alone
+# apart from installing debootstrap; QEMU runs later through the tree's own loader.
 #
 #   tools/guest/prepare.sh            # as root; a second run returns at once
 #   tools/guest/prepare.sh --rebuild  # start again from an empty tree
@@ -17,7 +17,8 @@ set -euo pipefail
 dir=${NVME_MDEV_GUEST_DIR:-/var/cache/nvme-mdev/guest}
 dir=${dir%/}
 backports_packages=(qemu-system-x86)
-packages=(linux-image-amd64 busybox-static kmod nvme-cli fio e2fsprogs util-linux fdisk)
+# python3: the passthrough test runs the device and its client inside the guest
+packages=(linux-image-amd64 busybox-static kmod nvme-cli fio e2fsprogs util-linux fdisk python3)
 recipe="trixie minbase; trixie-backports: ${backports_packages[*]}; trixie: ${packages[*]}"
 stamp="$dir/.nvme-mdev-ready"
 
