@@ -117,9 +117,8 @@ class NamespaceSpec:
                     "(known: ro, bs=512|4096, offset=SIZE, size=SIZE, force, direct=on|off, "
                     "passthrough)"
                 )
-        return cls(
-            path, readonly, block_size, offset, size, force, direct, passthrough
-        ).checked(text)
+        spec = cls(path, readonly, block_size, offset, size, force, direct, passthrough)
+        return spec.checked(text)
 
     def checked(self, text: str | None = None) -> NamespaceSpec:
         """Self, if its fields agree; ConfigError naming `text` (or the path) if not."""

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from .base import IoTarget
 from .file import BackendError
 
 _addressof = ctypes.addressof
@@ -194,7 +195,7 @@ class PassthroughBackend:
     def current_size(self) -> int:
         return self.store_size()
 
-    def io_target(self) -> tuple[int, int] | None:
+    def io_target(self) -> IoTarget | None:
         return None
 
     # --- one command, synchronously ---------------------------------------------
