@@ -2,7 +2,9 @@
 vfio-user socket in this process, and the project's host driver (nvme_mdev.nvme_host)
 connected to it, as a guest would be.
 
-One device per test module (its namespaces are temp files); one host per test. A
+One device per test module and I/O engine (every test runs against the synchronous
+engine and against io_uring, where the kernel has it: the same controller must
+answer the same way); its namespaces are temp files; one host per test. A
 host that disconnects resets the controller, so every test starts from a controller
 that a fresh host has just enabled (CC.EN 0 -> 1), with nothing left of the last
 test but what is on the namespaces and the error log.
@@ -21,12 +23,15 @@ if str(_HERE) not in sys.path:
 import pytest  # noqa: E402
 from conformance_support import NAMESPACES, Device  # noqa: E402
 
+from nvme_mdev.backends import uring  # noqa: E402
 from nvme_mdev.config import NamespaceSpec  # noqa: E402
 from nvme_mdev.nvme_host import HostQueuePair, NvmeHost  # noqa: E402
 from nvme_mdev.virtual_controller import VirtualController  # noqa: E402
 
 #: guest RAM of each host: queues, PRP lists and data buffers are bump-allocated in it
 GUEST_RAM = 16 << 20
+#: the I/O engines every test runs against
+ENGINES = ["sync"] if uring.unavailable() else ["sync", "uring"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -35,7 +40,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.conformance)
 
 
-def start_device(directory: Path) -> Device:
+def start_device(directory: Path, engine: str) -> Device:
     """A controller on fresh image files, one per entry of NAMESPACES."""
     images: dict[int, Path] = {}
     namespaces = []
@@ -46,23 +51,27 @@ def start_device(directory: Path) -> Device:
         options = f",bs={ns.block_size}" + (",ro" if ns.readonly else "")
         namespaces.append(NamespaceSpec.parse(f"{path}{options}").open(ns.nsid))
         images[ns.nsid] = path
-    vc = VirtualController(str(directory / "nvme.sock"), namespaces, poll_timeout=0.05)
+    vc = VirtualController(
+        str(directory / "nvme.sock"), namespaces, poll_timeout=0.05, io_engine=engine
+    )
     vc.start()
     return Device(vc, images)
 
 
-@pytest.fixture(scope="module")
-def device(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Device]:
-    dev = start_device(tmp_path_factory.mktemp("conformance"))
+@pytest.fixture(scope="module", params=ENGINES)
+def device(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Device]:
+    dev = start_device(tmp_path_factory.mktemp("conformance"), request.param)
     yield dev
     dev.controller.stop()
 
 
-@pytest.fixture
-def fresh_device(tmp_path: Path) -> Iterator[Device]:
+@pytest.fixture(params=ENGINES)
+def fresh_device(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Device]:
     """A device of the test's own, for tests that change what the controller holds
     (namespaces attached or detached)."""
-    dev = start_device(tmp_path)
+    dev = start_device(tmp_path, request.param)
     yield dev
     dev.controller.stop()
 
