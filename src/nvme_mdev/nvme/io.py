@@ -211,11 +211,11 @@ class IoCommandSet:
         views: list[memoryview] = []
         if t.length:
             if dw[0] & CDW0_PSDT:
-                dword = self.sgl_support == SGLS_DWORD_GRANULARITY
                 if not self.sgl_support:
                     raise CommandError(Status.INVALID_FIELD, "SGLs are not supported")
-                segments = sgl_segments(self.memory, dw, t.length, t.to_guest, dword)
-                mapped = sgl_views(self.memory, segments, t.to_guest)
+                mapped = sgl_views(
+                    self.memory, self._segments(dw, t.length, t.to_guest), t.to_guest
+                )
             else:
                 prp1, prp2 = dw[6] | (dw[7] << 32), dw[8] | (dw[9] << 32)
                 _, mapped = prp_views(self.memory, prp1, prp2, t.length, t.to_guest)
@@ -318,7 +318,8 @@ class IoCommandSet:
         return offset, length
 
     def _segments(self, dw: tuple[int, ...], length: int, to_guest: bool) -> list[Segment]:
-        """The data pointer of a command off the Read/Write path, PRPs or SGLs."""
+        """The data pointer of a command, PRPs or SGLs (Read and Write take a shortcut
+        for PRPs: prp_views)."""
         if dw[0] & CDW0_PSDT:
             return sgl_segments(
                 self.memory, dw, length, to_guest, self.sgl_support == SGLS_DWORD_GRANULARITY
@@ -354,8 +355,7 @@ class IoCommandSet:
         offset, length = self._data_range(ns, dw)
         if dw[12] & FUA:
             self._commit(ns)
-        dword = self.sgl_support == SGLS_DWORD_GRANULARITY
-        segments = sgl_segments(self.memory, dw, length, True, dword)
+        segments = self._segments(dw, length, True)
         views = sgl_views(self.memory, segments, to_guest=True)
         return self._read_to_guest(ns, offset, length, segments, views, sgl_copy_to_guest)
 
@@ -406,8 +406,7 @@ class IoCommandSet:
         if ns.readonly:
             raise CommandError(Status.NAMESPACE_WRITE_PROTECTED)
         fua = bool(dw[12] & FUA) or not self.write_cache_enabled()
-        dword = self.sgl_support == SGLS_DWORD_GRANULARITY
-        segments = sgl_segments(self.memory, dw, length, False, dword)
+        segments = self._segments(dw, length, False)
         views = sgl_views(self.memory, segments, to_guest=False)
         return self._write_from_guest(ns, offset, length, segments, views, fua)
 
