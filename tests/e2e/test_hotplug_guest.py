@@ -6,22 +6,12 @@ again when it is removed. No reset, no reboot."""
 from __future__ import annotations
 
 import hashlib
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tools" / "guest"))
-
-import guestvm  # noqa: E402
+from live_guest import BackgroundGuest, Daemon
 
 pytestmark = pytest.mark.e2e
-
-CLI = [sys.executable, "-m", "nvme_mdev.cli"]
 
 # The guest finds namespace 2 by its NSID (Linux numbers disks in its own order).
 GUEST_SCRIPT = r"""
@@ -55,17 +45,6 @@ echo HOTPLUG-PASS
 """
 
 
-def wait_for(marker: str, console: Path, guest: threading.Thread, limit: float = 600) -> None:
-    """Until the guest prints `marker` (or gives up: the assertion says which)."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline and guest.is_alive():
-        if console.exists() and marker in console.read_text(errors="replace"):
-            return
-        time.sleep(0.2)
-    text = console.read_text(errors="replace") if console.exists() else ""
-    assert marker in text, f"the guest never printed {marker}:\n{text}"
-
-
 def test_namespace_hot_add_and_remove_in_a_linux_guest(tmp_path: Path) -> None:
     images = []
     for name in ("ns1.img", "ns2.img"):
@@ -73,47 +52,19 @@ def test_namespace_hot_add_and_remove_in_a_linux_guest(tmp_path: Path) -> None:
         with open(path, "wb") as f:
             f.truncate(64 << 20)
         images.append(path)
-    control = tmp_path / "control.sock"
     sock = tmp_path / "vm.sock"
-    log_path = tmp_path / "daemon.log"
-    with open(log_path, "w") as log:
-        daemon = subprocess.Popen(
-            [*CLI, "daemon", "--control", str(control)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        for _ in range(500):
-            if control.exists() or daemon.poll() is not None:
-                break
-            time.sleep(0.02)
-
-        def cli(*args: str) -> str:
-            result = subprocess.run(
-                [*CLI, *args, "--control", str(control)], capture_output=True, text=True, timeout=60
-            )
-            assert result.returncode == 0, result.stderr + log_path.read_text()
-            return result.stdout
-
-        cli("controller", "create", "vm", "--socket", str(sock), "--ns", str(images[0]))
-        console = tmp_path / "console.log"
-        results: list[guestvm.GuestResult] = []
-        guest = threading.Thread(
-            target=lambda: results.append(
-                guestvm.run_guest(GUEST_SCRIPT, sockets=[str(sock)], timeout=600, log_path=console)
-            )
-        )
-        guest.start()
+    with Daemon(tmp_path) as daemon:
+        daemon.cli("controller", "create", "vm", "--socket", str(sock), "--ns", str(images[0]))
+        guest = BackgroundGuest(GUEST_SCRIPT, [sock], tmp_path / "console.log")
         try:
-            wait_for("HOTPLUG-READY", console, guest)
-            print(cli("ns", "add", "vm", str(images[1])))
-            wait_for("HOTPLUG-WRITTEN", console, guest)
-            print(cli("ns", "remove", "vm", "2"))
+            guest.wait_for("HOTPLUG-READY")
+            print(daemon.cli("ns", "add", "vm", str(images[1])))
+            guest.wait_for("HOTPLUG-WRITTEN")
+            print(daemon.cli("ns", "remove", "vm", "2"))
         finally:
-            guest.join(660)
-        (result,) = results
-        print(result.output)
-        print(log_path.read_text())
+            guest.join()
+        result = guest.result()
+        print(daemon.log_path.read_text())
         assert result.status == 0, "guest script failed (output above)"
         assert "HOTPLUG-PASS" in result.output
         digest = next(
@@ -121,10 +72,6 @@ def test_namespace_hot_add_and_remove_in_a_linux_guest(tmp_path: Path) -> None:
         )
         assert hashlib.sha256(images[1].read_bytes()[: 1 << 20]).hexdigest() == digest
         # The device is still serving (the guest saw no reset: dmesg was checked above).
-        assert daemon.poll() is None
-        listing = cli("list")
+        assert daemon.proc.poll() is None
+        listing = daemon.cli("list")
         assert "nsid 1" in listing and "nsid 2" not in listing
-    finally:
-        if daemon.poll() is None:
-            daemon.terminate()
-        assert daemon.wait(30) == 0

@@ -10,22 +10,14 @@ import os
 import re
 import shutil
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from test_hotplug_guest import wait_for
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tools" / "guest"))
-
-import guestvm  # noqa: E402
+from live_guest import CLI, BackgroundGuest, Daemon
 
 pytestmark = pytest.mark.e2e
 
-CLI = [sys.executable, "-m", "nvme_mdev.cli"]
 MIB = 1 << 20
 
 # Sizes in 512-byte sectors, as /sys/block says: 64 MiB, 96 MiB, 48 MiB.
@@ -61,65 +53,35 @@ def test_a_resized_image_is_seen_by_a_linux_guest(tmp_path: Path) -> None:
     disk = tmp_path / "disk.img"
     with open(disk, "wb") as f:
         f.truncate(64 * MIB)
-    control = tmp_path / "control.sock"
     sock = tmp_path / "vm.sock"
-    log_path = tmp_path / "daemon.log"
-    with open(log_path, "w") as log:
-        daemon = subprocess.Popen(
-            [*CLI, "daemon", "--control", str(control)], stdout=log, stderr=subprocess.STDOUT
-        )
-    try:
-        for _ in range(500):
-            if control.exists() or daemon.poll() is not None:
-                break
-            time.sleep(0.02)
-
-        def cli(*args: str) -> str:
-            result = subprocess.run(
-                [*CLI, *args, "--control", str(control)], capture_output=True, text=True, timeout=60
-            )
-            assert result.returncode == 0, result.stderr + log_path.read_text()
-            return result.stdout
-
-        cli("controller", "create", "vm", "--socket", str(sock), "--ns", str(disk))
-        console = tmp_path / "console.log"
-        results: list[guestvm.GuestResult] = []
-        guest = threading.Thread(
-            target=lambda: results.append(
-                guestvm.run_guest(GUEST_SCRIPT, sockets=[str(sock)], timeout=600, log_path=console)
-            )
-        )
-        guest.start()
+    with Daemon(tmp_path) as daemon:
+        daemon.cli("controller", "create", "vm", "--socket", str(sock), "--ns", str(disk))
+        guest = BackgroundGuest(GUEST_SCRIPT, [sock], tmp_path / "console.log")
         try:
-            wait_for("RESIZE-READY", console, guest)
+            guest.wait_for("RESIZE-READY")
             os.truncate(disk, 96 * MIB)
-            grown = cli("ns", "rescan")
+            grown = daemon.cli("ns", "rescan")
             print(grown)
             assert "vm nsid 1: 64 MiB -> 96 MiB (131072 -> 196608 blocks), guest told" in grown
-            wait_for("RESIZE-WRITTEN", console, guest)
+            guest.wait_for("RESIZE-WRITTEN")
             # What the guest wrote in the grown part reached the file.
             digest = next(
                 line.split()[0]
-                for line in console.read_text(errors="replace").splitlines()
+                for line in guest.console.read_text(errors="replace").splitlines()
                 if line.endswith("/tmp/b")
             )
             with open(disk, "rb") as f:
                 f.seek(96 * MIB - 512)
                 assert hashlib.sha256(f.read(512)).hexdigest() == digest
             os.truncate(disk, 48 * MIB)
-            print(cli("ns", "rescan", "vm"))
+            print(daemon.cli("ns", "rescan", "vm"))
         finally:
-            guest.join(660)
-        (result,) = results
-        print(result.output)
+            guest.join()
+        result = guest.result()
         assert result.status == 0, "guest script failed (output above)"
         assert "RESIZE-PASS" in result.output
         assert re.search(r"^nsze\s*:\s*0x30000\s*$", result.output, re.MULTILINE)  # nvme-cli
-        assert daemon.poll() is None
-    finally:
-        if daemon.poll() is None:
-            daemon.terminate()
-        assert daemon.wait(30) == 0
+        assert daemon.proc.poll() is None
 
 
 # The guest reads until its disk fails, then checks that every later command fails at
@@ -170,25 +132,15 @@ def test_a_disk_that_goes_away_fails_fast_in_a_linux_guest(tmp_path: Path) -> No
                 if Path(f"{sock}.ctl").exists() or serve.poll() is not None:
                     break
                 time.sleep(0.02)
-            console = tmp_path / "console.log"
-            results: list[guestvm.GuestResult] = []
-            guest = threading.Thread(
-                target=lambda: results.append(
-                    guestvm.run_guest(
-                        FAILING_SCRIPT, sockets=[str(sock)], timeout=600, log_path=console
-                    )
-                )
-            )
-            guest.start()
+            guest = BackgroundGuest(FAILING_SCRIPT, [sock], tmp_path / "console.log")
             try:
-                wait_for("FAIL-READY", console, guest)
+                guest.wait_for("FAIL-READY")
                 # As a deleted disk does: capacity 0 (del_gendisk sets it so).
                 os.truncate(backing, 0)
                 subprocess.run(["losetup", "-c", loop], check=True)
             finally:
-                guest.join(660)
-            (result,) = results
-            print(result.output)
+                guest.join()
+            result = guest.result()
             print(log_path.read_text())
             assert result.status == 0, "guest script failed (output above)"
             assert "FAIL-PASS" in result.output
