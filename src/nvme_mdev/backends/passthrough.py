@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from ..nvme.spec import AdminOpcode, IoOpcode
 from .base import IoTarget
 from .file import BackendError
 
@@ -58,14 +59,8 @@ NVME_IOCTL_IO64_CMD_VEC: Final = _iowr(0x49, 80)
 NVME_URING_CMD_IO: Final = _iowr(0x80, 72)
 NVME_URING_CMD_IO_VEC: Final = _iowr(0x81, 72)
 
-ADMIN_IDENTIFY: Final = 0x06
 IDENTIFY_SIZE: Final = 4096
-OPC_FLUSH: Final = 0x00
-OPC_WRITE: Final = 0x01
-OPC_READ: Final = 0x02
-OPC_WRITE_ZEROES: Final = 0x08
-OPC_DSM: Final = 0x09
-DEAC: Final = 1 << 25
+DEAC: Final = 1 << 25  # Write Zeroes: deallocate
 
 
 def host_command(dw: Sequence[int], host_nsid: int, addr: int, data_len: int) -> bytes:
@@ -181,7 +176,7 @@ class PassthroughBackend:
         """Identify Namespace (CNS 00h) from the host's controller."""
         data = ctypes.create_string_buffer(IDENTIFY_SIZE)
         # CDW10 0: CNS 00h, Identify Namespace
-        fields = (ADMIN_IDENTIFY, 0, 0, self.host_nsid, 0, 0, 0, _addressof(data), 0)
+        fields = (AdminOpcode.IDENTIFY, 0, 0, self.host_nsid, 0, 0, 0, _addressof(data), 0)
         cmd = bytearray(NVME_COMMAND.pack(*fields, IDENTIFY_SIZE, 0, 0, 0, 0, 0, 0, 0, 0))
         status = fcntl.ioctl(self.fd, NVME_IOCTL_ADMIN_CMD, cmd)
         if status:
@@ -229,21 +224,21 @@ class PassthroughBackend:
 
     def readv(self, offset: int, buffers: Sequence[memoryview]) -> None:
         slba, nlb = self._blocks(offset, sum(b.nbytes for b in buffers))
-        self._run(OPC_READ, slba, nlb, views=buffers)
+        self._run(IoOpcode.READ, slba, nlb, views=buffers)
 
     def writev(self, offset: int, buffers: Sequence[memoryview], fua: bool) -> None:
         slba, nlb = self._blocks(offset, sum(b.nbytes for b in buffers))
-        self._run(OPC_WRITE, slba, nlb, (1 << 30) if fua else 0, buffers)
+        self._run(IoOpcode.WRITE, slba, nlb, (1 << 30) if fua else 0, buffers)
 
     def flush(self) -> None:
         if not self.readonly:
-            self._run(OPC_FLUSH)
+            self._run(IoOpcode.FLUSH)
 
     def write_zeroes(self, offset: int, length: int, deallocate: bool) -> None:
         slba, nlb = self._blocks(offset, length)
         while nlb:
             n = min(nlb, 0x10000)  # NLB is 16 bits, 0's based
-            self._run(OPC_WRITE_ZEROES, slba, n, DEAC if deallocate else 0)
+            self._run(IoOpcode.WRITE_ZEROES, slba, n, DEAC if deallocate else 0)
             slba, nlb = slba + n, nlb - n
 
     def deallocate(self, offset: int, length: int) -> None:
@@ -255,7 +250,7 @@ class PassthroughBackend:
             slba, nlb = slba + n, nlb - n
         for i in range(0, len(ranges), 4096):  # 256 ranges per Dataset Management
             chunk = ranges[i : i + 4096]
-            self._run(OPC_DSM, cdw10=len(chunk) // 16 - 1, cdw11=1 << 2,
+            self._run(IoOpcode.DATASET_MANAGEMENT, cdw10=len(chunk) // 16 - 1, cdw11=1 << 2,
                       views=[memoryview(chunk)])  # fmt: skip
 
     def close(self) -> None:
