@@ -16,7 +16,7 @@ from nvme_mdev.guest_memory import DmaError, words32
 from nvme_mdev.nvme.controller import Controller
 from nvme_mdev.nvme.identity import ControllerConfig
 from nvme_mdev.nvme.namespace import Namespace
-from nvme_mdev.nvme.spec import CQE, DNR, DOORBELL_BASE, SQE, AdminOpcode, Reg
+from nvme_mdev.nvme.spec import CQE, DNR, DOORBELL_BASE, SQE, AdminOpcode, FeatureId, Reg
 
 PAGE = 4096
 #: conftest's `file_ns` fixture: file_ns(nsid=1, size=1 MiB, block_size=512, readonly, fill)
@@ -455,6 +455,22 @@ class Host:
             entries = chunk + ([addrs[i + 1]] if i + 1 < len(addrs) else [])
             self.memory.write(addr, struct.pack(f"<{len(entries)}Q", *entries))
         return addrs[0]
+
+
+def listen(h: Host, aec: int = 1 << 8) -> int:
+    """Enable these asynchronous events (default: Namespace Attribute Notices, as
+    Linux does) and leave an AER waiting for them."""
+    assert h.set_feature(FeatureId.ASYNC_EVENT_CONFIG, aec).status == 0
+    cid = h.admin.submit([AdminOpcode.ASYNC_EVENT_REQUEST])
+    h.ctrl.process_admin()
+    assert h.admin.peek() == []
+    return cid
+
+
+def events(h: Host) -> list[tuple[int, int]]:
+    """(CID, DW0) of the asynchronous events completed so far."""
+    h.ctrl.process_admin()
+    return [(c.cid, c.dw0) for c in h.admin.reap()]
 
 
 def pages_from(addr: int, length: int) -> list[int]:

@@ -18,6 +18,8 @@ from harness import (
     Host,
     NamespaceFactory,
     SpyBackend,
+    events,
+    listen,
     rw,
     u16,
     u64,
@@ -36,7 +38,7 @@ from nvme_mdev.nvme.admin.events import (
 from nvme_mdev.nvme.controller import Controller
 from nvme_mdev.nvme.media_errors import classify
 from nvme_mdev.nvme.namespace import Namespace
-from nvme_mdev.nvme.spec import AdminOpcode, Cns, FeatureId, IoOpcode, LogPage, Status
+from nvme_mdev.nvme.spec import AdminOpcode, Cns, IoOpcode, LogPage, Status
 
 READ, WRITE, FLUSH = IoOpcode.READ, IoOpcode.WRITE, IoOpcode.FLUSH
 SMART_EVENT = 0x1 | (0x00 << 8) | (LogPage.SMART_HEALTH << 16)
@@ -65,20 +67,6 @@ def smart(h: Host) -> bytes:
     c, data = h.get_log(LogPage.SMART_HEALTH, 512)
     assert c.status == 0
     return data
-
-
-def listen(h: Host, aec: int) -> int:
-    """Enable these asynchronous events and leave an AER waiting for them."""
-    assert h.set_feature(FeatureId.ASYNC_EVENT_CONFIG, aec).status == 0
-    cid = h.admin.submit([AdminOpcode.ASYNC_EVENT_REQUEST])
-    h.ctrl.process_admin()
-    assert h.admin.peek() == []
-    return cid
-
-
-def events(h: Host) -> list[tuple[int, int]]:
-    h.ctrl.process_admin()
-    return [(c.cid, c.dw0) for c in h.admin.reap()]
 
 
 def command(opcode: int, buf: int, slba: int = 8) -> list[int]:

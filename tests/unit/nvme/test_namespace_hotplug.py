@@ -8,10 +8,10 @@ import struct
 import threading
 
 import pytest
-from harness import Host, NamespaceFactory, rw, with_dnr
+from harness import Host, NamespaceFactory, events, listen, rw, with_dnr
 
 from nvme_mdev.engine.poller import IoThread
-from nvme_mdev.nvme.spec import AdminOpcode, Cns, FeatureId, IoOpcode, LogPage, Status
+from nvme_mdev.nvme.spec import AdminOpcode, Cns, IoOpcode, LogPage, Status
 
 NS_ATTRIBUTE_CHANGED = 0x2 | (0x00 << 8) | (LogPage.CHANGED_NAMESPACE_LIST << 16)
 
@@ -27,20 +27,6 @@ def active_list(h: Host) -> list[int]:
     c, data = h.identify(Cns.ACTIVE_NAMESPACE_LIST)
     assert c.status == 0
     return [i for i in struct.unpack("<1024I", data) if i]
-
-
-def listen(h: Host) -> int:
-    """Enable Namespace Attribute Notices and leave an AER waiting, as Linux does."""
-    assert h.set_feature(FeatureId.ASYNC_EVENT_CONFIG, 1 << 8).status == 0
-    cid = h.admin.submit([AdminOpcode.ASYNC_EVENT_REQUEST])
-    h.ctrl.process_admin()
-    assert h.admin.peek() == []
-    return cid
-
-
-def events(h: Host) -> list[tuple[int, int]]:
-    h.ctrl.process_admin()
-    return [(c.cid, c.dw0) for c in h.admin.reap()]
 
 
 def test_attach_tells_the_host(host: Host, file_ns: NamespaceFactory) -> None:
