@@ -12,7 +12,8 @@ import sys
 from typing import Protocol
 
 # Guest memory is little-endian, and words32() relies on the native "I" being its u32.
-assert sys.byteorder == "little" and struct.calcsize("I") == 4, "needs a little-endian host"
+if sys.byteorder != "little" or struct.calcsize("I") != 4:
+    raise ImportError("nvme-mdev needs a little-endian host with a 4-byte C unsigned int")
 
 
 def words32(view: memoryview) -> memoryview:
