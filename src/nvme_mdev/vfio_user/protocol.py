@@ -493,10 +493,22 @@ class RegionInfoRequest:
 
     @classmethod
     def decode(cls, payload: Bytes) -> RegionInfoRequest:
-        _exact(payload, REGION_INFO.size, "GET_REGION_INFO")
-        argsz, _flags, index, _cap, _size, _offset = REGION_INFO.unpack(payload)
+        """QEMU sends the 32-byte struct; SPDK's initiator sends its whole reply buffer
+        (argsz bytes, the rest zero), which the protocol allows (libvfio-user reads
+        the struct at the front): anything from 32 bytes up to argsz is accepted."""
+        if len(payload) < REGION_INFO.size:
+            raise ProtocolError(
+                errno.EINVAL,
+                f"GET_REGION_INFO: payload of {len(payload)} bytes, expected at least "
+                f"{REGION_INFO.size}",
+            )
+        argsz, _flags, index, _cap, _size, _offset = REGION_INFO.unpack_from(payload)
         if argsz < REGION_INFO.size:
             raise ProtocolError(errno.EINVAL, f"GET_REGION_INFO: argsz {argsz}")
+        if len(payload) > max(argsz, REGION_INFO.size):
+            raise ProtocolError(
+                errno.EINVAL, f"GET_REGION_INFO: payload of {len(payload)} bytes > argsz {argsz}"
+            )
         return cls(index, argsz)
 
 

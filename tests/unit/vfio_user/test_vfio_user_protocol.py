@@ -235,7 +235,17 @@ def test_device_info() -> None:
 def test_region_info_request() -> None:
     assert p.RegionInfoRequest.decode(QEMU_REGION_INFO_7) == p.RegionInfoRequest(7, 32)
     reject(p.RegionInfoRequest.decode, p.RegionInfoRequest(0, 16).encode())
-    reject(p.RegionInfoRequest.decode, QEMU_REGION_INFO_7 + b"\0")
+    reject(p.RegionInfoRequest.decode, QEMU_REGION_INFO_7 + b"\0")  # longer than argsz
+    reject(p.RegionInfoRequest.decode, QEMU_REGION_INFO_7[:31])
+
+
+def test_region_info_request_with_the_reply_buffer_as_payload() -> None:
+    """SPDK's initiator sends GET_REGION_INFO with argsz = its reply buffer's size and
+    that whole buffer as the payload (zeroes after the struct)."""
+    spdk = struct.pack("<IIIIQQ", 4096, 0, 0, 0, 0, 0) + bytes(4096 - 32)
+    assert p.RegionInfoRequest.decode(spdk) == p.RegionInfoRequest(0, 4096)
+    partly = struct.pack("<IIIIQQ", 256, 0, 7, 0, 0, 0) + bytes(64)
+    assert p.RegionInfoRequest.decode(partly) == p.RegionInfoRequest(7, 256)
 
 
 def test_region_info_sparse_mmap_layout() -> None:

@@ -366,3 +366,23 @@ def test_one_dma_read_in_flight(server: VfioUserServer) -> None:
     finally:
         reader.close()
         sock.close()
+
+
+# --- GET_REGION_INFO as SPDK's initiator sends it ----------------------------------------
+
+
+def test_region_info_with_the_reply_buffer_as_payload(client: VfioUserClient) -> None:
+    """SPDK's VFIOUSER initiator sends its whole reply buffer as the payload (argsz =
+    buffer size): the answer is the one a 32-byte request with that argsz gets."""
+    size = 4096
+    spdk = p.REGION_INFO.pack(size, 0, 0, 0, 0, 0) + bytes(size - p.REGION_INFO.size)
+    reply = client.request(p.Command.DEVICE_GET_REGION_INFO, spdk, check=False)
+    assert not reply.header.is_error
+    qemu = client.request(
+        p.Command.DEVICE_GET_REGION_INFO, p.RegionInfoRequest(0, size).encode(), check=False
+    )
+    assert bytes(reply.payload) == bytes(qemu.payload)
+    argsz, _flags, index, _cap, region_size, _offset = p.REGION_INFO.unpack_from(reply.payload)
+    assert index == 0 and region_size > 0
+    for fd in (*reply.fds, *qemu.fds):
+        os.close(fd)
