@@ -5,8 +5,14 @@ cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "setup: cargo not found: the native data plane (native/) needs a Rust toolchain (rustup)" >&2
+    exit 1
+fi
 stamp=.venv/.installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+# Installed again (and the crate rebuilt) when the package's definition or the crate changed.
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] ||
+    [ -n "$(find native/src native/Cargo.toml native/Cargo.lock -newer "$stamp" 2>/dev/null | head -1)" ]; then
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null
     .venv/bin/python -m pip install -q -e '.[dev]'
     touch "$stamp"

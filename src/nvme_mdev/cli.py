@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .backends.io_engine import ENGINE_NAMES
+from .dataplane import DATA_PLANES
 from .bench import add_arguments as add_bench_arguments
 from .bench import main as bench_main
 from .config import ConfigError, NamespaceSpec, parse_cpu_list
@@ -162,6 +163,15 @@ def add_controller_options(parser: argparse.ArgumentParser, defaults_shown: bool
         help=(
             "how reads and writes reach the storage: uring (io_uring, many in flight), "
             "sync (preadv/pwritev), auto (uring where the kernel allows it; default)"
+        ),
+    )
+    parser.add_argument(
+        "--data-plane",
+        choices=DATA_PLANES,
+        default=DATA_PLANES[0],
+        help=(
+            "what runs the I/O queues: native (the Rust data plane, no GIL; default) or "
+            "python (the readable reference)"
         ),
     )
     parser.add_argument(
@@ -338,6 +348,7 @@ def serve(args: argparse.Namespace) -> int:
         mmap_doorbells=args.mmap_doorbells,
         namespaces=tuple(NamespaceRequest(spec) for spec in specs),
         io_engine=args.io_engine,
+        data_plane=args.data_plane,
     )
     daemon = Daemon()
     try:
@@ -465,6 +476,7 @@ def controller_create(args: argparse.Namespace) -> int:
         "poll_timeout_ms": args.poll_timeout_ms,
         "mmap_doorbells": args.mmap_doorbells,
         "io_engine": args.io_engine,
+        "data_plane": args.data_plane,
         "namespaces": [_absolute_spec(spec) for spec in args.ns],
     }
     if args.serial is not None:
@@ -567,6 +579,7 @@ def format_controller(c: dict[str, Any]) -> str:
         f"{'enabled' if c['enabled'] else 'not enabled'}"
         + ("  mapped doorbells" if c["mmap_doorbells"] else "")
         + (f"  io engine {c['io_engine']}" if "io_engine" in c else "")
+        + (f"  {c['data_plane']} data plane" if "data_plane" in c else "")
     ]
     lines += [format_namespace(ns) for ns in c["namespaces"]] or ["  no namespaces"]
     return "\n".join(lines)
@@ -626,8 +639,8 @@ def format_stats(snap: dict[str, Any]) -> str:
     interrupts = ", ".join(f"vector {v}: {n}" for v, n in snap["interrupts"].items()) or "none"
     lines.append(f"interrupts: {interrupts}")
     lines.append(
-        f"I/O thread: polling {t['polling_s']:.3f} s, parked {t['parked_s']:.3f} s, "
-        f"parked {t['parks']} times"
+        f"I/O thread ({snap.get('data_plane', '?')} data plane): polling {t['polling_s']:.3f} s, "
+        f"parked {t['parked_s']:.3f} s, parked {t['parks']} times"
     )
     lines.append(f"backend I/O errors: {snap['host_io_errors']}")
     return "\n".join(lines)

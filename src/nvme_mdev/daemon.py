@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 
 from .backends.file import BackendError
 from .backends.io_engine import ENGINE_NAMES
+from .dataplane import DATA_PLANES
 from .config import ConfigError, NamespaceSpec, parse_cpu_list, parse_size
 from .control import ControlError, Method
 from .engine.poller import DEFAULT_POLL_TIMEOUT
@@ -60,6 +61,7 @@ CONTROLLER_KEYS = frozenset(
         "iothread_cpu",
         "mmap_doorbells",
         "io_engine",
+        "data_plane",
         "namespaces",
         "namespace",  # the TOML spelling: [[controller.namespace]]
     )
@@ -150,6 +152,8 @@ class ControllerSettings:
     namespaces: tuple[NamespaceRequest, ...] = ()
     #: how Reads and Writes reach the storage: auto, sync or uring (io_engine.py)
     io_engine: str = "auto"
+    #: what runs the I/O queues: native (the Rust crate) or python (dataplane/)
+    data_plane: str = DATA_PLANES[0]
 
     @classmethod
     def from_params(
@@ -206,6 +210,9 @@ class ControllerSettings:
         engine = _get(params, "io_engine", str, where) or "auto"
         if engine not in ENGINE_NAMES:
             raise ConfigError(f"{where}: io_engine {engine!r}: one of {', '.join(ENGINE_NAMES)}")
+        plane = _get(params, "data_plane", str, where) or DATA_PLANES[0]
+        if plane not in DATA_PLANES:
+            raise ConfigError(f"{where}: data_plane {plane!r}: one of {', '.join(DATA_PLANES)}")
         return cls(
             name,
             socket,
@@ -215,6 +222,7 @@ class ControllerSettings:
             bool(_get(params, "mmap_doorbells", bool, where)),
             namespaces,
             engine,
+            plane,
         )
 
 
@@ -302,6 +310,7 @@ class Daemon:
                     poll_timeout=settings.poll_timeout_ms / 1000,
                     mmap_doorbells=settings.mmap_doorbells,
                     io_engine=settings.io_engine,
+                    data_plane=settings.data_plane,
                 )
             except (ConfigError, SocketInUse) as exc:
                 for ns in namespaces:
@@ -314,7 +323,7 @@ class Daemon:
             managed = ManagedController(settings, device, attached)
             if settings.iothread_cpu is not None:
                 try:
-                    device.io_thread.pin(set(settings.iothread_cpu))
+                    device.data.pin(set(settings.iothread_cpu))
                 except OSError as exc:
                     self._dispose(managed)
                     cpus = ",".join(map(str, sorted(settings.iothread_cpu)))
@@ -530,7 +539,8 @@ class Daemon:
             "queue_depth": s.config.max_queue_entries,
             "mdts": s.config.mdts,
             "mmap_doorbells": s.mmap_doorbells,
-            "io_engine": managed.device.controller.engine.name,
+            "io_engine": managed.device.engine.name,
+            "data_plane": managed.device.data.kind,
             "enabled": managed.device.controller.registers.ready,
             "iothread": managed.device.io_thread_settings(),
             "namespaces": [self.describe_namespace(managed, n) for n in sorted(managed.namespaces)],

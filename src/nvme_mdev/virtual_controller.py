@@ -13,7 +13,7 @@ from typing import Any, Final
 
 from .backends.io_engine import make_io_engine
 from .config import ConfigError
-from .engine.poller import DEFAULT_POLL_TIMEOUT, AdminWorker, IoThread
+from .engine.poller import DEFAULT_POLL_TIMEOUT, AdminWorker
 from .guest_memory import words32
 from .nvme.controller import Controller
 from .nvme.identity import ControllerConfig
@@ -47,12 +47,14 @@ class VirtualController:
         poll_timeout: float = DEFAULT_POLL_TIMEOUT,
         mmap_doorbells: bool = False,
         io_engine: str = "auto",
+        data_plane: str = "python",
     ) -> None:
         """`io_engine`: auto, sync or uring (backends/io_engine.py); ConfigError if uring
-        is asked for and the kernel refuses it."""
+        is asked for and the kernel refuses it. `data_plane`: native or python
+        (dataplane/)."""
         config = config or ControllerConfig()
         try:
-            engine = make_io_engine(io_engine)
+            engine = self.engine = make_io_engine(io_engine)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"--io-engine {io_engine}: {exc}") from exc
         self.memory = DmaMemory()
@@ -85,34 +87,35 @@ class VirtualController:
                 namespaces,
                 doorbell_words=doorbell_words,
                 io_engine=engine,
+                data_plane=data_plane,
+                poll_timeout=poll_timeout,
             )
         except ValueError as exc:  # a namespace this controller cannot serve
             engine.close()
             raise ConfigError(str(exc)) from exc
         self.function.attach_bar0(self.controller)
-        self.io_thread = IoThread(self.controller, poll_timeout)
+        self.data = self.controller.data
+        self.memory.add_listener(self.data.memory_changed)
         self.admin_worker = AdminWorker(self.controller)
         self.server = VfioUserServer(socket_path, self.function, self.memory)
 
     @contextlib.contextmanager
     def _quiesced(self) -> Iterator[None]:
         """While guest memory is unmapped: no DMA in flight and no stale views."""
-        with self.controller.lock, self.io_thread.paused():
+        with self.controller.lock, self.data.paused():
             self.controller.release_memory_views()
             yield
 
     def statistics(self) -> dict[str, Any]:
-        polling_ns, parked_ns = self.io_thread.time_split_ns()
-        return self.controller.stats.snapshot(
-            polling_ns, parked_ns, self.controller.counters.host_errors
-        )
+        return self.controller.statistics()
 
     def io_thread_settings(self) -> dict[str, Any]:
-        cpus = self.io_thread.cpus
+        cpus = self.data.cpus
         return {
-            "tid": self.io_thread.native_id,  # for top -H, perf, taskset
+            "tid": self.data.native_id,  # for top -H, perf, taskset
             "cpus": sorted(cpus) if cpus is not None else None,
-            "poll_timeout_ms": round(self.io_thread.poll_timeout * 1000),
+            "poll_timeout_ms": round(self.data.poll_timeout * 1000),
+            "data_plane": self.data.kind,
         }
 
     def set_io_thread(
@@ -122,9 +125,9 @@ class VirtualController:
         if not isinstance(poll_timeout_ms, Unset):
             if poll_timeout_ms < 0:
                 raise ValueError("poll timeout must be 0 or more")
-            self.io_thread.poll_timeout = poll_timeout_ms / 1000
+            self.data.poll_timeout = poll_timeout_ms / 1000
         if not isinstance(cpus, Unset):
-            self.io_thread.pin(cpus)
+            self.data.pin(cpus)
 
     def add_namespace(self, ns: Namespace) -> None:
         """Attach `ns` while the guest runs (it is told by an asynchronous event)."""
@@ -142,7 +145,7 @@ class VirtualController:
         return ns
 
     def start(self) -> None:
-        self.io_thread.start()
+        self.data.start()
         self.admin_worker.start()
         self.server.start()
 
@@ -150,8 +153,8 @@ class VirtualController:
         """Finish in-flight commands, make written data durable, release everything."""
         self.server.stop()
         self.admin_worker.stop()
-        self.io_thread.stop()  # and every transfer in flight drained
-        self.controller.engine.close()
+        self.data.stop()  # and every transfer in flight drained
+        self.engine.close()
         for ns in self.controller.namespaces.values():
             try:
                 ns.backend.flush()

@@ -133,14 +133,14 @@ def test_batched_submission_with_shadow_doorbells(tmp_path: Path) -> None:
             host.enable_shadow_doorbells()
             q = host.create_queue_pair(1, vector=1)
             buf = host.alloc(4096)
-            parks = vc.io_thread.parks
+            parks = vc.statistics()["io_thread"]["parks"]
             for _ in range(3):
                 cids = q.submit_batch(read_write(0x02, 1, buf, i * 8, 8) for i in range(8))
                 done = q.wait(8)
                 assert sorted(c.cid for c in done) == sorted(cids)
                 assert all(c.ok for c in done)
                 time.sleep(0.2)  # past the poll timeout: EventIdx asks for a real doorbell
-            assert vc.io_thread.parks > parks
+            assert vc.statistics()["io_thread"]["parks"] > parks
         assert vc.controller.counters.host_read_commands == 24
     finally:
         vc.stop()

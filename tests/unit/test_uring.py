@@ -16,7 +16,7 @@ import pytest
 
 from nvme_mdev.backends import uring
 from nvme_mdev.backends.file import BackendError, FileBackend, NullBackend
-from nvme_mdev.backends.io_engine import Request, SyncEngine, make_io_engine
+from nvme_mdev.backends.io_engine import SyncEngine, Transfer, make_io_engine
 from nvme_mdev.backends.window import WindowBackend
 
 pytestmark = pytest.mark.skipif(
@@ -137,11 +137,12 @@ def test_engine_queues_submits_and_reaps(tmp_path: Path) -> None:
     engine = uring.UringEngine(8)
     try:
         data = memoryview(bytearray(b"w" * 1024))
-        req = engine.queue_writev(window, 512, [data[:512], data[512:]], fua=True)
-        assert req is not None and engine.in_flight == 1
+        req = engine.writev(window, 512, [data[:512], data[512:]], 1024, True, "ctx")
+        assert req.submitted and engine.in_flight == 1
         engine.submit()
         (done,) = engine.reap(wait=True)
         assert done is req and req.result == 1024 and req.write and req.fua
+        assert req.context == "ctx"
         engine.release(req)
         assert engine.in_flight == 0
         assert os.pread(backend.fd, 1024, 4096 + 512) == b"w" * 1024
@@ -150,30 +151,37 @@ def test_engine_queues_submits_and_reaps(tmp_path: Path) -> None:
         backend.close()
 
 
-def test_engine_declines_what_it_cannot_take(tmp_path: Path) -> None:
+def test_engine_does_at_once_what_it_cannot_submit(tmp_path: Path) -> None:
     path = tmp_path / "img"
-    path.write_bytes(bytes(1 << 16))
+    path.write_bytes(bytes(1 << 20))
     backend = FileBackend(str(path))
     engine = uring.UringEngine(4)
+
+    def done_at_once(t: Transfer, result: int) -> None:
+        assert not t.submitted and t.result == result
+        engine.release(t)
+
     try:
         buf = memoryview(bytearray(512))
-        assert engine.queue_readv(NullBackend(1 << 20), 0, [buf]) is None  # no descriptor
-        assert engine.queue_writev(backend, 0, [buf.toreadonly()], False) is None
-        assert engine.queue_readv(backend, 0, [buf] * 1025) is None  # > IOV_MAX
+        done_at_once(engine.readv(NullBackend(1 << 20), 0, [buf], 512, None), 512)  # no fd
+        done_at_once(engine.writev(backend, 0, [buf.toreadonly()], 512, True, None), 512)
+        done_at_once(engine.readv(backend, 0, [buf] * 1025, 1025 * 512, None), 1025 * 512)
+        assert engine.in_flight == 0
         # (FUA writes: a buffered write without it is done in place)
-        taken = [engine.queue_writev(backend, 512 * i, [buf], True) for i in range(4)]
-        assert all(r is not None for r in taken)
-        assert engine.queue_writev(backend, 0, [buf], True) is None  # the ring is full
+        taken = [engine.writev(backend, 512 * i, [buf], 512, True, None) for i in range(4)]
+        assert all(t.submitted for t in taken)
+        done_at_once(engine.writev(backend, 0, [buf], 512, True, None), 512)  # the ring is full
         engine.submit()
-        got = []
+        got: list[Transfer] = []
         while len(got) < 4:
             got += engine.reap(wait=True)
-        for req in got:
-            engine.release(req)
-        assert engine.queue_writev(backend, 0, [buf], True) is not None  # room again
+        for t in got:
+            engine.release(t)
+        again = engine.writev(backend, 0, [buf], 512, True, None)
+        assert again.submitted  # room again
         engine.submit()
-        for req in engine.reap(wait=True):
-            engine.release(req)
+        for t in engine.reap(wait=True):
+            engine.release(t)
     finally:
         engine.close()
         backend.close()
@@ -235,8 +243,8 @@ def test_direct_transfers_take_the_o_direct_descriptor_when_aligned(tmp_path: Pa
         assert target is not None and target.direct_fd >= 0 and target.direct_align == 4096
         assert fcntl.fcntl(target.direct_fd, fcntl.F_GETFL) & os.O_DIRECT
 
-        def transfer(req: Request | None) -> int:
-            assert req is not None
+        def transfer(req: Transfer) -> int:
+            assert req.submitted
             engine.submit()
             (done,) = engine.reap(wait=True)
             result = done.result
@@ -245,26 +253,26 @@ def test_direct_transfers_take_the_o_direct_descriptor_when_aligned(tmp_path: Pa
 
         # Aligned: two pages from file page 3, and a write of page 1 back to page 9.
         assert (
-            transfer(engine.queue_readv(backend, 3 * 4096, [view[:4096], view[8192:12288]])) == 8192
+            transfer(engine.readv(backend, 3 * 4096, [view[:4096], view[8192:12288]], 8192, None)) == 8192
         )
         assert engine.direct == 1
         assert view[:4096] == bytes([3]) * 4096 and view[8192:12288] == bytes([4]) * 4096
         view[4096:8192] = b"\xaa" * 4096
-        assert transfer(engine.queue_writev(backend, 9 * 4096, [view[4096:8192]], False)) == 4096
+        assert transfer(engine.writev(backend, 9 * 4096, [view[4096:8192]], 4096, False, None)) == 4096
         assert engine.direct == 2
         assert (
             os.pread(backend.fd, 4096, 9 * 4096) == b"\xaa" * 4096
         )  # coherent for buffered readers
         # Not aligned (a buffer at a 512-byte offset, an offset inside a page): buffered.
-        assert transfer(engine.queue_readv(backend, 5 * 4096, [view[512:1024]])) == 512
-        assert transfer(engine.queue_readv(backend, 512, [view[8192:8704]])) == 512
+        assert transfer(engine.readv(backend, 5 * 4096, [view[512:1024]], 512, None)) == 512
+        assert transfer(engine.readv(backend, 512, [view[8192:8704]], 512, None)) == 512
         assert engine.direct == 2
         assert view[512:1024] == bytes([5]) * 512 and view[8192:8704] == bytes([0]) * 512
         # A window that starts inside a page: its offsets count from there.
         window = WindowBackend(backend, 512, 8 * 4096)
-        assert transfer(engine.queue_readv(window, 0, [view[:4096]])) == 4096
+        assert transfer(engine.readv(window, 0, [view[:4096]], 4096, None)) == 4096
         assert engine.direct == 2 and view[:4096] == bytes(3584) + bytes([1]) * 512
-        assert transfer(engine.queue_readv(window, 4096 - 512, [view[:4096]])) == 4096
+        assert transfer(engine.readv(window, 4096 - 512, [view[:4096]], 4096, None)) == 4096
         assert engine.direct == 3 and view[:4096] == bytes([1]) * 4096
     finally:
         view.release()
@@ -321,9 +329,11 @@ def test_a_buffered_write_without_fua_is_left_to_the_synchronous_path(tmp_path: 
     engine = uring.UringEngine(4)
     try:
         buf = memoryview(bytearray(512))
-        assert engine.queue_writev(backend, 0, [buf], fua=False) is None
-        req = engine.queue_writev(backend, 0, [buf], fua=True)
-        assert req is not None
+        in_place = engine.writev(backend, 0, [buf], 512, False, None)
+        assert not in_place.submitted and in_place.result == 512
+        engine.release(in_place)
+        req = engine.writev(backend, 0, [buf], 512, True, None)
+        assert req.submitted
         engine.submit()
         (done,) = engine.reap(wait=True)
         assert done is req and req.result == 512

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from . import passthrough
-from .io_engine import IOV_MAX, Request
+from .io_engine import IOV_MAX, Transfer, TransferPool, run_now
 
 # System call numbers: the same in every architecture's table since Linux 5.1.
 SYS_IO_URING_SETUP: Final = 425
@@ -350,11 +350,13 @@ def buffer_address(view: memoryview) -> int:
 
 
 class UringEngine:
-    """Reads, writes and NVMe passthrough commands queued to one io_uring, submitted
-    once per pass of the I/O queues, many in flight. Declines (the caller then does
-    the I/O itself) what it cannot take: a backend without a descriptor, a full ring,
-    read-only buffers, more buffers than one iovec array may hold, passthrough on a
-    kernel without big SQEs.
+    """Reads, writes and NVMe passthrough commands submitted to one io_uring, handed
+    to the kernel once per pass of the I/O queues, many in flight. What it cannot
+    submit it does at once through the backend (the Transfer comes back done): a
+    backend without a descriptor, a full ring, read-only buffers, more buffers than
+    one iovec array may hold, passthrough on a kernel without big SQEs, and a buffered
+    write without FUA (it only copies into the page cache, which io_uring would hand
+    to a worker thread: bench, page cache: 0.5-0.7x).
 
     Why one ring in the big-SQE mode rather than a second ring for passthrough: the
     I/O thread submits and waits on one descriptor, and a namespace hot-added later
@@ -371,26 +373,49 @@ class UringEngine:
             if exc.errno != errno.EINVAL:  # (before 5.19: no such flags)
                 raise
             self.ring = Ring(entries)
-        #: NVMe passthrough commands can be queued (the ring has big SQEs and CQEs)
-        self.passthrough = self.ring.flags == IORING_SETUP_BIG
-        self._requests = [Request(i) for i in range(self.ring.sq_entries)]
-        self._free = list(reversed(self._requests))
-        #: queued and not yet released
+        #: NVMe passthrough commands can be submitted (the ring has big SQEs and CQEs)
+        self.passthrough_ring = self.ring.flags == IORING_SETUP_BIG
+        self._transfers = [Transfer(i) for i in range(self.ring.sq_entries)]
+        self._free = list(reversed(self._transfers))
+        self._pool = TransferPool()
+        #: submitted and not yet released
         self.in_flight = 0
-        #: queued and not yet reaped: what the kernel still owes a completion for
+        #: submitted and not yet reaped: what the kernel still owes a completion for
         self._outstanding = 0
         #: transfers sent O_DIRECT (the others went through the host's page cache)
         self.direct = 0
 
-    def queue_readv(self, backend: Any, offset: int, views: Sequence[memoryview]) -> Request | None:
-        return self._queue(IORING_OP_READV, backend, offset, views, 0, False)
+    def readv(
+        self, backend: Any, offset: int, views: Sequence[memoryview], length: int, context: Any
+    ) -> Transfer:
+        t = self._submit(IORING_OP_READV, backend, offset, views, 0, False)
+        if t is None:
+            t = self._pool.take()
+            t.backend, t.offset, t.views, t.write = backend, offset, views, False
+            t.length, t.context = length, context
+            return run_now(t)
+        t.length, t.context = length, context
+        return t
 
-    def queue_writev(
-        self, backend: Any, offset: int, views: Sequence[memoryview], fua: bool
-    ) -> Request | None:
-        return self._queue(IORING_OP_WRITEV, backend, offset, views, RWF_DSYNC if fua else 0, fua)
+    def writev(
+        self,
+        backend: Any,
+        offset: int,
+        views: Sequence[memoryview],
+        length: int,
+        fua: bool,
+        context: Any,
+    ) -> Transfer:
+        t = self._submit(IORING_OP_WRITEV, backend, offset, views, RWF_DSYNC if fua else 0, fua)
+        if t is None:
+            t = self._pool.take()
+            t.backend, t.offset, t.views, t.write, t.fua = backend, offset, views, True, fua
+            t.length, t.context = length, context
+            return run_now(t)
+        t.length, t.context = length, context
+        return t
 
-    def _queue(
+    def _submit(
         self,
         opcode: int,
         backend: Any,
@@ -398,7 +423,8 @@ class UringEngine:
         views: Sequence[memoryview],
         rw_flags: int,
         fua: bool,
-    ) -> Request | None:
+    ) -> Transfer | None:
+        """Prepare the SQE; None where the transfer must be done at once instead."""
         free = self._free
         count = len(views)
         if not free or count > IOV_MAX:
@@ -410,16 +436,13 @@ class UringEngine:
         if where is None:
             return None
         fd, base, direct_fd, align = where
-        # A buffered write only copies into the page cache: in place it takes a few
-        # microseconds, while io_uring hands it to a worker thread (ext4 and others will
-        # not do a buffered write that must not block): bench, page cache: 0.5-0.7x.
         buffered_write_in_place = opcode == IORING_OP_WRITEV and not fua
         if buffered_write_in_place and direct_fd < 0:
             return None
-        req = free[-1]
-        iov = req.iov
+        t = free[-1]
+        iov = t.iov
         if len(iov) < 2 * count:
-            iov = req.iov = (ctypes.c_uint64 * (2 * count))()
+            iov = t.iov = (ctypes.c_uint64 * (2 * count))()
         at = base + offset
         bits = at  # every address, length and the offset: O_DIRECT wants them all aligned
         try:
@@ -437,56 +460,70 @@ class UringEngine:
         elif buffered_write_in_place:
             return None
         free.pop()
-        self.ring.prep(opcode, fd, _addressof(iov), count, at, rw_flags, req.index)
-        req.backend = backend
-        req.offset = offset
-        req.views = views  # the guest memory stays referenced until the kernel is done
-        req.write = opcode == IORING_OP_WRITEV
-        req.fua = fua
+        self.ring.prep(opcode, fd, _addressof(iov), count, at, rw_flags, t.index)
+        t.backend = backend
+        t.offset = offset
+        t.views = views  # the guest memory stays referenced until the kernel is done
+        t.write = opcode == IORING_OP_WRITEV
+        t.fua = fua
+        t.submitted = True
         self.in_flight += 1
         self._outstanding += 1
-        return req
+        return t
 
-    def queue_passthrough(
+    def passthrough(
+        self, backend: Any, dw: tuple[int, ...], views: Sequence[memoryview], context: Any
+    ) -> Transfer:
+        t = self._submit_passthrough(backend, dw, views)
+        if t is None:
+            t = self._pool.take()
+            t.backend, t.dw, t.views, t.passthrough = backend, dw, views, True
+            t.context = context
+            return run_now(t)
+        t.dw, t.context = dw, context
+        return t
+
+    def _submit_passthrough(
         self, backend: Any, dw: tuple[int, ...], views: Sequence[memoryview]
-    ) -> Request | None:
+    ) -> Transfer | None:
         free = self._free
-        if not self.passthrough or not free or len(views) > IOV_MAX:
+        if not self.passthrough_ring or not free or len(views) > IOV_MAX:
             return None
-        req = free[-1]
+        t = free[-1]
         try:
-            cmd, vectored, req.iov = passthrough.encode(dw, backend.host_nsid, views, req.iov)
+            cmd, vectored, t.iov = passthrough.encode(dw, backend.host_nsid, views, t.iov)
         except (TypeError, ValueError):
             return None  # read-only buffers: the synchronous path says why
         free.pop()
         cmd_op = passthrough.NVME_URING_CMD_IO_VEC if vectored else passthrough.NVME_URING_CMD_IO
-        self.ring.prep_uring_cmd(backend.fd, cmd_op, cmd, req.index)
-        req.backend = backend
-        req.views = views  # the guest memory stays referenced until the kernel is done
-        req.passthrough = True
-        req.write = False
+        self.ring.prep_uring_cmd(backend.fd, cmd_op, cmd, t.index)
+        t.backend = backend
+        t.views = views  # the guest memory stays referenced until the kernel is done
+        t.passthrough = True
+        t.write = False
+        t.submitted = True
         self.in_flight += 1
         self._outstanding += 1
-        return req
+        return t
 
     def submit(self) -> None:
         self.ring.submit()
 
-    def reap(self, wait: bool = False) -> list[Request]:
-        """Completed requests (`result` set: bytes moved, or -errno). With `wait`, block
-        until at least one completes if any is in flight."""
+    def reap(self, wait: bool = False) -> list[Transfer]:
+        """Submitted transfers that ended (`result` set: bytes moved, or -errno). With
+        `wait`, block until at least one does if any is in flight."""
         done = self.ring.completions32()
         if not done and wait and self._outstanding:
             self.ring.submit(wait=1)
             done = self.ring.completions32()
         self._outstanding -= len(done)
-        requests = self._requests
+        transfers = self._transfers
         out = []
         for user_data, res, dw0 in done:
-            req = requests[user_data]
-            req.result = res
-            req.dw0 = dw0
-            out.append(req)
+            t = transfers[user_data]
+            t.result = res
+            t.dw0 = dw0
+            out.append(t)
         return out
 
     def wait(self, timeout_ns: int) -> None:
@@ -494,14 +531,13 @@ class UringEngine:
             self.ring.submit()  # (nothing, normally: each pass submits what it queued)
             self.ring.wait(1, timeout_ns)
 
-    def release(self, req: Request) -> None:
-        """The request is finished with: its slot and buffers go back."""
-        req.views = ()
-        req.backend = None
-        req.owner = None
-        req.passthrough = False
-        req.dw0 = 0
-        self._free.append(req)
+    def release(self, t: Transfer) -> None:
+        """The transfer is finished with: its slot and buffers go back."""
+        if t.index < 0:
+            self._pool.give(t)
+            return
+        t.clear()
+        self._free.append(t)
         self.in_flight -= 1
 
     def close(self) -> None:

@@ -1,11 +1,16 @@
 """The NVMe controller model: properties, the enable/reset/shutdown/fatal state
-machine (NVMe Base 3.5), queues, and command dispatch.
+machine (NVMe Base 3.5), the admin queue and admin commands, namespaces, features,
+logs and events: the control side of the device.
 
 The model does no I/O of its own and owns no thread. Its callers are:
 - the PCI function, for property and doorbell accesses (`mmio_read`, `mmio_write`);
-- the engine's admin worker (`process_admin`) and I/O thread (`process_io`);
+- the admin worker (`process_admin`), woken by admin doorbells and by its data plane;
 - the control plane (namespaces, events).
-Guest memory, interrupts and storage are adapters handed in at construction.
+The I/O queues and their thread are the data plane's (dataplane/), behind one seam:
+the controller tells it what the host set up and applies what it reports. Guest
+memory, interrupts and storage are adapters handed in at construction.
+
+Lock order (dataplane/__init__.py): `lock`, then the data plane's `paused()`.
 """
 
 from __future__ import annotations
@@ -14,20 +19,19 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Protocol
+from collections.abc import Callable
 
-from ..backends.io_engine import IoEngine, Request, SyncEngine
+from ..backends.io_engine import IoEngine, SyncEngine
+from ..dataplane import DataPlane, IoSettings, make_data_plane
+from ..dataplane.events import CommandFailed, DataPlaneEvent, Fatal, InvalidDoorbell, StorageFailed
 from ..guest_memory import DmaError, GuestMemory
-from ..statistics import ControllerStats
 from . import registers as regs
 from .admin import events, features, identify, log_pages
 from .admin import queues as queue_admin
 from .errors import CommandError, ControllerFatal
 from .identity import ControllerConfig
 from .interrupts import InterruptSink
-from .io import IoCommandSet, IoCounters
-from .media_errors import HostFailure
+from .io import IoCounters
 from .namespace import Namespace
 from .queues import CompletionQueue, MappedDoorbell, SubmissionQueue, release_views
 from .spec import (
@@ -41,10 +45,8 @@ from .spec import (
     DOORBELL_BASE,
     PAGE_SIZE,
     SQE,
-    SQE_SIZE,
     AdminOpcode,
     FeatureId,
-    IoOpcode,
     LogPage,
     Reg,
     Status,
@@ -53,34 +55,8 @@ from .spec import (
 
 log = logging.getLogger(__name__)
 
-#: I/O commands whose NLB counts data moved between guest and storage (statistics)
-DATA_OPCODES = frozenset((IoOpcode.READ, IoOpcode.WRITE, IoOpcode.COMPARE))
-
 
 AdminHandler = Callable[["Controller", tuple[int, ...]], int]
-
-
-class IoThreadHooks(Protocol):
-    """What the controller needs from whoever runs its I/O queues."""
-
-    def wake(self) -> None:
-        """New work may be in an I/O queue."""
-        ...
-
-    def paused(self) -> contextlib.AbstractContextManager[None]:
-        """No I/O queue is being processed while this is held."""
-        ...
-
-
-class _Inline:
-    """No I/O thread: tests drive process_io() themselves."""
-
-    def wake(self) -> None:
-        pass
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        yield
 
 
 class Controller:
@@ -92,15 +68,18 @@ class Controller:
         namespaces: list[Namespace] | None = None,
         doorbell_words: memoryview | None = None,
         io_engine: IoEngine | None = None,
+        data_plane: str = "python",
+        poll_timeout: float = 0.5,
     ) -> None:
+        """`data_plane`: which implementation serves the I/O queues (dataplane/)."""
         self.config = config
         #: BAR0's doorbell page as 32-bit words (see words32) when the client maps it
         #: (no trapped doorbells at all): word 0 is the admin SQ tail doorbell (BAR0 1000h)
         self.doorbell_words = doorbell_words
         self.memory = memory
         self.interrupts = interrupts
-        self.io_thread: IoThreadHooks = _Inline()
-        #: woken when an admin doorbell is rung or an event is queued
+        #: woken when an admin doorbell is rung, an event is queued, or the data plane
+        #: has something to report
         self.admin_doorbell = threading.Event()
         # Serialises property writes, admin commands and resets against each other.
         self.lock = threading.RLock()
@@ -108,18 +87,20 @@ class Controller:
             cap=regs.Capabilities(mqes=config.max_queue_entries - 1, timeout_500ms=10).encode()
         )
         self.namespaces: dict[int, Namespace] = {}
-        self.counters = IoCounters()
-        self.io = IoCommandSet(
-            memory, self.namespaces, config.max_transfer, self.counters, config.max_namespaces
-        )
         for ns in namespaces or []:
             self.add_namespace(ns)
-        #: runs Read and Write transfers: synchronously, or many in flight (io_uring)
-        self.engine: IoEngine = io_engine if io_engine is not None else SyncEngine()
-        self.io.engine = self.engine
+        self.data: DataPlane = make_data_plane(
+            data_plane,
+            config,
+            memory,
+            interrupts,
+            self.namespaces,
+            io_engine if io_engine is not None else SyncEngine(),
+            notify=self.admin_doorbell.set,
+            doorbell_words=doorbell_words,
+            poll_timeout=poll_timeout,
+        )
         self.features = features.FeatureState(config)
-        self.io.write_cache_enabled = lambda: self.features.volatile_write_cache
-        self.io.storage_event = self._storage_event
         self.events = events.AsyncEvents(config.aer_limit)
         self.error_log = log_pages.ErrorLog(config.error_log_entries)
         self.changed_namespaces: set[int] = set()
@@ -128,16 +109,13 @@ class Controller:
         self.unsafe_shutdowns = 0
         self.admin_sq: SubmissionQueue | None = None
         self.admin_cq: CompletionQueue | None = None
-        self.io_sqs: dict[int, SubmissionQueue] = {}
-        self.io_cqs: dict[int, CompletionQueue] = {}
-        #: the I/O thread's view: replaced whole, never mutated, so it reads without locks
-        self.active_io_sqs: tuple[SubmissionQueue, ...] = ()
-        self.shadow_doorbells: tuple[int, int] | None = None  # (shadow page, eventidx page)
-        self.stats = ControllerStats(config.max_io_queues, config.msix_vectors)
-        #: (SQID, CID) of queued commands an Abort marked: completed unrun when fetched
-        self.aborts: set[tuple[int, int]] = set()
-        #: MSI-X vectors held back by interrupt coalescing: [completions, deadline ns]
-        self._coalesced: dict[int, list[int]] = {}
+        #: the I/O queues the host created: what the admin commands check (their
+        #: runtime state is the data plane's)
+        self.io_queues = queue_admin.IoQueueTable(self.data)
+        #: admin doorbell writes that trapped (the data plane counts the I/O queues')
+        self.admin_doorbell_traps = 0
+        #: admin commands an Abort marked while queued: completed unrun when fetched
+        self.admin_aborts: set[int] = set()
         self._admin_handlers: dict[int, AdminHandler] = {
             AdminOpcode.IDENTIFY: identify.identify,
             AdminOpcode.GET_LOG_PAGE: log_pages.get_log_page,
@@ -152,18 +130,22 @@ class Controller:
             AdminOpcode.ABORT: queue_admin.abort,
             AdminOpcode.KEEP_ALIVE: _keep_alive,
         }
+        self.apply_settings()
 
     # --- namespaces ---------------------------------------------------------
 
     def add_namespace(self, ns: Namespace) -> None:
+        """Add `ns` before the controller serves (a hot add is attach_namespace)."""
+        self._check_namespace(ns)
+        self.namespaces[ns.nsid] = ns
+
+    def _check_namespace(self, ns: Namespace) -> None:
         if not 1 <= ns.nsid <= self.config.max_namespaces:
             raise ValueError(f"nsid {ns.nsid} outside 1..{self.config.max_namespaces}")
         if ns.nsid in self.namespaces:
             raise ValueError(f"nsid {ns.nsid} already in use")
         if ns.passthrough:
             self._check_passthrough(ns)
-            self.io.passthrough = True
-        self.namespaces[ns.nsid] = ns
 
     def _check_passthrough(self, ns: Namespace) -> None:
         """A passthrough command reaches the host's queue whole (nothing splits it):
@@ -184,20 +166,21 @@ class Controller:
     def attach_namespace(self, ns: Namespace) -> None:
         """Hot add: `ns` is active at once, and the host is told (Namespace Attribute
         Changed event, Changed Namespace List log) so that it rescans without a reset."""
-        # Pause first, then lock: waiting for the I/O thread with the lock held could
-        # wait on a DMA message the transport thread (blocked on the lock) never reads.
-        with self.io_thread.paused(), self.lock:
-            self.add_namespace(ns)
+        with self.lock:
+            self._check_namespace(ns)
+            self.data.attach_namespace(ns)
             self._namespace_changed(ns.nsid)
 
     def detach_namespace(self, nsid: int) -> Namespace:
-        """Hot remove: commands already fetched have completed (the I/O thread is held
-        between commands while this runs); later ones fail with Invalid Namespace.
-        The caller flushes and closes the returned namespace's backend."""
-        with self.io_quiesced(), self.lock:
-            ns = self.namespaces.pop(nsid, None)
+        """Hot remove: commands already fetched have completed (the data plane is held
+        between commands while this runs); later ones fail with Invalid Field (an
+        inactive NSID). The caller flushes and closes the returned namespace's backend."""
+        with self.lock:
+            ns = self.namespaces.get(nsid)
             if ns is None:
                 raise ValueError(f"nsid {nsid} is not attached")
+            self.data.detach_namespace(nsid)
+            self.namespaces.pop(nsid, None)
             self._namespace_changed(nsid)
         return ns
 
@@ -205,11 +188,12 @@ class Controller:
         """The storage under `nsid` now holds `size` bytes (a rescan). If that changes
         its block count (NSZE, NCAP, NUSE), the host is told as for a hot add, so that
         it revalidates without a reset. Returns whether it was told."""
-        with self.io_thread.paused(), self.lock:
+        with self.lock, self.data.paused():
             ns = self.namespaces.get(nsid)
             if ns is None:
                 raise ValueError(f"nsid {nsid} is not attached")
             changed = ns.resize(size)
+            self.data.update_namespace(ns)
             if changed:
                 self._namespace_changed(nsid)
         return changed
@@ -221,20 +205,42 @@ class Controller:
             events.NOTICE_NAMESPACE_ATTRIBUTE_CHANGED, LogPage.CHANGED_NAMESPACE_LIST, self
         )
 
-    # --- host storage events and health ------------------------------------------
+    # --- what the data plane reports -------------------------------------------------
 
-    def _storage_event(self, ns: Namespace, failure: HostFailure, reason: str) -> None:
-        """A backend failure changed what `ns` is (media_errors.py). Runs on the I/O
-        thread, between commands: it must not take the controller lock."""
+    def data_plane_notified(self) -> None:
+        """Apply what the data plane reported (the admin worker, on its notify()): error
+        log entries, storage failures, a fatal error; and the INTx level, which its
+        completions may have changed."""
+        for event in self.data.take_events():
+            self._apply(event)
+        if not self.interrupts.msix_enabled():
+            self._update_intx()
+
+    def _apply(self, event: DataPlaneEvent) -> None:
+        if isinstance(event, CommandFailed):
+            self.error_log.record(event.sqid, event.cid, event.status, event.nsid, event.lba)
+        elif isinstance(event, StorageFailed):
+            self._storage_failed(event)
+        elif isinstance(event, InvalidDoorbell):
+            self.events.error(event.info, self)
+        elif isinstance(event, Fatal):
+            self.fatal(event.reason)
+
+    def _storage_failed(self, event: StorageFailed) -> None:
+        """A backend failure changed what a namespace is (media_errors.py)."""
+        ns = self.namespaces.get(event.nsid)
+        if ns is None:
+            return  # removed since
         before = self.critical_warning()
-        if failure.gone and ns.failure is None:
-            log.error("nsid %d: storage gone, failing every command: %s", ns.nsid, reason)
-            ns.failure = reason
-        if failure.read_only and not ns.readonly:
-            log.error("nsid %d: storage went read-only: %s", ns.nsid, reason)
-            ns.host_read_only = reason
+        if event.gone and ns.failure is None:
+            log.error("nsid %d: storage gone, failing every command: %s", ns.nsid, event.reason)
+            ns.failure = event.reason
+        if event.read_only and not ns.readonly:
+            log.error("nsid %d: storage went read-only: %s", ns.nsid, event.reason)
+            ns.host_read_only = event.reason
             ns.readonly = True
             self._namespace_changed(ns.nsid)  # NSATTR changed: Linux marks the disk ro
+        self.data.update_namespace(ns)
         self.events.smart_warning(self.critical_warning() & ~before, self)
 
     def critical_warning(self) -> int:
@@ -250,6 +256,25 @@ class Controller:
         ):
             warning |= events.CRITICAL_WARNING_READ_ONLY
         return warning
+
+    @property
+    def counters(self) -> IoCounters:
+        """SMART / Health's I/O counters (the data plane counts them)."""
+        return self.data.counters()
+
+    def apply_settings(self) -> None:
+        """Tell the data plane what the features now say (after Set Features, reset)."""
+        f = self.features
+        coalescing = f.current[FeatureId.INTERRUPT_COALESCING]
+        self.data.configure(
+            IoSettings(
+                arbitration_burst=f.arbitration_burst,
+                coalescing_threshold=coalescing & 0xFF,
+                coalescing_time=coalescing >> 8,
+                coalescing_disabled=frozenset(f.coalescing_disabled),
+                write_cache=f.volatile_write_cache,
+            )
+        )
 
     # --- properties (BAR0) ----------------------------------------------------
 
@@ -334,7 +359,7 @@ class Controller:
             self.admin_sq.shadow = MappedDoorbell(self.doorbell_words, 0)
             self.admin_cq.shadow = MappedDoorbell(self.doorbell_words, 4)
         r.csts |= CSTS_RDY
-        self.io_thread.wake()  # with mapped doorbells it polls from now on
+        self.data.enable()  # with mapped doorbells it polls from now on
 
     def _enable_problem(self) -> str:
         r = self.registers
@@ -351,7 +376,7 @@ class Controller:
     def _shutdown(self) -> None:
         """Normal or abrupt shutdown: stop processing and make all data durable."""
         r = self.registers
-        with self.io_quiesced():
+        with self.data.paused():
             for ns in self.namespaces.values():
                 with contextlib.suppress(OSError):
                     ns.backend.flush()
@@ -361,71 +386,33 @@ class Controller:
         """Controller Level Reset (CC.EN 1 → 0, FLR, DEVICE_RESET). Transfers in flight
         are waited for (the kernel is writing guest memory) and complete unposted: a
         reset aborts every outstanding command."""
-        with self.lock, self.io_quiesced(post=False):
-            queues: list[SubmissionQueue | CompletionQueue] = [
-                *self.io_sqs.values(),
-                *self.io_cqs.values(),
-            ]
+        with self.lock:
+            self.data.reset()
             if self.admin_sq and self.admin_cq:
-                queues += [self.admin_sq, self.admin_cq]
-            release_views(queues)
-            self.io_sqs.clear()
-            self.io_cqs.clear()
-            self.active_io_sqs = ()
+                release_views([self.admin_sq, self.admin_cq])
+            self.io_queues.clear()
             self.admin_sq = self.admin_cq = None
-            self.shadow_doorbells = None
-            self.aborts.clear()
-            if self.doorbell_words is not None:
-                self.doorbell_words.cast("B")[:] = bytes(4 * len(self.doorbell_words))
-            self._coalesced.clear()
+            self.admin_aborts.clear()
             self.features.reset()
+            self.apply_settings()
             self.events.reset()
             self.registers.reset()
             self.interrupts.set_intx(False)
-
-    @contextlib.contextmanager
-    def io_quiesced(self, post: bool = True) -> Iterator[None]:
-        """The I/O thread held between commands and no transfer left in flight: each one
-        the engine still runs is waited for and completed (posted, unless `post` is
-        False or the controller is fatal)."""
-        with self.io_thread.paused():
-            self.drain_io(post)
-            yield
-
-    def drain_io(self, post: bool = True) -> None:
-        """Wait for every transfer in flight and complete its command (from the I/O
-        thread, or from a thread that holds it paused)."""
-        engine = self.engine
-        if not engine.in_flight:
-            return
-        post = post and not self.registers.csts & CSTS_CFS
-        touched: list[CompletionQueue] = []
-        engine.submit()
-        while engine.in_flight:
-            requests = engine.reap(wait=True)
-            if not requests:
-                break  # nothing left in the kernel (never wait for what cannot come)
-            self._complete_requests(requests, touched, post)
-        for cq in touched:
-            self.signal(cq)
 
     def fatal(self, reason: str) -> None:
         """Controller Fatal Status: the host must reset us."""
         log.error("controller fatal: %s", reason)
         self.registers.csts |= CSTS_CFS
+        self.data.halt()
 
     def release_memory_views(self) -> None:
         """Drop every cached view of guest memory (the transport is about to unmap).
         Queues resolve their memory again on next use. Transfers in flight finish first:
         the kernel must be done with guest memory before it goes."""
-        with self.lock, self.io_quiesced():
-            queues: list[SubmissionQueue | CompletionQueue] = [
-                *self.io_sqs.values(),
-                *self.io_cqs.values(),
-            ]
+        with self.lock:
+            self.data.release_memory()
             if self.admin_sq and self.admin_cq:
-                queues += [self.admin_sq, self.admin_cq]
-            release_views(queues)
+                release_views([self.admin_sq, self.admin_cq])
 
     # --- doorbells ---------------------------------------------------------------
 
@@ -434,13 +421,20 @@ class Controller:
         qid, is_cq = index >> 1, bool(index & 1)
         if not self.registers.ready or self.registers.fatal:
             return
-        self.stats.doorbell_traps += 1
-        if qid == 0:
-            queue: SubmissionQueue | CompletionQueue | None = (
-                self.admin_cq if is_cq else self.admin_sq
-            )
-        else:
-            queue = self.io_cqs.get(qid) if is_cq else self.io_sqs.get(qid)
+        if qid:
+            if not self.data.doorbell(qid, is_cq, value):
+                exists = self.io_queues.cq(qid) if is_cq else self.io_queues.sq(qid)
+                self.events.error(
+                    events.ERROR_INVALID_DOORBELL_VALUE
+                    if exists is not None
+                    else events.ERROR_INVALID_DOORBELL_REGISTER,
+                    self,
+                )
+            elif is_cq and not self.interrupts.msix_enabled():
+                self._update_intx()  # the host consumed entries: the level may drop
+            return
+        self.admin_doorbell_traps += 1
+        queue: SubmissionQueue | CompletionQueue | None = self.admin_cq if is_cq else self.admin_sq
         if queue is None:
             self.events.error(events.ERROR_INVALID_DOORBELL_REGISTER, self)
             return
@@ -451,46 +445,23 @@ class Controller:
             # A client that did not map the page (or mapped it and also traps): the
             # register still holds what the guest wrote, where the poller looks.
             self.doorbell_words[index] = value
-        if queue.shadow is not None:
-            # The guest stored this value in the shadow doorbell before ringing, and
-            # may have stored newer ones since (this write travelled over the socket):
-            # the shadow is the truth, the MMIO write only says "look".
-            self._shadow_doorbell_rung(queue)
-            return
         if isinstance(queue, CompletionQueue):
             if not queue.set_head(value):
                 self.events.error(events.ERROR_INVALID_DOORBELL_VALUE, self)
                 return
             if not self.interrupts.msix_enabled():
                 self._update_intx()
-            if qid:
-                self.io_thread.wake()  # completions may have waited for room
-            else:
-                self.admin_doorbell.set()
-            return
-        if not queue.set_tail(value):
+        elif not queue.set_tail(value):
             self.events.error(events.ERROR_INVALID_DOORBELL_VALUE, self)
             return
-        if qid == 0:
-            self.admin_doorbell.set()
-        else:
-            self.io_thread.wake()
-
-    def _shadow_doorbell_rung(self, queue: SubmissionQueue | CompletionQueue) -> None:
-        if isinstance(queue, CompletionQueue) and not self.interrupts.msix_enabled():
-            queue.refresh_head()
-            self._update_intx()
-            # QEMU ends an INTx only on a BAR access: have the guest ring every time.
-            queue.shadow.set_event_index(queue.head)  # type: ignore[union-attr]
-        if queue.qid == 0:
-            self.admin_doorbell.set()
-        else:
-            self.io_thread.wake()  # new commands, or room for waiting completions
+        self.admin_doorbell.set()
 
     # --- command processing --------------------------------------------------------
 
     def process_admin(self) -> int:
-        """Run every admin command the guest has submitted; returns how many."""
+        """Apply what the data plane reported, then run every admin command the guest
+        has submitted; returns how many."""
+        self.data_plane_notified()
         done = 0
         with self.lock:
             sq, cq = self.admin_sq, self.admin_cq
@@ -510,7 +481,7 @@ class Controller:
                 self.fatal(f"admin queue memory: {exc}")
                 return done
             if posted:
-                self.signal(cq)
+                self.signal_admin()
         return done
 
     def _complete_admin(
@@ -521,13 +492,16 @@ class Controller:
         handler = self._admin_handlers.get(opcode)
         result = 0
         try:
-            if self.aborts:
-                self._check_aborted(0, cid)
+            if cid in self.admin_aborts:
+                self.admin_aborts.discard(cid)
+                raise CommandError(Status.ABORT_REQUESTED, "aborted while queued")
             if handler is None:
                 raise CommandError(Status.INVALID_OPCODE, f"admin opcode {opcode:#x}")
             if dw[0] & 0xC300:  # FUSE or SGL on an admin command
                 raise CommandError(Status.INVALID_FIELD, "fused/SGL admin command")
             result = handler(self, dw)
+            if opcode == AdminOpcode.SET_FEATURES:
+                self.apply_settings()
         except events.Deferred:
             return  # an AER: completed when an event arrives
         except CommandError as err:
@@ -537,12 +511,6 @@ class Controller:
             self.fatal(str(exc))
             return
         cq.post(result, 0, sq.head, 0, cid, Status.SUCCESS)
-
-    def _check_aborted(self, sqid: int, cid: int) -> None:
-        """A command an Abort marked while it was queued completes without running."""
-        if (sqid, cid) in self.aborts:
-            self.aborts.discard((sqid, cid))
-            raise CommandError(Status.ABORT_REQUESTED, "aborted while queued")
 
     def post_error(
         self, cq: CompletionQueue, sq: SubmissionQueue, dw: tuple[int, ...], err: CommandError
@@ -555,159 +523,13 @@ class Controller:
         self.error_log.record(sq.qid, dw[0] >> 16, sf, dw[1], err.lba)
         cq.post(err.result, 0, sq.head, sq.qid, dw[0] >> 16, sf)
 
-    def process_io(self) -> int:
-        """One round-robin pass over the I/O submission queues, at most the Arbitration
-        Burst of commands from each (Base 3.4.4). Returns commands run."""
-        if self.registers.csts & CSTS_CFS:
-            return 0  # a fatal controller processes nothing until reset
-        done = 0
-        touched: list[CompletionQueue] = []
-        io = self.io
-        namespaces = self.namespaces
-        burst = self.features.arbitration_burst
-        clock = time.monotonic_ns
-        try:
-            for sq in self.active_io_sqs:
-                sq.refresh_tail()
-                if sq.head == sq.tail:
-                    continue
-                cq = sq.cq
-                stats = sq.stats
-                slots = sq.memory.view()  # None: reachable by messages only
-                seen = clock()
-                n = posted = 0
-                while n < burst and sq.head != sq.tail and not cq.is_full():
-                    if slots is not None:  # fetch(), inline: this runs for every command
-                        dw = SQE.unpack_from(slots, sq.head * SQE_SIZE)
-                        sq.head = 0 if sq.head + 1 == sq.size else sq.head + 1
-                    else:
-                        dw = SQE.unpack(sq.fetch())
-                    opcode = dw[0] & 0xFF
-                    n += 1
-                    try:
-                        if self.aborts:  # almost always empty: no call on the hot path
-                            self._check_aborted(sq.qid, dw[0] >> 16)
-                        req = io.execute(dw)
-                    except CommandError as err:
-                        self.post_error(cq, sq, dw, err)
-                        stats.record(opcode, 0, True, clock() - seen)
-                        posted += 1
-                        continue
-                    if req is not None:  # in flight: completed when the engine is done
-                        req.dw, req.owner, req.seen = dw, sq, seen
-                        cq.reserved += 1
-                        continue
-                    cq.post(0, 0, sq.head, sq.qid, dw[0] >> 16, 0)
-                    posted += 1
-                    nbytes = 0
-                    if opcode in DATA_OPCODES:
-                        ns = namespaces.get(dw[1])
-                        if ns is not None:
-                            nbytes = ((dw[12] & 0xFFFF) + 1) << ns.lba_shift
-                    stats.record(opcode, nbytes, False, clock() - seen)
-                if n:
-                    done += n
-                    if posted:
-                        cq.unsignalled += posted
-                        if cq not in touched:
-                            touched.append(cq)
-                    # Keep the guest from ringing while we poll (see queues.arm_event_index).
-                    sq.arm_event_index(parked=False)
-            engine = self.engine
-            if engine.in_flight:
-                engine.submit()  # the whole pass in one system call
-                done += self._complete_requests(engine.reap(), touched, True)
-        except DmaError as exc:
-            self.fatal(f"I/O queue memory: {exc}")
-        for cq in touched:
-            self.signal(cq)
-        if self._coalesced:
-            self.flush_coalesced_interrupts(force=False)
-        return done
-
-    def _complete_requests(
-        self, requests: list[Request], touched: list[CompletionQueue], post: bool
-    ) -> int:
-        """Complete the commands whose transfers the engine has finished: the same
-        statuses, counters and statistics as a synchronous command. Every request is
-        released, whatever happens to its completion."""
-        io, engine, clock = self.io, self.engine, time.monotonic_ns
-        unreachable: DmaError | None = None
-        for req in requests:
-            sq: SubmissionQueue = req.owner
-            dw = req.dw
-            cq = sq.cq
-            cq.reserved -= 1
-            opcode = dw[0] & 0xFF
-            try:
-                try:
-                    io.finish(req)
-                except CommandError as err:
-                    if post:
-                        self.post_error(cq, sq, dw, err)
-                    sq.stats.record(opcode, 0, True, clock() - req.seen)
-                else:
-                    if post:  # Dword 0: a passthrough command's, from the host; else 0
-                        cq.post(req.dw0, 0, sq.head, sq.qid, dw[0] >> 16, 0)
-                    sq.stats.record(opcode, req.length, False, clock() - req.seen)
-            except DmaError as exc:
-                unreachable = exc  # the CQ's memory: fatal, once all are released
-            finally:
-                engine.release(req)
-            if post:
-                cq.unsignalled += 1
-                if cq not in touched:
-                    touched.append(cq)
-        if unreachable is not None:
-            raise unreachable
-        return len(requests)
-
-    def io_in_flight(self) -> int:
-        """Commands whose transfers the engine is running."""
-        return self.engine.in_flight
-
-    def wait_io(self, timeout_ns: int) -> None:
-        """Block until a transfer in flight ends, `timeout_ns` at most (the I/O thread,
-        with nothing else to do: the completion is posted by the next process_io)."""
-        self.engine.wait(timeout_ns)
-
-    def signal(self, cq: CompletionQueue) -> None:
-        """Tell the guest about new completions on `cq`: MSI-X (one message per batch,
-        fewer if the host asked for interrupt coalescing) or INTx."""
-        count, cq.unsignalled = cq.unsignalled, 0
-        if not cq.interrupts_enabled:
-            return
+    def signal_admin(self) -> None:
+        """Tell the guest about new admin completions: MSI-X vector 0 (never coalesced,
+        Base 5.27.1.9), or INTx."""
         if not self.interrupts.msix_enabled():
             self._update_intx()
-            return
-        vector = cq.vector
-        coalescing = self.features.current[FeatureId.INTERRUPT_COALESCING]
-        if (
-            coalescing & 0xFF  # THR: 0 (one entry, 0's based) means no aggregation
-            and coalescing >> 8  # TIME: 0 means no delay
-            and cq.qid  # never the admin queue (Base 5.27.1.9)
-            and vector not in self.features.coalescing_disabled
-        ):
-            pending = self._coalesced.get(vector)
-            if pending is None:
-                deadline = time.monotonic_ns() + (coalescing >> 8) * 100_000
-                pending = self._coalesced[vector] = [0, deadline]
-            pending[0] += max(count, 1)
-            if pending[0] <= coalescing & 0xFF and time.monotonic_ns() < pending[1]:
-                return
-            del self._coalesced[vector]
-        self.stats.interrupts[vector] += 1
-        self.interrupts.signal(vector)
-
-    def flush_coalesced_interrupts(self, force: bool) -> None:
-        """Send the interrupts that coalescing held back past their aggregation time
-        (all of them with `force`: the I/O thread is about to park)."""
-        now = time.monotonic_ns()
-        for vector, (_, deadline) in list(self._coalesced.items()):
-            if force or now >= deadline:
-                del self._coalesced[vector]
-                self.stats.interrupts[vector] += 1
-                self.interrupts.signal(vector)
+        else:
+            self.interrupts.signal(0)
 
     def _update_intx(self) -> None:
         """INTx is level-triggered: asserted while any interrupt-enabled CQ holds
@@ -717,38 +539,18 @@ class Controller:
         if self.registers.intms & 1:
             self.interrupts.set_intx(False)
             return
-        cqs = list(self.io_cqs.values())
-        if self.admin_cq is not None:
-            cqs.append(self.admin_cq)
-        self.interrupts.set_intx(any(cq.interrupts_enabled and cq.has_unconsumed() for cq in cqs))
+        admin = self.admin_cq
+        if admin is not None and self.doorbell_words is not None:
+            admin.refresh_head()
+        self.interrupts.set_intx(
+            (admin is not None and admin.has_unconsumed()) or self.data.pending_interrupt()
+        )
 
-    @property
-    def polls_doorbells(self) -> bool:
-        """Whether I/O submissions can arrive without a trapped doorbell write."""
-        return self.shadow_doorbells is not None or self.doorbell_words is not None
-
-    def poll_mapped_doorbells(self) -> None:
-        """With mapped doorbells nothing traps: notice admin submissions and CQ heads
-        (for INTx, which must drop when the guest has consumed every entry)."""
-        sq = self.admin_sq
-        if sq is not None and sq.shadow is not None and sq.shadow.value() != sq.tail:
-            self.admin_doorbell.set()
-        if not self.interrupts.msix_enabled() and self.admin_cq is not None:
-            for cq in (self.admin_cq, *self.io_cqs.values()):
-                cq.refresh_head()
-            self._update_intx()
-
-    def io_pending(self) -> bool:
-        """Whether any I/O submission queue has commands (reads shadow doorbells)."""
-        for sq in self.active_io_sqs:
-            sq.refresh_tail()
-            if sq.head != sq.tail:
-                return True
-        return False
-
-    def arm_event_indexes(self, parked: bool) -> None:
-        for sq in self.active_io_sqs:
-            sq.arm_event_index(parked)
+    def statistics(self) -> dict[str, object]:
+        """The data plane's statistics, with the admin doorbells that trapped."""
+        snapshot = self.data.statistics()
+        snapshot["doorbell_traps"] = int(snapshot["doorbell_traps"]) + self.admin_doorbell_traps
+        return snapshot
 
     def uptime_hours(self) -> int:
         return int((time.monotonic() - self.power_on_time) // 3600)

@@ -27,6 +27,9 @@ class ControllerConfig:
     abort_limit: int = 4
     #: error log entries kept
     error_log_entries: int = 64
+    #: SGL Support as Identify Controller reports it (SGLS bits 1:0): 0 PRPs only,
+    #: 1 SGLs with byte granularity, 2 SGLs whose Data Blocks are dword aligned
+    sgl_support: int = 1
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_io_queues <= 64:
@@ -39,6 +42,8 @@ class ControllerConfig:
             raise ValueError("serial: at most 20 ASCII characters")
         if len(self.model.encode()) > 40 or not self.model.isascii():
             raise ValueError("model: at most 40 ASCII characters")
+        if self.sgl_support not in (0, 1, 2):
+            raise ValueError("sgl_support must be 0 (none), 1 (byte) or 2 (dword granularity)")
 
     @property
     def max_transfer(self) -> int:

@@ -27,11 +27,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from ..backends.io_engine import IoEngine, Request, SyncEngine
+from ..backends.io_engine import IoEngine, SyncEngine, Transfer
+from ..dataplane.events import StorageFailed
 from ..guest_memory import GuestMemory
 from . import media_errors, passthrough
 from .errors import CommandError
-from .media_errors import HostFailure
 from .namespace import Namespace
 from .prp import (
     Segment,
@@ -47,7 +47,7 @@ from .sgl import (
     sgl_segments,
     sgl_views,
 )
-from .spec import IoOpcode, Status
+from .spec import DNR, IoOpcode, Status, with_dnr
 
 BROADCAST_NSID = 0xFFFFFFFF
 _DSM_RANGE = struct.Struct("<IIQ")  # context attributes, NLB, SLBA
@@ -107,12 +107,48 @@ class IoCounters:
     host_errors: int = 0
 
 
-Handler = Callable[[tuple[int, ...]], Request | None]
+@dataclass(frozen=True, slots=True)
+class Completed:
+    """A command that is done: the completion to post. `status` is the Status Field
+    (0 for success; with DNR as it will be posted); `lba` is what the Error Information
+    log reports for a failure; `message` says why, for the log."""
+
+    status: int = 0
+    dw0: int = 0
+    lba: int = 0
+    message: str = ""
+
+
+#: the completion of almost every command
+SUCCESS: Final = Completed()
+
+#: what executing a command gives: done, or its transfer submitted to the engine (the
+#: command completes when the engine hands the Transfer back: finish())
+Outcome = Completed | Transfer
+
+
+def failed(err: CommandError) -> Completed:
+    """The completion a CommandError stands for (DNR per spec.with_dnr unless it says)."""
+    if err.dnr is None:
+        status = with_dnr(err.status)
+    else:
+        status = err.status | DNR if err.dnr else err.status
+    return Completed(status, err.result, err.lba, str(err))
+
+
+#: a command handler: None for success (CommandError raised on failure), or the outcome
+#: of the transfer it handed to the engine
+Handler = Callable[[tuple[int, ...]], Outcome | None]
+
+
+def _emit_nothing(event: object) -> None:
+    pass
 
 
 class IoCommandSet:
-    """Executes I/O commands against a set of namespaces. A Read or Write whose
-    transfer the engine queued returns its Request: finish() completes it later."""
+    """Executes I/O commands against a set of namespaces: execute() answers with the
+    command's completion, or with its Transfer if the engine submitted it, which
+    finish() completes once the engine hands it back."""
 
     def __init__(
         self,
@@ -121,6 +157,7 @@ class IoCommandSet:
         max_transfer: int,
         counters: IoCounters,
         max_namespaces: int,
+        sgl_support: int = SGLS_BYTE_GRANULARITY,
     ) -> None:
         self.memory = memory
         self.namespaces = namespaces
@@ -128,17 +165,17 @@ class IoCommandSet:
         self.max_namespaces = max_namespaces
         self.max_transfer = max_transfer
         self.counters = counters
-        #: runs the transfers of Read and Write (the controller's I/O engine)
+        #: runs the transfers of Read and Write (the data plane's I/O engine)
         self.engine: IoEngine = SyncEngine()
         #: Volatile Write Cache feature (WCE): while it is off every write is made durable
-        #: before it completes, as if FUA were set. The owner of the feature installs this.
-        self.write_cache_enabled: Callable[[], bool] = _always
-        #: told when a backend failure changes the namespace (gone, or read-only), from
-        #: the I/O thread: the controller raises the events. The owner installs this.
-        self.storage_event: Callable[[Namespace, HostFailure, str], None] = _ignore
+        #: before it completes, as if FUA were set (the data plane's settings)
+        self.write_cache = True
+        #: told of a backend failure that changes the namespace (gone, or read-only): a
+        #: StorageFailed event for the control side, which applies it
+        self.emit: Callable[[StorageFailed], None] = _emit_nothing
         #: SGL Support as Identify Controller reports it (SGLS bits 1:0): 0 PRPs only,
-        #: else SGLS_BYTE_GRANULARITY or SGLS_DWORD_GRANULARITY. Set before enabling.
-        self.sgl_support = SGLS_BYTE_GRANULARITY
+        #: else SGLS_BYTE_GRANULARITY or SGLS_DWORD_GRANULARITY (ControllerConfig's)
+        self.sgl_support = sgl_support
         #: staging for Verify and Copy, allocated on first use, max_transfer bytes
         self._scratch: memoryview | None = None
         #: some namespace passes commands through to a host NVMe namespace (the owner
@@ -159,54 +196,65 @@ class IoCommandSet:
             IoOpcode.WRITE: self._write_sgl,
         }
 
-    def execute(self, dw: tuple[int, ...]) -> Request | None:
-        """Run the command in SQE dwords `dw`; raises CommandError on failure. Returns
-        the Request when the engine took the transfer (the command is not done yet)."""
-        if self.passthrough:  # (False unless a passthrough namespace was ever added)
-            ns = self.namespaces.get(dw[1])
-            if ns is not None and ns.passthrough and ns.failure is None:
-                return self._pass_through(ns, dw)
-        handler = self._handlers.get(dw[0] & 0xFF)
-        if handler is None:
-            raise CommandError(Status.INVALID_OPCODE)
-        if dw[0] & 0xC300:  # FUSE or PSDT (a literal: this runs for every command)
-            handler = self._sgl_handler(dw[0], handler)
-        return handler(dw)
-
-    def finish(self, req: Request) -> None:
-        """Complete a transfer the engine ran, as the synchronous path would have: a
-        short one is finished here (rare), errors become NVMe statuses (CommandError),
-        and the SMART counters count it."""
-        res = req.result
-        if req.passthrough:
-            self._passed_through(req.dw, res, req.dw0, req.length)
-            return
+    def execute(self, dw: tuple[int, ...]) -> Outcome:
+        """Run the command in SQE dwords `dw`."""
         try:
+            if self.passthrough:  # (False unless a passthrough namespace was ever added)
+                ns = self.namespaces.get(dw[1])
+                if ns is not None and ns.passthrough and ns.failure is None:
+                    return self._pass_through(ns, dw)
+            handler = self._handlers.get(dw[0] & 0xFF)
+            if handler is None:
+                raise CommandError(Status.INVALID_OPCODE)
+            if dw[0] & 0xC300:  # FUSE or PSDT (a literal: this runs for every command)
+                handler = self._sgl_handler(dw[0], handler)
+            outcome = handler(dw)
+        except CommandError as err:
+            return failed(err)
+        return SUCCESS if outcome is None else outcome
+
+    def finish(self, t: Transfer) -> Completed:
+        """The completion of a command whose transfer the engine ran, at once or
+        submitted: a short one is finished here (rare), errors become NVMe statuses,
+        and the SMART counters count it."""
+        try:
+            if t.passthrough:
+                return self._passed_through(t.dw, t.result, t.dw0, t.length)
+            self._transferred(t)
+        except CommandError as err:
+            return failed(err)
+        return SUCCESS
+
+    def _transferred(self, t: Transfer) -> None:
+        res = t.result
+        try:
+            if t.error is not None:
+                raise t.error
             if res < 0:
                 raise OSError(-res, os.strerror(-res))
-            if res < req.length:
-                rest = _after(req.views, res)
-                if req.write:
-                    req.backend.writev(req.offset + res, rest, req.fua)
+            if res < t.length:
+                rest = _after(t.views, res)
+                if t.write:
+                    t.backend.writev(t.offset + res, rest, t.fua)
                 else:
-                    req.backend.readv(req.offset + res, rest)
+                    t.backend.readv(t.offset + res, rest)
         except OSError as exc:
-            ns = self.namespaces.get(req.dw[1])
+            ns = self.namespaces.get(t.dw[1])
             if ns is None:  # (a hot remove drains its I/O first: not expected)
-                status = Status.WRITE_FAULT if req.write else Status.UNRECOVERED_READ_ERROR
+                status = Status.WRITE_FAULT if t.write else Status.UNRECOVERED_READ_ERROR
                 raise CommandError(status, str(exc)) from exc
-            raise self._host_error(exc, ns, req.write, req.offset) from exc
+            raise self._host_error(exc, ns, t.write, t.offset) from exc
         counters = self.counters
-        if req.write:
+        if t.write:
             counters.host_write_commands += 1
-            counters.bytes_written += req.length
+            counters.bytes_written += t.length
         else:
             counters.host_read_commands += 1
-            counters.bytes_read += req.length
+            counters.bytes_read += t.length
 
-    def _pass_through(self, ns: Namespace, dw: tuple[int, ...]) -> Request | None:
+    def _pass_through(self, ns: Namespace, dw: tuple[int, ...]) -> Outcome:
         """NVMe passthrough (passthrough.py): the checked command goes to the host's
-        namespace with the guest's buffers; queued to the engine, or run at once."""
+        namespace with the guest's buffers, submitted to the engine or run at once."""
         t = passthrough.check(dw, ns.blocks, ns.lba_shift, self.max_transfer, ns.readonly)
         views: list[memoryview] = []
         if t.length:
@@ -224,23 +272,21 @@ class IoCommandSet:
                     Status.INVALID_FIELD, "passthrough needs guest memory shared with the device"
                 )
             views = mapped
-        backend = ns.backend
-        data = t.length if dw[0] & 0xFF in _DATA_OPCODES else 0
-        req = self.engine.queue_passthrough(backend, dw, views)
-        if req is not None:
-            req.dw = dw  # (the controller sets it too, later: finish() needs it)
-            req.length = data
-            return req
-        try:
-            status, dw0 = backend.execute(dw, views)  # type: ignore[attr-defined]
-        except TypeError as exc:
-            raise CommandError(Status.INVALID_FIELD, "read-only guest memory") from exc
-        except OSError as exc:
-            status, dw0 = -(exc.errno or errno.EIO), 0
-        self._passed_through(dw, status, dw0, data)
-        return None
+        transfer = self.engine.passthrough(ns.backend, dw, views, None)
+        transfer.length = t.length if dw[0] & 0xFF in _DATA_OPCODES else 0
+        return self._outcome(transfer)
 
-    def _passed_through(self, dw: tuple[int, ...], res: int, dw0: int, length: int) -> None:
+    def _outcome(self, t: Transfer) -> Outcome:
+        """A submitted transfer is the outcome (finish() completes it later); one done
+        at once completes here, and goes back to the engine."""
+        if t.submitted:
+            return t
+        try:
+            return self.finish(t)
+        finally:
+            self.engine.release(t)
+
+    def _passed_through(self, dw: tuple[int, ...], res: int, dw0: int, length: int) -> Completed:
         """A passthrough command's end: `res` 0, the host's NVMe status (> 0), or -errno
         (the kernel's); counted as the command set counts its own."""
         opcode = dw[0] & 0xFF
@@ -265,6 +311,7 @@ class IoCommandSet:
         elif opcode in (IoOpcode.READ, IoOpcode.COMPARE):
             counters.host_read_commands += 1
             counters.bytes_read += length
+        return Completed(0, dw0) if dw0 else SUCCESS
 
     def _sgl_handler(self, cdw0: int, handler: Handler) -> Handler:
         """The handler for a command whose data pointer is an SGL. Read and Write have
@@ -306,7 +353,7 @@ class IoCommandSet:
         if failure.gone and exc.errno not in media_errors.GONE_ERRNOS:
             reason = f"{ns.backend.description}: its capacity is now 0 (the device is gone)"
         if failure.gone or failure.read_only:
-            self.storage_event(ns, failure, reason)
+            self.emit(StorageFailed(ns.nsid, failure.gone, failure.read_only, reason))
         return CommandError(failure.status, reason, dnr=failure.dnr, lba=offset >> ns.lba_shift)
 
     def _data_range(self, ns: Namespace, dw: tuple[int, ...]) -> tuple[int, int]:
@@ -329,7 +376,7 @@ class IoCommandSet:
     def _commit(self, ns: Namespace) -> None:
         """FUA on a command that reads: what the volatile cache holds reaches the medium
         first (with the cache off, every write already did)."""
-        if self.write_cache_enabled():
+        if self.write_cache:
             try:
                 ns.backend.flush()
             except OSError as exc:
@@ -340,16 +387,16 @@ class IoCommandSet:
             self._scratch = memoryview(bytearray(self.max_transfer))
         return self._scratch
 
-    def read(self, dw: tuple[int, ...]) -> Request | None:
+    def read(self, dw: tuple[int, ...]) -> Outcome:
         ns = self._namespace(dw[1])
         offset, length = self._data_range(ns, dw)
         if dw[12] & (1 << 30):  # FUA (folded to a constant: this is the hot path)
             self._commit(ns)
         prp1, prp2 = dw[6] | (dw[7] << 32), dw[8] | (dw[9] << 32)
         segments, views = prp_views(self.memory, prp1, prp2, length, to_guest=True)
-        return self._read_to_guest(ns, offset, length, segments, views, copy_to_guest)
+        return self._read_to_guest(ns, dw, offset, length, segments, views, copy_to_guest)
 
-    def _read_sgl(self, dw: tuple[int, ...]) -> Request | None:
+    def _read_sgl(self, dw: tuple[int, ...]) -> Outcome:
         """Read with an SGL: as read(), and bit buckets discard what they cover."""
         ns = self._namespace(dw[1])
         offset, length = self._data_range(ns, dw)
@@ -357,86 +404,74 @@ class IoCommandSet:
             self._commit(ns)
         segments = self._segments(dw, length, True)
         views = sgl_views(self.memory, segments, to_guest=True)
-        return self._read_to_guest(ns, offset, length, segments, views, sgl_copy_to_guest)
+        return self._read_to_guest(ns, dw, offset, length, segments, views, sgl_copy_to_guest)
 
     def _read_to_guest(
         self,
         ns: Namespace,
+        dw: tuple[int, ...],
         offset: int,
         length: int,
         segments: list[Segment],
         views: list[memoryview] | None,
         scatter: Callable[[GuestMemory, list[Segment], bytearray], None],
-    ) -> Request | None:
-        """The backend reads straight into the guest's buffers (`views`), or into a
-        bounce buffer that `scatter` copies to the segments when memory is not mapped.
-        An engine that takes the transfer returns its Request."""
+    ) -> Outcome:
+        """The engine reads straight into the guest's buffers (`views`); where memory
+        is not mapped, the backend reads into a bounce buffer that `scatter` copies to
+        the segments."""
+        if views is not None:
+            t = self.engine.readv(ns.backend, offset, views, length, None)
+            t.dw = dw
+            return self._outcome(t)
+        bounce = bytearray(length)
         try:
-            if views is not None:
-                req = self.engine.queue_readv(ns.backend, offset, views)
-                if req is not None:
-                    req.length = length
-                    return req
-                ns.backend.readv(offset, views)
-            else:
-                bounce = bytearray(length)
-                ns.backend.readv(offset, [memoryview(bounce)])
-                scatter(self.memory, segments, bounce)
+            ns.backend.readv(offset, [memoryview(bounce)])
         except OSError as exc:
             raise self._host_error(exc, ns, False, offset) from exc
+        scatter(self.memory, segments, bounce)
         counters = self.counters
         counters.host_read_commands += 1
         counters.bytes_read += length
-        return None
+        return SUCCESS
 
-    def write(self, dw: tuple[int, ...]) -> Request | None:
+    def write(self, dw: tuple[int, ...]) -> Outcome:
         ns = self._namespace(dw[1])
         offset, length = self._data_range(ns, dw)
         if ns.readonly:
             raise CommandError(Status.NAMESPACE_WRITE_PROTECTED)
-        fua = bool(dw[12] & (1 << 30)) or not self.write_cache_enabled()
+        fua = bool(dw[12] & (1 << 30)) or not self.write_cache
         prp1, prp2 = dw[6] | (dw[7] << 32), dw[8] | (dw[9] << 32)
         segments, views = prp_views(self.memory, prp1, prp2, length, to_guest=False)
-        return self._write_from_guest(ns, offset, length, segments, views, fua)
+        return self._write_from_guest(ns, dw, offset, length, segments, views, fua)
 
-    def _write_sgl(self, dw: tuple[int, ...]) -> Request | None:
+    def _write_sgl(self, dw: tuple[int, ...]) -> Outcome:
         """Write with an SGL: as write() (a bit bucket in a write has no effect)."""
         ns = self._namespace(dw[1])
         offset, length = self._data_range(ns, dw)
         if ns.readonly:
             raise CommandError(Status.NAMESPACE_WRITE_PROTECTED)
-        fua = bool(dw[12] & FUA) or not self.write_cache_enabled()
+        fua = bool(dw[12] & FUA) or not self.write_cache
         segments = self._segments(dw, length, False)
         views = sgl_views(self.memory, segments, to_guest=False)
-        return self._write_from_guest(ns, offset, length, segments, views, fua)
+        return self._write_from_guest(ns, dw, offset, length, segments, views, fua)
 
     def _write_from_guest(
         self,
         ns: Namespace,
+        dw: tuple[int, ...],
         offset: int,
         length: int,
         segments: list[Segment],
         views: list[memoryview] | None,
         fua: bool,
-    ) -> Request | None:
-        """The backend writes straight from the guest's buffers, or from a copy of the
-        segments when memory is not mapped. An engine that takes the transfer returns
-        its Request (guest buffers only: a copy is written at once)."""
+    ) -> Outcome:
+        """The engine writes straight from the guest's buffers, or from a copy of the
+        segments when memory is not mapped."""
         if views is None:
             views = [memoryview(copy_from_guest(self.memory, segments))]
-        else:
-            req = self.engine.queue_writev(ns.backend, offset, views, fua)
-            if req is not None:
-                req.length = length
-                return req
-        try:
-            ns.backend.writev(offset, views, fua)
-        except OSError as exc:
-            raise self._host_error(exc, ns, True, offset) from exc
-        counters = self.counters
-        counters.host_write_commands += 1
-        counters.bytes_written += length
-        return None
+        t = self.engine.writev(ns.backend, offset, views, length, fua, None)
+        t.dw = dw
+        return self._outcome(t)
 
     def flush(self, dw: tuple[int, ...]) -> None:
         nsid = dw[1]
@@ -474,7 +509,7 @@ class IoCommandSet:
         deallocate = bool(dw[12] & DEAC)
         try:
             ns.backend.write_zeroes(offset, length, deallocate)
-            if dw[12] & FUA or not self.write_cache_enabled():  # FUA or write-through
+            if dw[12] & FUA or not self.write_cache:  # FUA or write-through
                 ns.backend.flush()
         except OSError as exc:
             raise self._host_error(exc, ns, True, offset) from exc
@@ -578,21 +613,13 @@ class IoCommandSet:
             except OSError as exc:
                 raise self._host_error(exc, ns, False, offset) from exc
             done += n
-        fua = bool(cdw12 & FUA) or not self.write_cache_enabled()
+        fua = bool(cdw12 & FUA) or not self.write_cache
         try:
             ns.backend.writev(destination, [staged], fua)
         except OSError as exc:
             raise self._host_error(exc, ns, True, destination) from exc
         # Data Units Written counts blocks written; Host Write Commands counts Writes only.
         self.counters.bytes_written += length
-
-
-def _always() -> bool:
-    return True
-
-
-def _ignore(ns: Namespace, failure: HostFailure, reason: str) -> None:
-    pass
 
 
 def _after(views: Sequence[memoryview], skip: int) -> list[memoryview]:

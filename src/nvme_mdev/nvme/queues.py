@@ -18,6 +18,7 @@ from __future__ import annotations
 import struct
 from typing import Protocol
 
+from ..dataplane.fence import full_fence
 from ..guest_memory import DmaError, GuestMemory, words32
 from ..statistics import QueueStats
 from .spec import CQE_SIZE, SQE_SIZE
@@ -313,12 +314,26 @@ class SubmissionQueue:
             self.head = 0
         return entry
 
-    def arm_event_index(self, parked: bool) -> None:
-        """Ask the guest to ring the real doorbell on its next submission (parked) or not."""
+    def enable_notification(self) -> bool:
+        """Ask the guest to ring the real doorbell on its next submission (before the
+        poller parks). True if commands are waiting: submitted before the guest could
+        see the request, they would ring nothing, so the poller must not park.
+
+        The order is firecracker's try_enable_notification: store EventIdx, a full
+        fence, then load the tail again. The guest does the mirror image (store the
+        tail, fence, load EventIdx), so at least one side sees the other's store."""
+        if self.shadow is None:
+            return self.head != self.tail
+        self.shadow.set_event_index(self.tail)  # the next new tail rings
+        full_fence()
+        self.refresh_tail()
+        return self.head != self.tail
+
+    def suppress_notification(self) -> None:
+        """A polling thread sees new entries by itself: EventIdx one behind the tail
+        lets the guest skip the doorbell."""
         if self.shadow is not None:
-            # EventIdx = consumed tail: next new tail rings. tail - 1: a polling thread
-            # sees new entries by itself, so the guest can skip the doorbell.
-            self.shadow.set_event_index(self.tail if parked else self.tail - 1)
+            self.shadow.set_event_index(self.tail - 1)
 
 
 def release_views(queues: list[SubmissionQueue | CompletionQueue]) -> None:

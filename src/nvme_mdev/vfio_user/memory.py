@@ -25,7 +25,7 @@ import logging
 import mmap
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -97,6 +97,17 @@ class DmaMemory:
         self._table = _Table()
         self._transport: MessageDma | None = None
         self._lock = threading.Lock()  # serialises writers; readers take none
+        #: told after every change of the table (the device's data plane)
+        self._listeners: list[Callable[[], None]] = []
+
+    def add_listener(self, changed: Callable[[], None]) -> None:
+        """Call `changed()` after every map and unmap (an unmap while the device is
+        quiesced, before the memory goes)."""
+        self._listeners.append(changed)
+
+    def _changed(self) -> None:
+        for changed in self._listeners:
+            changed()
 
     # --- DMA_MAP / DMA_UNMAP (server thread) --------------------------------------------
 
@@ -130,6 +141,7 @@ class DmaMemory:
                 self._table = _table(
                     (*table.regions[:i], region, *table.regions[i:]),
                 )
+            self._changed()
             return region
         finally:
             if fd is not None:
@@ -146,6 +158,7 @@ class DmaMemory:
                 region = table.regions[i]
                 if region.size == size:
                     self._table = _table((*table.regions[:i], *table.regions[i + 1 :]))
+                    self._changed()
                     return [region]
             if _overlapping(table, iova, size):
                 raise ProtocolError(
@@ -156,6 +169,7 @@ class DmaMemory:
     def unmap_all(self) -> list[DmaRegion]:
         with self._lock:
             removed, self._table = list(self._table.regions), _Table()
+        self._changed()
         return removed
 
     @staticmethod

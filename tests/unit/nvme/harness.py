@@ -12,6 +12,7 @@ from pathlib import Path
 
 from nvme_mdev.backends.file import FileBackend
 from nvme_mdev.backends.io_engine import IoEngine, make_io_engine
+from nvme_mdev.dataplane import QueueState
 from nvme_mdev.guest_memory import DmaError, words32
 from nvme_mdev.nvme.controller import Controller
 from nvme_mdev.nvme.identity import ControllerConfig
@@ -26,6 +27,8 @@ BROADCAST = 0xFFFFFFFF
 UNMAPPED = 0x7_0000_0000
 #: the I/O engine a Host gets unless told (conftest's `io_engine` fixture sets it)
 ENGINE = "sync"
+#: the data plane a Host gets unless told (conftest's `data_plane` fixture sets it)
+PLANE = "python"
 #: engines made by Hosts, closed after each test (conftest)
 ENGINES: list[IoEngine] = []
 
@@ -125,6 +128,11 @@ class HostQueue:
         #: set when shadow doorbells are used: tails/heads go to guest memory, no MMIO
         self.shadow_sq: int | None = None
         self.shadow_cq: int | None = None
+        #: set too for a guest that honours EventIdx (as Linux does): it rings the real
+        #: doorbell when the controller's EventIdx asks for it (need_event)
+        self.eventidx_sq: int | None = None
+        #: the SQ tail last published (what need_event compares with)
+        self._published_tail = 0
 
     def submit(self, dwords: Sequence[int], ring: bool = True) -> int:
         cid = self.next_cid
@@ -143,6 +151,11 @@ class HostQueue:
             page[2 * self.qid] = self.sq_tail
         elif self.shadow_sq is not None:
             self.host.memory.put_u32(self.shadow_sq, self.sq_tail)
+            old, self._published_tail = self._published_tail, self.sq_tail
+            if self.eventidx_sq is not None and need_event(
+                self.host.memory.u32(self.eventidx_sq), self.sq_tail, old
+            ):
+                self.host.ctrl.mmio_write(DOORBELL_BASE + 8 * self.qid, 4, self.sq_tail)
         else:
             self.host.ctrl.mmio_write(DOORBELL_BASE + 8 * self.qid, 4, self.sq_tail)
 
@@ -196,14 +209,17 @@ class Host:
         admin_entries: int = 32,
         memory_size: int = 8 << 20,
         mapped_doorbells: bool = False,
-        engine: str | None = None,
+        engine: str | IoEngine | None = None,
+        plane: str | None = None,
     ) -> None:
         self.memory = FakeGuestMemory(memory_size)
         self.interrupts = FakeInterrupts()
         config = config or ControllerConfig()
         #: BAR0's doorbell page as the guest would map it (serve --mmap-doorbells)
         self.doorbell_words = words32(memoryview(bytearray(PAGE))) if mapped_doorbells else None
-        self.engine = make_io_engine(engine or ENGINE)
+        self.engine = (
+            engine if engine is not None and not isinstance(engine, str) else make_io_engine(engine or ENGINE)
+        )
         ENGINES.append(self.engine)
         self.ctrl = Controller(
             config,
@@ -212,6 +228,7 @@ class Host:
             namespaces,
             doorbell_words=self.doorbell_words,
             io_engine=self.engine,
+            data_plane=plane or PLANE,
         )
         self._next = self.memory.base
         self.admin = HostQueue(self, 0, admin_entries)
@@ -409,10 +426,16 @@ class Host:
     # --- I/O --------------------------------------------------------------------
 
     def run_io(self) -> int:
-        """One pass over the I/O queues, then every transfer in flight completed."""
-        n = self.ctrl.process_io()
-        self.ctrl.drain_io()
+        """One pass over the I/O queues, then every transfer in flight completed, and
+        what the data plane reported applied (as the admin worker would)."""
+        n = self.ctrl.data.process()
+        self.ctrl.data_plane_notified()
         return n
+
+    def sq(self, qid: int) -> QueueState:
+        """Where I/O SQ `qid` stands in the data plane."""
+        (state,) = (q for q in self.ctrl.data.queues() if q.qid == qid and not q.is_cq)
+        return state
 
     def io_cmd(self, qid: int, dwords: Sequence[int]) -> Completion:
         q = self.io[qid]
@@ -455,6 +478,11 @@ class Host:
             entries = chunk + ([addrs[i + 1]] if i + 1 < len(addrs) else [])
             self.memory.write(addr, struct.pack(f"<{len(entries)}Q", *entries))
         return addrs[0]
+
+
+def need_event(event_idx: int, new: int, old: int) -> bool:
+    """Linux's nvme_dbbuf_need_event: ring iff (u16)(new - ei - 1) < (u16)(new - old)."""
+    return ((new - event_idx - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
 
 
 def listen(h: Host, aec: int = 1 << 8) -> int:

@@ -268,7 +268,7 @@ def test_unexpected_backend_errors_do_not_stop_the_queue(file_ns: NamespaceFacto
     buf = h.alloc(PAGE)
     spy.fail = {"readv": error(errno.EINVAL)}  # a bug somewhere below: still a completion
     cids = [h.io[1].submit(rw(READ, 1, buf, i, 1)) for i in range(8)]
-    h.ctrl.process_io()
+    h.run_io()
     done = h.io[1].reap()
     assert [c.cid for c in done] == cids
     assert {c.status for c in done} == {Status.UNRECOVERED_READ_ERROR}

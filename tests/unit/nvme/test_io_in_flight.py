@@ -1,7 +1,7 @@
 """Commands in flight in the io_uring engine: many at once, completed out of order,
 CQ slots reserved for them, and what reset, SQ deletion, hot remove and Abort do
-to them. Real io_uring on real files; the engine below only holds completions back
-(or shuffles them) to make the interesting orders happen."""
+to them, in the Python data plane. Real io_uring on real files; the engine below only
+holds completions back (or shuffles them) to make the interesting orders happen."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from harness import PAGE, Host, NamespaceFactory, rw, with_dnr
 
 from nvme_mdev.backends import uring
 from nvme_mdev.backends.file import FileBackend
-from nvme_mdev.backends.io_engine import Request
-from nvme_mdev.engine.poller import IoThread
+from nvme_mdev.backends.io_engine import Transfer
+from nvme_mdev.dataplane.python import PythonDataPlane
 from nvme_mdev.nvme.namespace import Namespace
 from nvme_mdev.nvme.spec import AdminOpcode, IoOpcode, Status
 
@@ -34,10 +34,10 @@ class HeldEngine(uring.UringEngine):
     def __init__(self) -> None:
         super().__init__(64)
         self.hold = True
-        self.held: list[Request] = []
+        self.held: list[Transfer] = []
         self.rng = random.Random(7)
 
-    def reap(self, wait: bool = False) -> list[Request]:
+    def reap(self, wait: bool = False) -> list[Transfer]:
         self.held += super().reap(wait)
         if self.hold and not wait:
             return []
@@ -56,13 +56,20 @@ def engine() -> Iterator[HeldEngine]:
 
 
 def make_host(ns: Namespace, engine: HeldEngine, cq_entries: int | None = None) -> Host:
-    h = Host([ns])
-    harness.ENGINES.append(h.engine)  # closed after the test
-    h.engine = engine
-    h.ctrl.engine = h.ctrl.io.engine = engine
+    h = Host([ns], engine=engine, plane="python")
     h.enable()
     h.create_io_queue_pair(1, entries=64, cq_entries=cq_entries)
     return h
+
+
+def plane(h: Host) -> PythonDataPlane:
+    assert isinstance(h.ctrl.data, PythonDataPlane)
+    return h.ctrl.data
+
+
+def one_pass(h: Host) -> int:
+    """One pass over the queues, leaving what is in flight in flight."""
+    return plane(h).process_pass()
 
 
 def fd_of(ns: Namespace) -> int:
@@ -90,17 +97,17 @@ def test_many_in_flight_complete_out_of_order(
     ns = file_ns()
     h = make_host(ns, engine)
     sent = submit_writes(h, 40)
-    assert h.ctrl.process_io() + h.ctrl.process_io() == 40  # (two arbitration bursts)
-    assert h.ctrl.io_in_flight() == 40
+    assert one_pass(h) + one_pass(h) == 40  # (two arbitration bursts)
+    assert plane(h).in_flight == 40
     assert h.io[1].peek() == []  # nothing posted before the data is written
-    assert h.ctrl.io_cqs[1].reserved == 40
+    assert plane(h).cqs[1].reserved == 40
     engine.hold = False
-    h.ctrl.process_io()
+    one_pass(h)
     done = h.io[1].reap()
     assert sorted(c.cid for c in done) == sorted(sent)
     assert [c.cid for c in done] != sorted(sent)  # shuffled: posted as they came
     assert all(c.status == 0 and c.sq_id == 1 for c in done)
-    assert h.ctrl.io_in_flight() == 0 and h.ctrl.io_cqs[1].reserved == 0
+    assert plane(h).in_flight == 0 and plane(h).cqs[1].reserved == 0
     for i, data in enumerate(sent.values()):
         assert os.pread(fd_of(ns), 512, i * 512) == data
     counters = h.ctrl.counters
@@ -118,9 +125,9 @@ def test_reads_in_flight_land_in_guest_memory(
         buf = h.buffer(PAGE)
         bufs[q.submit(rw(READ, 1, buf, i, 8), ring=False)] = buf
     q.ring_sq()
-    h.ctrl.process_io()
+    one_pass(h)
     engine.hold = False
-    h.ctrl.process_io()
+    one_pass(h)
     done = q.reap()
     assert len(done) == 32 and all(c.status == 0 for c in done)
     expected = bytes(range(256)) * 16
@@ -134,18 +141,18 @@ def test_cq_slots_are_reserved_for_commands_in_flight(
 ) -> None:
     h = make_host(file_ns(), engine, cq_entries=4)  # 3 usable slots
     submit_writes(h, 8)
-    assert h.ctrl.process_io() == 3  # one slot per command in flight, then full
-    assert h.ctrl.io_cqs[1].is_full()
-    assert h.ctrl.process_io() == 0
+    assert one_pass(h) == 3  # one slot per command in flight, then full
+    assert plane(h).cqs[1].is_full()
+    assert one_pass(h) == 0
     engine.hold = False
-    h.ctrl.process_io()  # posts the 3 (no room was given away), fetches nothing
+    one_pass(h)  # posts the 3 (no room was given away), fetches nothing
     q = h.io[1]
     first = q.reap()
     assert len(first) == 3
     total = len(first)
     while total < 8:
-        h.ctrl.process_io()
-        h.ctrl.drain_io()
+        one_pass(h)
+        plane(h).drain()
         got = q.reap()
         assert got, "no progress"
         total += len(got)
@@ -158,11 +165,11 @@ def test_reset_waits_for_transfers_and_posts_nothing(
     ns = file_ns()
     h = make_host(ns, engine)
     sent = submit_writes(h, 16)
-    h.ctrl.process_io()
-    assert h.ctrl.io_in_flight() == 16
+    one_pass(h)
+    assert plane(h).in_flight == 16
     cq = h.io[1]
     h.disable()  # CC.EN = 0
-    assert h.ctrl.io_in_flight() == 0
+    assert plane(h).in_flight == 0
     assert cq.peek() == []
     for i, data in enumerate(sent.values()):  # the kernel finished before the reset did
         assert os.pread(fd_of(ns), 512, i * 512) == data
@@ -173,12 +180,12 @@ def test_sq_deletion_completes_commands_in_flight_first(
 ) -> None:
     h = make_host(file_ns(), engine)
     sent = submit_writes(h, 10)
-    h.ctrl.process_io()
+    one_pass(h)
     c = h.delete_sq(1)
     assert c.status == 0
     done = h.io[1].reap()
     assert sorted(x.cid for x in done) == sorted(sent) and all(x.status == 0 for x in done)
-    assert h.ctrl.io_in_flight() == 0
+    assert plane(h).in_flight == 0
     assert h.delete_cq(1).status == 0
 
 
@@ -187,9 +194,9 @@ def test_hot_remove_completes_commands_in_flight_first(
 ) -> None:
     h = make_host(file_ns(), engine)
     sent = submit_writes(h, 5)
-    h.ctrl.process_io()
+    one_pass(h)
     ns = h.ctrl.detach_namespace(1)
-    assert h.ctrl.io_in_flight() == 0
+    assert plane(h).in_flight == 0
     done = h.io[1].reap()
     assert sorted(x.cid for x in done) == sorted(sent) and all(x.status == 0 for x in done)
     ns.backend.close()
@@ -200,11 +207,11 @@ def test_abort_of_a_command_in_flight_is_not_aborted(
 ) -> None:
     h = make_host(file_ns(), engine)
     (cid,) = submit_writes(h, 1)
-    h.ctrl.process_io()
-    assert h.ctrl.io_in_flight() == 1
+    one_pass(h)
+    assert plane(h).in_flight == 1
     c = h.admin_cmd([AdminOpcode.ABORT, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1 | (cid << 16)])
     assert c.status == 0 and c.dw0 & 1  # not aborted
-    h.ctrl.drain_io()
+    plane(h).drain()
     (done,) = h.io[1].reap()
     assert done.cid == cid and done.status == 0
 
@@ -249,13 +256,15 @@ def test_fua_write_is_a_dsync_write(file_ns: NamespaceFactory, engine: HeldEngin
     h = make_host(file_ns(), engine)
     engine.hold = False
     taken: list[bool] = []
-    queue = engine.queue_writev
+    writev = engine.writev
 
-    def spy(backend: object, offset: int, views: list[memoryview], fua: bool) -> Request | None:
+    def spy(
+        backend: object, offset: int, views: list[memoryview], length: int, fua: bool, ctx: object
+    ) -> Transfer:
         taken.append(fua)
-        return queue(backend, offset, views, fua)
+        return writev(backend, offset, views, length, fua, ctx)
 
-    engine.queue_writev = spy  # type: ignore[method-assign]
+    engine.writev = spy  # type: ignore[method-assign]
     buf = h.buffer(PAGE)
     assert h.io_cmd(1, rw(WRITE, 1, buf, 0, 1, dw12_flags=1 << 30)).status == 0
     assert h.io_cmd(1, rw(WRITE, 1, buf, 0, 1)).status == 0
@@ -265,10 +274,11 @@ def test_fua_write_is_a_dsync_write(file_ns: NamespaceFactory, engine: HeldEngin
 def test_io_thread_does_not_park_with_commands_in_flight(tmp_path: Path) -> None:
     image = tmp_path / "ns.img"
     image.write_bytes(bytes(1 << 20))
-    h = Host([Namespace(1, FileBackend(str(image)))], engine="uring")
+    h = Host([Namespace(1, FileBackend(str(image)))], engine="uring", plane="python")
     h.enable()
     q = h.create_io_queue_pair(1, entries=64)
-    io = IoThread(h.ctrl, poll_timeout=0.01)
+    io = plane(h)
+    io.poll_timeout = 0.01
     io.start()
     try:
         for round_ in range(20):
@@ -285,4 +295,4 @@ def test_io_thread_does_not_park_with_commands_in_flight(tmp_path: Path) -> None
             assert sorted(got) == sorted(cids), round_
     finally:
         io.stop()
-    assert h.ctrl.io_in_flight() == 0
+    assert plane(h).in_flight == 0

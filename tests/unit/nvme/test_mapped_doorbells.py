@@ -12,7 +12,6 @@ import pytest
 from harness import Host, rw
 
 from nvme_mdev.backends.file import FileBackend
-from nvme_mdev.engine.poller import IoThread
 from nvme_mdev.nvme.namespace import Namespace
 from nvme_mdev.nvme.spec import DOORBELL_BASE, AdminOpcode, IoOpcode, Status
 
@@ -33,7 +32,7 @@ def test_admin_and_io_commands_run_without_a_trapped_doorbell(host: Host) -> Non
     buf = host.buffer(4096)
     assert host.io_cmd(1, rw(IoOpcode.WRITE, 1, buf, 0, 8)).status == 0
     assert q.sq_tail == 1
-    assert host.ctrl.stats.doorbell_traps == 0
+    assert host.ctrl.statistics()["doorbell_traps"] == 0
     page = host.doorbell_words
     assert page is not None
     assert (page[2], page[3]) == (1, 1)  # SQ 1 tail, CQ 1 head, in memory
@@ -54,10 +53,10 @@ def test_a_trapped_doorbell_write_still_reaches_the_poller(host: Host) -> None:
     host.memory.write(q.sq_addr, bytes(64))
     cid = q.submit(rw(IoOpcode.READ, 1, buf, 0, 8), ring=False)
     host.ctrl.mmio_write(DOORBELL_BASE + 8, 4, q.sq_tail)
-    host.ctrl.process_io()
+    host.run_io()
     (done,) = q.reap()
     assert done.cid == cid and done.status == 0
-    assert host.ctrl.stats.doorbell_traps == 1
+    assert host.ctrl.statistics()["doorbell_traps"] == 1
 
 
 def test_reset_clears_the_doorbells_and_recreated_queues_start_at_zero(host: Host) -> None:
@@ -80,12 +79,13 @@ def test_queue_recreated_without_reset_ignores_the_old_tail(host: Host) -> None:
         assert host.io_cmd(1, rw(IoOpcode.READ, 1, buf, 0, 1)).status == 0
     assert host.delete_sq(1).status == 0 and host.delete_cq(1).status == 0
     q = host.create_io_queue_pair(1)
-    host.ctrl.process_io()
+    host.run_io()
     assert q.reap() == []  # the stale tail 5 did not become five phantom commands
 
 
 def test_io_thread_polls_for_good_and_finds_admin_commands(host: Host) -> None:
-    io = IoThread(host.ctrl, poll_timeout=0.01)
+    io = host.ctrl.data
+    io.poll_timeout = 0.01
     io.start()
     try:
         cid = host.admin.submit([AdminOpcode.GET_FEATURES, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x07])
@@ -108,6 +108,6 @@ def test_io_thread_polls_for_good_and_finds_admin_commands(host: Host) -> None:
         while not (done := q.reap()):
             assert time.monotonic() < deadline, "I/O not polled"
             time.sleep(0.001)
-        assert done[0].cid == cid and io.parks == 0
+        assert done[0].cid == cid and host.ctrl.statistics()["io_thread"]["parks"] == 0
     finally:
         io.stop()

@@ -10,7 +10,6 @@ import threading
 import pytest
 from harness import Host, NamespaceFactory, events, listen, rw, with_dnr
 
-from nvme_mdev.engine.poller import IoThread
 from nvme_mdev.nvme.spec import AdminOpcode, Cns, IoOpcode, LogPage, Status
 
 NS_ATTRIBUTE_CHANGED = 0x2 | (0x00 << 8) | (LogPage.CHANGED_NAMESPACE_LIST << 16)
@@ -60,7 +59,7 @@ def test_detach_tells_the_host_and_fails_later_commands(
     ns = host.ctrl.detach_namespace(2)
     assert ns.nsid == 2 and 2 not in host.ctrl.namespaces
     ns.backend.close()
-    host.ctrl.process_io()
+    host.run_io()
     (done,) = host.io[1].reap()
     assert (done.cid, done.status) == (queued, with_dnr(Status.INVALID_FIELD))
     assert host.io_cmd(1, rw(IoOpcode.READ, 2, buf, 0, 1)).status == with_dnr(Status.INVALID_FIELD)
@@ -128,8 +127,8 @@ def test_detach_waits_for_the_command_in_progress(host: Host, file_ns: Namespace
         inner_writev(offset, buffers, fua)
 
     ns2.backend.writev = slow_writev  # type: ignore[method-assign]
-    io_thread = IoThread(host.ctrl, poll_timeout=0)
-    io_thread.start()
+    host.ctrl.data.poll_timeout = 0
+    host.ctrl.data.start()
     try:
         cid = host.io[1].submit(rw(IoOpcode.WRITE, 2, buf, 0, 8))
         assert in_write.wait(10)
@@ -148,4 +147,4 @@ def test_detach_waits_for_the_command_in_progress(host: Host, file_ns: Namespace
         assert (done.cid, done.status) == (cid, 0)
     finally:
         release.set()
-        io_thread.stop()
+        host.ctrl.data.stop()

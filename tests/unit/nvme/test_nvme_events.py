@@ -58,7 +58,7 @@ def test_aer_invalid_sq_tail_value(host: Host) -> None:
     cid = submit_aer(host)
     host.write_reg(DOORBELL_BASE + 8, 16)  # tail == size
     assert [(c.cid, c.dw0) for c in events(host)] == [(cid, INVALID_DOORBELL_VALUE)]
-    assert host.ctrl.io_sqs[1].tail == 0  # the value was not taken
+    assert host.sq(1).tail == 0  # the value was not taken
 
 
 def test_aer_invalid_cq_head_value(host: Host) -> None:

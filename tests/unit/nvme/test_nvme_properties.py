@@ -217,7 +217,7 @@ def test_random_admin_commands_complete_once(
         h.admin.ring_sq()
         assert h.ctrl.process_admin() == len(commands)
         done = h.admin.reap()
-        h.ctrl.process_io()  # queues the commands may have created must not break it
+        h.run_io()  # queues the commands may have created must not break it
         aers = {cid for cid, dw in zip(cids, commands, strict=True) if dw[0] & 0xFF == 0x0C}
         others = [cid for cid in cids if cid not in aers]
         assert [c.cid for c in done if c.cid not in aers] == others
@@ -245,7 +245,7 @@ def test_random_io_commands_complete_once(
         cids = [q.submit(dw, ring=False) for dw in commands]
         q.ring_sq()
         assert h.set_feature(FeatureId.ARBITRATION, 7).status == 0  # no burst limit
-        assert h.ctrl.process_io() == len(commands)
+        assert h.run_io() == len(commands)
         done = q.reap()
         assert [c.cid for c in done] == cids
         assert all(c.sq_id == 1 for c in done)

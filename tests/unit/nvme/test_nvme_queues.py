@@ -20,21 +20,21 @@ def test_cq_full_never_overwrites_and_resumes(host: Host) -> None:
     q = host.create_io_queue_pair(1, entries=16, cq_entries=4)
     cids = [q.submit(flush(), ring=False) for _ in range(10)]
     q.ring_sq()
-    assert host.ctrl.process_io() == 3  # a 4-entry CQ is full at 3
+    assert host.run_io() == 3  # a 4-entry CQ is full at 3
     snapshot = cq_memory(host, q)
     assert [c.cid for c in q.peek()] == cids[:3]
-    assert host.ctrl.process_io() == 0  # no room: nothing fetched, nothing overwritten
+    assert host.run_io() == 0  # no room: nothing fetched, nothing overwritten
     assert cq_memory(host, q) == snapshot
-    assert host.ctrl.io_sqs[1].head == 3  # the rest wait in the SQ
+    assert host.sq(1).head == 3  # the rest wait in the SQ
     # Consuming one entry makes room for one more.
     q.cq_head = 1
     host.write_reg(DOORBELL_BASE + 8 + 4, 1)
-    assert host.ctrl.process_io() == 1
+    assert host.run_io() == 1
     got = [c.cid for c in q.reap()]
     assert got == cids[1:4]  # the two left unconsumed, then the new one
     got_all = [cids[0], *got]
     while len(got_all) < 10:
-        assert host.ctrl.process_io() > 0
+        assert host.run_io() > 0
         got_all += [c.cid for c in q.reap()]
     assert got_all == cids
 
@@ -66,7 +66,7 @@ def test_several_sqs_on_one_cq(host: Host) -> None:
     host.interrupts.signalled.clear()
     a = [q.submit(flush()) for _ in range(2)]
     b = [q2.submit(flush()) for _ in range(3)]
-    assert host.ctrl.process_io() == 5
+    assert host.run_io() == 5
     done = q.reap()  # every completion lands in CQ 1
     assert sorted((c.sq_id, c.cid) for c in done) == sorted(
         [(1, cid) for cid in a] + [(2, cid) for cid in b]
@@ -86,10 +86,10 @@ def test_msix_one_signal_per_cq_per_batch(host: Host) -> None:
     for _ in range(4):
         q1.submit(flush())
         q2.submit(flush())
-    assert host.ctrl.process_io() == 8
+    assert host.run_io() == 8
     assert host.interrupts.signalled == [3, 5]
     host.interrupts.signalled.clear()
-    assert host.ctrl.process_io() == 0
+    assert host.run_io() == 0
     assert host.interrupts.signalled == []  # nothing new: no interrupt
 
 
@@ -100,7 +100,7 @@ def test_burst_limit_round_robins(host: Host) -> None:
         q1.submit(flush())
     q2.submit(flush())
     assert host.set_feature(FeatureId.ARBITRATION, 1).status == 0  # AB: bursts of 2
-    assert host.ctrl.process_io() == 3  # 2 from SQ 1, 1 from SQ 2
+    assert host.run_io() == 3  # 2 from SQ 1, 1 from SQ 2
     assert len(q1.reap()) == 2 and len(q2.reap()) == 1
 
 
@@ -108,7 +108,7 @@ def test_interrupts_disabled_cq(host: Host) -> None:
     q = host.create_io_queue_pair(1, ien=False)
     host.interrupts.signalled.clear()
     q.submit(flush())
-    assert host.ctrl.process_io() == 1
+    assert host.run_io() == 1
     assert host.interrupts.signalled == []
     assert q.reap()[0].status == 0  # still completed
 
@@ -119,7 +119,7 @@ def test_intx_level_follows_unconsumed_entries(host: Host) -> None:
     host.interrupts.intx = False
     q.submit(flush())
     q.submit(flush())
-    host.ctrl.process_io()
+    host.run_io()
     assert host.interrupts.intx is True
     assert host.interrupts.signalled == []  # no MSI-X messages
     assert len(q.reap(ring=False)) == 2
@@ -133,7 +133,7 @@ def test_intx_partial_consumption_keeps_level(host: Host) -> None:
     q = host.create_io_queue_pair(1, vector=0)
     for _ in range(3):
         q.submit(flush())
-    host.ctrl.process_io()
+    host.run_io()
     host.write_reg(DOORBELL_BASE + 8 + 4, 2)  # two of three consumed
     assert host.interrupts.intx is True
     host.write_reg(DOORBELL_BASE + 8 + 4, 3)
@@ -145,7 +145,7 @@ def test_intx_masked_by_intms(host: Host) -> None:
     q = host.create_io_queue_pair(1, vector=0)
     host.write_reg(Reg.INTMS, 1)
     q.submit(flush())
-    host.ctrl.process_io()
+    host.run_io()
     assert host.interrupts.intx is False  # masked
     host.write_reg(Reg.INTMC, 1)
     assert host.interrupts.intx is True  # unmasking raises the pending level
@@ -157,7 +157,7 @@ def test_intx_ignores_interrupts_disabled_cq(host: Host) -> None:
     host.interrupts.msix = False
     q = host.create_io_queue_pair(1, vector=0, ien=False)
     q.submit(flush())
-    host.ctrl.process_io()
+    host.run_io()
     assert host.interrupts.intx is False
 
 
@@ -175,7 +175,7 @@ def test_sq_tail_doorbell_wraps(host: Host) -> None:
     for _ in range(3):
         for _ in range(3):
             q.submit(flush())
-        assert host.ctrl.process_io() == 3
+        assert host.run_io() == 3
         assert [c.status for c in q.reap()] == [0, 0, 0]
 
 

@@ -162,7 +162,7 @@ def test_disable_deletes_queues_and_clears_ready(file_ns: NamespaceFactory) -> N
     h.write_reg(Reg.CC, h.cc_value(en=False))
     assert h.read_reg(Reg.CSTS) & CSTS_RDY == 0
     assert h.read_reg(Reg.CC) & 1 == 0
-    assert not h.ctrl.io_sqs and not h.ctrl.io_cqs and h.ctrl.active_io_sqs == ()
+    assert not h.ctrl.io_queues and h.ctrl.data.queues() == []
     # After re-enabling, queue 1 can be created again (it is really gone).
     h.admin = type(h.admin)(h, 0, h.admin.entries)
     h.enable()
@@ -273,5 +273,5 @@ def test_doorbell_writes_ignored_after_disable(file_ns: NamespaceFactory) -> Non
     q = h.create_io_queue_pair(1)
     h.write_reg(Reg.CC, h.cc_value(en=False))
     q.submit([0x00, 1])  # Flush
-    assert h.ctrl.process_io() == 0
+    assert h.run_io() == 0
     assert h.ctrl.process_admin() == 0

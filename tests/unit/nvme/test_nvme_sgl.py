@@ -81,7 +81,11 @@ def pattern(n: int, seed: int = 7) -> bytes:
 @pytest.fixture
 def h(file_ns: NamespaceFactory) -> Host:
     """One 1 MiB namespace of 512-byte blocks filled with a pattern; I/O queue pair 1."""
-    host = Host([file_ns(fill=pattern(PAGE))])
+    return make_host(file_ns)
+
+
+def make_host(file_ns: NamespaceFactory, sgl_support: int = 0b01) -> Host:
+    host = Host([file_ns(fill=pattern(PAGE))], ControllerConfig(sgl_support=sgl_support))
     host.enable()
     host.create_io_queue_pair(1)
     return host
@@ -109,8 +113,8 @@ def test_sgls_reported(h: Host) -> None:
     assert not sgls & ((1 << 17) | (1 << 19) | (1 << 20) | (1 << 21))  # no metadata, offsets
 
 
-def test_sgls_off_refuses_psdt(h: Host) -> None:
-    h.ctrl.io.sgl_support = 0
+def test_sgls_off_refuses_psdt(file_ns: NamespaceFactory) -> None:
+    h = make_host(file_ns, sgl_support=0)
     _, d = h.identify(Cns.CONTROLLER)
     assert u32(d, 536) == 0
     buf = h.alloc(PAGE)
@@ -269,10 +273,10 @@ def test_more_data_blocks_than_one_vectored_call(h: Host, zero_copy: bool) -> No
     assert got == expected
 
 
-def test_dword_granularity(h: Host) -> None:
+def test_dword_granularity(file_ns: NamespaceFactory) -> None:
     """SGLS 10b: Data Block addresses and lengths dword aligned, else SGL Data Block
     Granularity Invalid."""
-    h.ctrl.io.sgl_support = 0b10
+    h = make_host(file_ns, sgl_support=0b10)
     _, d = h.identify(Cns.CONTROLLER)
     assert u32(d, 536) & 0b11 == 0b10
     buf = h.alloc(PAGE)

@@ -16,6 +16,7 @@ import harness
 import pytest
 from harness import PAGE, Host, rw
 
+from nvme_mdev.backends.io_engine import IoEngine
 from nvme_mdev.backends import passthrough as pt
 from nvme_mdev.backends import uring
 from nvme_mdev.nvme.identity import ControllerConfig
@@ -86,9 +87,11 @@ class FakeHostNamespace:
         pass
 
 
-def passthrough_host(backend: FakeHostNamespace, config: ControllerConfig | None = None) -> Host:
+def passthrough_host(
+    backend: FakeHostNamespace, config: ControllerConfig | None = None, engine: IoEngine | None = None
+) -> Host:
     ns = Namespace(1, backend, block_size=backend.block_size)  # type: ignore[arg-type]
-    h = Host([ns], config=config)
+    h = Host([ns], config=config, engine=engine)
     h.enable()
     h.create_io_queue_pair(1)
     return h
@@ -240,18 +243,16 @@ def test_uring_cmd_reaches_the_kernel_and_its_error_the_guest(
 ) -> None:
     """A URING_CMD on a descriptor with no such command (a regular file) comes back as
     -EOPNOTSUPP through the ring, the reap and finish(), to the guest as Invalid Field."""
-    h = passthrough_host(fake)
     engine = uring.UringEngine(16)
     harness.ENGINES.append(engine)
-    if not engine.passthrough:
+    if not engine.passthrough_ring:
         pytest.skip("kernel without IORING_SETUP_SQE128/CQE32")
-    h.ctrl.engine = h.ctrl.io.engine = engine
+    h = passthrough_host(fake, engine=engine)
     fake.fd = regular_fd
     buf = h.buffer(PAGE)
     q = h.io[1]
     q.submit(rw(READ, 1, buf, 0, 1))
-    h.ctrl.process_io()
-    h.ctrl.drain_io()
+    h.run_io()
     (c,) = q.reap()
     assert c.status == DNR | Status.INVALID_FIELD
     assert fake.commands == []  # it went to the ring, not the synchronous ioctl

@@ -210,7 +210,7 @@ def _set_number_of_queues(ctrl: Controller, value: int) -> int:
     nsqr, ncqr = value & 0xFFFF, value >> 16
     if nsqr == 0xFFFF or ncqr == 0xFFFF:
         raise CommandError(Status.INVALID_FIELD, "65536 queues requested")
-    if ctrl.io_sqs or ctrl.io_cqs:
+    if ctrl.io_queues:
         raise CommandError(Status.COMMAND_SEQUENCE_ERROR, "I/O queues already exist")
     limit = ctrl.config.max_io_queues - 1
     granted = min(nsqr, limit) | (min(ncqr, limit) << 16)

@@ -73,7 +73,7 @@ def controller_data(ctrl: Controller) -> bytes:
     data[525] = VWC
     struct.pack_into("<H", data, 532, 0)  # ACWU: no Compare and Write
     struct.pack_into("<H", data, 534, COPY_DESCRIPTOR_FORMATS)  # CDFS (OCFS)
-    struct.pack_into("<I", data, 536, sgls_field(ctrl.io.sgl_support))  # SGLS
+    struct.pack_into("<I", data, 536, sgls_field(ctrl.config.sgl_support))  # SGLS
     struct.pack_into("<I", data, 540, 0)  # MNAN
     data[768 : 768 + 256] = cfg.subsystem_nqn.encode("ascii")[:255].ljust(256, b"\0")
     # Power state 0: 25 W max power, nothing else to say about it.

@@ -5,24 +5,97 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Container
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ...guest_memory import DmaError
 from ..errors import CommandError
-from ..queues import (
-    CompletionQueue,
-    MappedDoorbell,
-    ShadowDoorbell,
-    SubmissionQueue,
-    release_views,
-)
 from ..spec import PAGE_SIZE, FeatureId, Status
 
 if TYPE_CHECKING:
+    from ...dataplane import DataPlane
     from ..controller import Controller
 
 _PAGE_MASK = PAGE_SIZE - 1
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class IoCq:
+    """An I/O completion queue as the host created it."""
+
+    qid: int
+    base: int
+    size: int
+    vector: int
+    interrupts_enabled: bool
+    #: the SQs that post to it (it cannot be deleted while it has any)
+    sq_ids: set[int] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class IoSq:
+    """An I/O submission queue as the host created it."""
+
+    qid: int
+    base: int
+    size: int
+    cqid: int
+    priority: int
+
+
+class IoQueueTable:
+    """The I/O queues the host created and has not deleted: the one owner of that
+    table. The admin commands check against it and change it through its methods,
+    which hand each change to the data plane (where the queues' heads, tails and
+    phases live, and their commands run)."""
+
+    def __init__(self, data: DataPlane) -> None:
+        self._data = data
+        self._sqs: dict[int, IoSq] = {}
+        self._cqs: dict[int, IoCq] = {}
+
+    def sq(self, qid: int) -> IoSq | None:
+        return self._sqs.get(qid)
+
+    def cq(self, qid: int) -> IoCq | None:
+        return self._cqs.get(qid)
+
+    @property
+    def sq_ids(self) -> Container[int]:
+        return self._sqs
+
+    @property
+    def cq_ids(self) -> Container[int]:
+        return self._cqs
+
+    def __bool__(self) -> bool:
+        return bool(self._sqs or self._cqs)
+
+    def create_cq(self, cq: IoCq) -> None:
+        """DmaError if its memory is not mapped."""
+        self._data.create_cq(cq.qid, cq.base, cq.size, cq.vector, cq.interrupts_enabled)
+        self._cqs[cq.qid] = cq
+
+    def create_sq(self, sq: IoSq) -> None:
+        """DmaError if its memory is not mapped."""
+        self._data.create_sq(sq.qid, sq.base, sq.size, sq.cqid, sq.priority)
+        self._sqs[sq.qid] = sq
+        self._cqs[sq.cqid].sq_ids.add(sq.qid)
+
+    def delete_sq(self, qid: int) -> None:
+        self._data.delete_sq(qid)
+        sq = self._sqs.pop(qid)
+        self._cqs[sq.cqid].sq_ids.discard(qid)
+
+    def delete_cq(self, qid: int) -> None:
+        self._data.delete_cq(qid)
+        del self._cqs[qid]
+
+    def clear(self) -> None:
+        """Forget every queue (a reset: the data plane's reset() dropped its own)."""
+        self._sqs.clear()
+        self._cqs.clear()
 
 
 def _queue_id_and_size(
@@ -51,7 +124,7 @@ def _allocated(ctrl: Controller) -> tuple[int, int]:
 
 
 def create_io_cq(ctrl: Controller, dw: tuple[int, ...]) -> int:
-    qid, size = _queue_id_and_size(ctrl, dw, ctrl.io_cqs, _allocated(ctrl)[1])
+    qid, size = _queue_id_and_size(ctrl, dw, ctrl.io_queues.cq_ids, _allocated(ctrl)[1])
     vector = dw[11] >> 16
     interrupts_enabled = bool(dw[11] & 0x2)
     if vector >= ctrl.config.msix_vectors:
@@ -60,103 +133,48 @@ def create_io_cq(ctrl: Controller, dw: tuple[int, ...]) -> int:
         # Without MSI-X there is one vector (INTx): IV 'shall be cleared to 0h'.
         raise CommandError(Status.INVALID_INTERRUPT_VECTOR, f"vector {vector} without MSI-X")
     try:
-        cq = CompletionQueue(
-            ctrl.memory, qid, dw[6] | (dw[7] << 32), size, vector, interrupts_enabled
+        ctrl.io_queues.create_cq(
+            IoCq(qid, dw[6] | (dw[7] << 32), size, vector, interrupts_enabled)
         )
     except DmaError as exc:
         raise CommandError(Status.DATA_TRANSFER_ERROR, f"CQ memory: {exc}") from exc
-    _attach_shadow(ctrl, cq)
-    ctrl.io_cqs[qid] = cq
     return 0
 
 
 def create_io_sq(ctrl: Controller, dw: tuple[int, ...]) -> int:
-    qid, size = _queue_id_and_size(ctrl, dw, ctrl.io_sqs, _allocated(ctrl)[0])
+    qid, size = _queue_id_and_size(ctrl, dw, ctrl.io_queues.sq_ids, _allocated(ctrl)[0])
     cqid = dw[11] >> 16
-    cq = ctrl.io_cqs.get(cqid)
-    if cq is None:
+    if ctrl.io_queues.cq(cqid) is None:
         raise CommandError(Status.COMPLETION_QUEUE_INVALID, f"CQ {cqid}")
     try:
-        sq = SubmissionQueue(
-            ctrl.memory,
-            qid,
-            dw[6] | (dw[7] << 32),
-            size,
-            cq,
-            priority=(dw[11] >> 1) & 0x3,
-            stats=ctrl.stats.queues[qid],
+        ctrl.io_queues.create_sq(
+            IoSq(qid, dw[6] | (dw[7] << 32), size, cqid, priority=(dw[11] >> 1) & 0x3)
         )
     except DmaError as exc:
         raise CommandError(Status.DATA_TRANSFER_ERROR, f"SQ memory: {exc}") from exc
-    _attach_shadow(ctrl, sq)
-    with ctrl.io_thread.paused():
-        cq.sq_ids.add(qid)
-        ctrl.io_sqs[qid] = sq
-        ctrl.active_io_sqs = tuple(ctrl.io_sqs[q] for q in sorted(ctrl.io_sqs))
     return 0
 
 
 def delete_io_sq(ctrl: Controller, dw: tuple[int, ...]) -> int:
     qid = dw[10] & 0xFFFF
-    sq = ctrl.io_sqs.get(qid)
-    if qid == 0 or sq is None:
+    if qid == 0 or ctrl.io_queues.sq(qid) is None:
         raise CommandError(Status.INVALID_QUEUE_IDENTIFIER, f"SQ {qid}")
     # Base 5.6: commands of the queue not completed yet are either completed or
-    # aborted before this command completes. Those fetched run to completion (an I/O
-    # engine's transfers in flight are waited for and posted with their real status:
-    # the kernel cannot be stopped from writing guest memory); those not fetched are
-    # dropped with the queue (implicitly aborted).
-    with ctrl.io_quiesced():
-        del ctrl.io_sqs[qid]
-        ctrl.active_io_sqs = tuple(ctrl.io_sqs[q] for q in sorted(ctrl.io_sqs))
-        sq.cq.sq_ids.discard(qid)
-        release_views([sq])
+    # aborted before this command completes: the data plane runs those fetched to
+    # completion and drops those not fetched with the queue (implicitly aborted).
+    ctrl.io_queues.delete_sq(qid)
     return 0
 
 
 def delete_io_cq(ctrl: Controller, dw: tuple[int, ...]) -> int:
     qid = dw[10] & 0xFFFF
-    cq = ctrl.io_cqs.get(qid)
+    cq = ctrl.io_queues.cq(qid)
     if qid == 0 or cq is None:
         raise CommandError(Status.INVALID_QUEUE_IDENTIFIER, f"CQ {qid}")
     if cq.sq_ids:
         raise CommandError(Status.INVALID_QUEUE_DELETION, f"CQ {qid} still has SQs")
-    with ctrl.io_thread.paused():
-        del ctrl.io_cqs[qid]
-        release_views([cq])
+    ctrl.io_queues.delete_cq(qid)
     return 0
-
-
-def _doorbell_slot(ctrl: Controller, queue: SubmissionQueue | CompletionQueue) -> int:
-    index = 2 * queue.qid + (1 if isinstance(queue, CompletionQueue) else 0)
-    return index * 4  # CAP.DSTRD = 0
-
-
-def _attach_shadow(ctrl: Controller, queue: SubmissionQueue | CompletionQueue) -> None:
-    """Point a queue at its shadow doorbell slots, seeded with its current index
-    (or at its register in the mapped doorbell page)."""
-    if ctrl.doorbell_words is not None:
-        queue.shadow = MappedDoorbell(ctrl.doorbell_words, _doorbell_slot(ctrl, queue))
-        queue.shadow.set_value(0)  # a new queue's doorbell starts at 0, whatever was there
-        return
-    if ctrl.shadow_doorbells is None:
-        return
-    shadow_page, eventidx_page = ctrl.shadow_doorbells
-    slot = _doorbell_slot(ctrl, queue)
-    try:
-        shadow = ShadowDoorbell(ctrl.memory, shadow_page + slot, eventidx_page + slot)
-    except DmaError as exc:
-        raise CommandError(Status.DATA_TRANSFER_ERROR, f"shadow doorbell: {exc}") from exc
-    if isinstance(queue, SubmissionQueue):
-        shadow.set_value(queue.tail)
-        shadow.set_event_index(queue.tail)
-    else:
-        shadow.set_value(queue.head)
-        # With MSI-X the guest's CQ head matters only when a CQ is full, and then we
-        # poll it; INTx ends only on a BAR access, so then every head update must ring.
-        msix = ctrl.interrupts.msix_enabled()
-        shadow.set_event_index(queue.head - 1 if msix else queue.head)
-    queue.shadow = shadow
 
 
 def doorbell_buffer_config(ctrl: Controller, dw: tuple[int, ...]) -> int:
@@ -172,20 +190,10 @@ def doorbell_buffer_config(ctrl: Controller, dw: tuple[int, ...]) -> int:
             view = ctrl.memory.view(page, PAGE_SIZE, True)
             if view is not None:
                 view.release()
+        ctrl.data.set_doorbell_buffers(shadow_page, eventidx_page)
     except DmaError as exc:
         # No data moves with this command: a buffer we cannot reach is a bad PRP field.
         raise CommandError(Status.INVALID_FIELD, f"doorbell buffer: {exc}") from exc
-    with ctrl.io_thread.paused():
-        ctrl.shadow_doorbells = (shadow_page, eventidx_page)
-        queues: list[SubmissionQueue | CompletionQueue] = [
-            *ctrl.io_sqs.values(),
-            *ctrl.io_cqs.values(),
-        ]
-        for queue in queues:
-            if queue.shadow is not None:
-                queue.shadow.release()
-                queue.shadow = None
-            _attach_shadow(ctrl, queue)
     log.info("shadow doorbells enabled (buffer %#x, EventIdx %#x)", shadow_page, eventidx_page)
     return 0
 
@@ -197,17 +205,17 @@ def abort(ctrl: Controller, dw: tuple[int, ...]) -> int:
     in flight in an I/O engine: the kernel's I/O is not cancelled), so it is past
     aborting: 'not aborted' (DW0 bit 0 set)."""
     sqid, cid = dw[10] & 0xFFFF, dw[10] >> 16
-    sq = ctrl.admin_sq if sqid == 0 else ctrl.io_sqs.get(sqid)
-    if sq is None:
+    if sqid and ctrl.io_queues.sq(sqid) is None:
         raise CommandError(Status.INVALID_FIELD, f"SQ {sqid}")
-    if len(ctrl.aborts) >= ctrl.config.abort_limit:
+    if len(ctrl.admin_aborts) + ctrl.data.marked_aborts() >= ctrl.config.abort_limit:
         raise CommandError(Status.ABORT_COMMAND_LIMIT_EXCEEDED)
-    # Paused, the I/O thread cannot fetch the command between our look and our mark.
-    with ctrl.io_thread.paused():
-        sq.refresh_tail()
-        for index in range(sq.pending()):
-            slot = (sq.head + index) % sq.size
-            if int.from_bytes(sq.memory.read_entry(slot)[2:4], "little") == cid:
-                ctrl.aborts.add((sqid, cid))
-                return 0
+    if sqid:
+        return 0 if ctrl.data.abort(sqid, cid) else 1
+    sq = ctrl.admin_sq
+    assert sq is not None  # (admin commands run only while it exists)
+    for index in range(sq.pending()):
+        slot = (sq.head + index) % sq.size
+        if int.from_bytes(sq.memory.read_entry(slot)[2:4], "little") == cid:
+            ctrl.admin_aborts.add(cid)
+            return 0
     return 1
