@@ -1,13 +1,23 @@
-use pyo3::prelude::*;
+//! nvme-mdev's native data plane: the I/O queues' hot path (doorbell → command →
+//! storage → completion → interrupt) in Rust, on a thread of its own that holds no GIL.
+//! It sits behind the Python DataPlane seam (src/nvme_mdev/dataplane/) and does what
+//! the Python data plane does, command for command; the Python side stays the
+//! reference it is tested against.
+//!
+//! `unsafe` lives at two boundaries only: guest memory and the mapped doorbell page
+//! (memory.rs, queues.rs), and the kernel (storage.rs, engine.rs: iovecs handed to
+//! preadv2/pwritev2 and io_uring; eventfds). Each block says why it is sound.
 
-/// A full memory barrier (`fence(SeqCst)`: MFENCE on x86-64), for the Python data plane.
-#[pyfunction]
-fn full_fence() {
-    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-}
-
-#[pymodule]
-fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_function(wrap_pyfunction!(full_fence, m)?)?;
-    Ok(())
-}
+pub mod engine;
+pub mod interrupts;
+pub mod media_errors;
+pub mod memory;
+pub mod plane;
+pub mod prp;
+mod python;
+pub mod queues;
+pub mod sgl;
+pub mod spec;
+pub mod stats;
+pub mod storage;
+pub mod table;

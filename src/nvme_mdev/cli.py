@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .backends.io_engine import ENGINE_NAMES
-from .dataplane import DATA_PLANES
 from .bench import add_arguments as add_bench_arguments
 from .bench import main as bench_main
 from .config import ConfigError, NamespaceSpec, parse_cpu_list
 from .control import ControlError, ControlServer, call, default_control_path
+from .dataplane import DATA_PLANES
 from .engine.poller import DEFAULT_POLL_TIMEOUT
 from .metrics import MetricsServer
 from .nvme.identity import ControllerConfig

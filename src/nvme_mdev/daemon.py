@@ -36,9 +36,9 @@ from typing import Any, TypeVar
 
 from .backends.file import BackendError
 from .backends.io_engine import ENGINE_NAMES
-from .dataplane import DATA_PLANES
 from .config import ConfigError, NamespaceSpec, parse_cpu_list, parse_size
 from .control import ControlError, Method
+from .dataplane import DATA_PLANES
 from .engine.poller import DEFAULT_POLL_TIMEOUT
 from .nvme.identity import ControllerConfig
 from .statistics import prometheus_text

@@ -50,3 +50,13 @@ class GuestMemory(Protocol):
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         """Copy into guest memory. Raises DmaError."""
         ...
+
+    def mapped_regions(self) -> list[MappedRegion]:
+        """The regions as (guest address, size, buffer, readable, writable), the buffer
+        a zero-copy view of the whole region, or None where it is reached through
+        read()/write() only: what the native data plane maps (dataplane/native.py)."""
+        ...
+
+
+#: (guest address, size, buffer or None, readable, writable)
+MappedRegion = tuple[int, int, "memoryview | None", bool, bool]

@@ -13,6 +13,7 @@ from typing import Any, Final
 
 from .backends.io_engine import make_io_engine
 from .config import ConfigError
+from .dataplane import DATA_PLANES, make_vector_routes
 from .engine.poller import DEFAULT_POLL_TIMEOUT, AdminWorker
 from .guest_memory import words32
 from .nvme.controller import Controller
@@ -47,7 +48,7 @@ class VirtualController:
         poll_timeout: float = DEFAULT_POLL_TIMEOUT,
         mmap_doorbells: bool = False,
         io_engine: str = "auto",
-        data_plane: str = "python",
+        data_plane: str = DATA_PLANES[0],
     ) -> None:
         """`io_engine`: auto, sync or uring (backends/io_engine.py); ConfigError if uring
         is asked for and the kernel refuses it. `data_plane`: native or python
@@ -71,6 +72,8 @@ class VirtualController:
             with memoryview(self._bar0_map) as bar0:
                 doorbell_words = words32(bar0[DOORBELL_BASE : DOORBELL_BASE + PAGE_SIZE])
             areas = (MmapArea(DOORBELL_BASE, PAGE_SIZE),)
+        if data_plane not in DATA_PLANES:
+            raise ConfigError(f"data plane {data_plane!r}: one of {', '.join(DATA_PLANES)}")
         self.function = NvmePciFunction(
             None,
             BAR0_SIZE,
@@ -78,6 +81,7 @@ class VirtualController:
             quiesce=self._quiesced,
             bar0_mmap_fd=self._bar0_fd,
             bar0_mmap_areas=areas,
+            routes=make_vector_routes(data_plane, config.msix_vectors),
         )
         try:
             self.controller = Controller(

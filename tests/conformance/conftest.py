@@ -25,6 +25,7 @@ from conformance_support import NAMESPACES, Device  # noqa: E402
 
 from nvme_mdev.backends import uring  # noqa: E402
 from nvme_mdev.config import NamespaceSpec  # noqa: E402
+from nvme_mdev.dataplane import DATA_PLANES  # noqa: E402
 from nvme_mdev.nvme_host import HostQueuePair, NvmeHost  # noqa: E402
 from nvme_mdev.virtual_controller import VirtualController  # noqa: E402
 
@@ -32,6 +33,8 @@ from nvme_mdev.virtual_controller import VirtualController  # noqa: E402
 GUEST_RAM = 16 << 20
 #: the I/O engines every test runs against
 ENGINES = ["sync"] if uring.unavailable() else ["sync", "uring"]
+#: every test runs against each data plane with each engine
+VARIANTS = [f"{plane}-{engine}" for plane in DATA_PLANES for engine in ENGINES]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -40,8 +43,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.conformance)
 
 
-def start_device(directory: Path, engine: str) -> Device:
-    """A controller on fresh image files, one per entry of NAMESPACES."""
+def start_device(directory: Path, variant: str) -> Device:
+    """A controller on fresh image files, one per entry of NAMESPACES; `variant` is
+    'PLANE-ENGINE'."""
+    plane, engine = variant.split("-")
     images: dict[int, Path] = {}
     namespaces = []
     for ns in NAMESPACES:
@@ -52,13 +57,17 @@ def start_device(directory: Path, engine: str) -> Device:
         namespaces.append(NamespaceSpec.parse(f"{path}{options}").open(ns.nsid))
         images[ns.nsid] = path
     vc = VirtualController(
-        str(directory / "nvme.sock"), namespaces, poll_timeout=0.05, io_engine=engine
+        str(directory / "nvme.sock"),
+        namespaces,
+        poll_timeout=0.05,
+        io_engine=engine,
+        data_plane=plane,
     )
     vc.start()
     return Device(vc, images)
 
 
-@pytest.fixture(scope="module", params=ENGINES)
+@pytest.fixture(scope="module", params=VARIANTS)
 def device(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Device]:
@@ -67,7 +76,7 @@ def device(
     dev.controller.stop()
 
 
-@pytest.fixture(params=ENGINES)
+@pytest.fixture(params=VARIANTS)
 def fresh_device(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Device]:
     """A device of the test's own, for tests that change what the controller holds
     (namespaces attached or detached)."""

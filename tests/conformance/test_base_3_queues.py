@@ -93,7 +93,7 @@ def _arbitration_order(device: Device, host: NvmeHost, burst_log2: int, each: in
     assert_ok(host.set_features(FeatureId.ARBITRATION, burst_log2))
     q1 = host.create_queue_pair(1, entries=32)
     q2 = host.create_queue_pair(2, entries=32, shared_cq=q1)
-    with device.controller.io_thread.paused():
+    with device.controller.data.paused():
         for q in (q1, q2):
             q.submit_batch([flush(NS512) for _ in range(each)])
         host.sync()  # both tails are known before arbitration starts

@@ -62,8 +62,8 @@ def test_guest_io_reaches_the_device(tmp_path: Path, loop: tuple[str, Path]) -> 
             target = ns.backend.io_target()
             assert target is not None and target.direct_fd >= 0 and target.direct_align == 512
             if uring.unavailable() is None:
-                assert vc.controller.engine.name == "uring"
-                assert getattr(vc.controller.engine, "direct", 0) >= 1
+                assert vc.engine.name == "uring"
+                assert vc.statistics()["direct_transfers"] >= 1
             back = host.alloc(8192)
             assert q.command(read_write(0x02, 1, back, 2048, 16, prp2=back + 4096)).ok
             assert host.ram.read(back, 8192) == b"\x5a" * 8192

@@ -139,7 +139,12 @@ def test_iothread_pinned_and_unpinned_at_run_time(served: Served) -> None:
     assert json.loads(result.stdout)["cpus"] == [0]
     assert os.sched_getaffinity(tid) == {0}
     result = served.cli("iothread", "--cpu", "any", "--poll-timeout-ms", "0", "--json")
-    assert json.loads(result.stdout) == {"tid": tid, "cpus": None, "poll_timeout_ms": 0}
+    assert json.loads(result.stdout) == {
+        "tid": tid,
+        "cpus": None,
+        "poll_timeout_ms": 0,
+        "data_plane": "native",
+    }
     assert os.sched_getaffinity(tid) == os.sched_getaffinity(0)
     do_io(served.sock, writes=1, reads=1)  # still serving with a changed thread
 

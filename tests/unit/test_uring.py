@@ -253,12 +253,15 @@ def test_direct_transfers_take_the_o_direct_descriptor_when_aligned(tmp_path: Pa
 
         # Aligned: two pages from file page 3, and a write of page 1 back to page 9.
         assert (
-            transfer(engine.readv(backend, 3 * 4096, [view[:4096], view[8192:12288]], 8192, None)) == 8192
+            transfer(engine.readv(backend, 3 * 4096, [view[:4096], view[8192:12288]], 8192, None))
+            == 8192
         )
         assert engine.direct == 1
         assert view[:4096] == bytes([3]) * 4096 and view[8192:12288] == bytes([4]) * 4096
         view[4096:8192] = b"\xaa" * 4096
-        assert transfer(engine.writev(backend, 9 * 4096, [view[4096:8192]], 4096, False, None)) == 4096
+        assert (
+            transfer(engine.writev(backend, 9 * 4096, [view[4096:8192]], 4096, False, None)) == 4096
+        )
         assert engine.direct == 2
         assert (
             os.pread(backend.fd, 4096, 9 * 4096) == b"\xaa" * 4096

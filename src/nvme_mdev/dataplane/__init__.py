@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from ..backends.io_engine import IoEngine
     from ..guest_memory import GuestMemory
     from ..nvme.identity import ControllerConfig
-    from ..nvme.interrupts import InterruptSink
+    from ..nvme.interrupts import InterruptSink, VectorRoutes
     from ..nvme.io import IoCounters
     from ..nvme.namespace import Namespace
 
@@ -263,3 +263,16 @@ def make_data_plane(
             config, memory, interrupts, namespaces, engine, notify, doorbell_words, poll_timeout
         )
     raise ValueError(f"data plane {kind!r}: one of {', '.join(DATA_PLANES)}")
+
+
+def make_vector_routes(kind: str, vectors: int) -> VectorRoutes:
+    """Where MSI-X vectors go, of the kind the data plane `kind` signals through: the
+    PCI function's MSI-X capability decides the routes, the data plane uses them."""
+    if kind == "native":
+        from .. import _native
+
+        routes: VectorRoutes = _native.VectorRoutes(vectors)
+        return routes
+    from ..pci.msix import EventfdRoutes
+
+    return EventfdRoutes(vectors)

@@ -48,5 +48,3 @@ class Fatal:
 
 
 DataPlaneEvent = CommandFailed | StorageFailed | InvalidDoorbell | Fatal
-
-

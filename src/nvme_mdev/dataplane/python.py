@@ -184,7 +184,8 @@ class PythonDataPlane:
     def set_doorbell_buffers(self, shadow_page: int, eventidx_page: int) -> None:
         with self.paused():
             self.shadow_pages = (shadow_page, eventidx_page)
-            for queue in (*self.sqs.values(), *self.cqs.values()):
+            queues: list[Queue] = [*self.sqs.values(), *self.cqs.values()]
+            for queue in queues:
                 if queue.shadow is not None:
                     queue.shadow.release()
                     queue.shadow = None
@@ -324,8 +325,14 @@ class PythonDataPlane:
     def queues(self) -> list[QueueState]:
         with self.paused():
             return [
-                *(QueueState(q, False, sq.size, sq.head, sq.tail) for q, sq in sorted(self.sqs.items())),
-                *(QueueState(q, True, cq.size, cq.head, cq.tail) for q, cq in sorted(self.cqs.items())),
+                *(
+                    QueueState(q, False, sq.size, sq.head, sq.tail)
+                    for q, sq in sorted(self.sqs.items())
+                ),
+                *(
+                    QueueState(q, True, cq.size, cq.head, cq.tail)
+                    for q, cq in sorted(self.cqs.items())
+                ),
             ]
 
     def counters(self) -> IoCounters:
@@ -335,6 +342,7 @@ class PythonDataPlane:
         polling_ns, parked_ns = self.thread.time_split_ns()
         snapshot = self.stats.snapshot(polling_ns, parked_ns, self._counters.host_errors)
         snapshot["data_plane"] = self.kind
+        snapshot["direct_transfers"] = getattr(self.engine, "direct", 0)
         return snapshot
 
     # --- one pass (the I/O thread) ----------------------------------------------------------
@@ -370,10 +378,10 @@ class PythonDataPlane:
                         complete(sq, dw, ABORTED, seen)
                         continue
                     outcome = io.execute(dw)
-                    if outcome.__class__ is Completed:
-                        complete(sq, dw, outcome, seen)  # type: ignore[arg-type]
+                    if isinstance(outcome, Completed):
+                        complete(sq, dw, outcome, seen)
                     else:  # submitted: completed when the engine hands it back
-                        outcome.context = (sq, dw, seen)  # type: ignore[union-attr]
+                        outcome.context = (sq, dw, seen)
                         cq.reserved += 1
                 if n:
                     done += n

@@ -88,7 +88,8 @@ class Controller:
         )
         self.namespaces: dict[int, Namespace] = {}
         for ns in namespaces or []:
-            self.add_namespace(ns)
+            self._check_namespace(ns)
+            self.namespaces[ns.nsid] = ns
         self.data: DataPlane = make_data_plane(
             data_plane,
             config,
@@ -135,9 +136,10 @@ class Controller:
     # --- namespaces ---------------------------------------------------------
 
     def add_namespace(self, ns: Namespace) -> None:
-        """Add `ns` before the controller serves (a hot add is attach_namespace)."""
-        self._check_namespace(ns)
-        self.namespaces[ns.nsid] = ns
+        """Add `ns`, telling the host nothing (a hot add is attach_namespace)."""
+        with self.lock:
+            self._check_namespace(ns)
+            self.data.attach_namespace(ns)
 
     def _check_namespace(self, ns: Namespace) -> None:
         if not 1 <= ns.nsid <= self.config.max_namespaces:
@@ -167,8 +169,7 @@ class Controller:
         """Hot add: `ns` is active at once, and the host is told (Namespace Attribute
         Changed event, Changed Namespace List log) so that it rescans without a reset."""
         with self.lock:
-            self._check_namespace(ns)
-            self.data.attach_namespace(ns)
+            self.add_namespace(ns)
             self._namespace_changed(ns.nsid)
 
     def detach_namespace(self, nsid: int) -> Namespace:

@@ -42,6 +42,7 @@ from nvme_mdev.vfio_user.device import (
     no_quiesce,
 )
 
+from ..nvme.interrupts import VectorRoutes
 from . import capabilities as caps
 from .config_space import (
     CONFIG_SPACE_SIZE,
@@ -104,10 +105,14 @@ class NvmePciFunction:
         quiesce: QuiesceProvider | None = None,
         bar0_mmap_fd: int | None = None,
         bar0_mmap_areas: Sequence[MmapArea] = (),
+        routes: VectorRoutes | None = None,
     ) -> None:
+        """`routes`: where MSI-X vectors go, shared with the data plane (its own kind:
+        dataplane.make_vector_routes); a Python one by default."""
         self._bar0 = bar0
         self._quiesce = quiesce
-        self._msix = Msix(num_msix_vectors)
+        self._msix = Msix(num_msix_vectors, routes)
+        self.routes: VectorRoutes = self._msix.routes
         self._intx = IntxPin()
         lay = self._msix.layout
         self._config = ConfigSpace()

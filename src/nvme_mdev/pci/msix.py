@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 from nvme_mdev.vfio_user.device import DeviceError, IrqAction, IrqSet
 
+from ..nvme.interrupts import VectorRoutes
 from .capabilities import MSIX_MAX_VECTORS
 
 log = logging.getLogger(__name__)
@@ -88,42 +89,80 @@ class MsixLayout:
         return 1 << (end - 1).bit_length()
 
 
-class Msix:
-    """Table, PBA and per-vector eventfds. Thread-safe: `signal()` comes from I/O
-    threads while SET_IRQS and region accesses come from the transport."""
+class EventfdRoutes:
+    """The Python VectorRoutes (nvme/interrupts.py): a route per vector and a pending
+    bit, under one lock held across the eventfd write, so that a route change never
+    closes (and the kernel reuses) an fd mid-write."""
 
     def __init__(self, vectors: int) -> None:
+        self._lock = threading.Lock()
+        self._fds = [-1] * vectors
+        self._pending = [False] * vectors
+        self._enabled = False
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    def set_enabled(self, on: bool) -> None:
+        self._enabled = on
+
+    def signal(self, vector: int) -> None:
+        with self._lock:
+            fd = self._fds[vector]
+            if fd >= 0:
+                _eventfd_write(fd, vector)
+            else:
+                self._pending[vector] = True
+
+    def route(self, vector: int, fd: int) -> None:
+        with self._lock:
+            self._fds[vector] = fd
+            if fd >= 0 and self._pending[vector]:
+                self._pending[vector] = False
+                _eventfd_write(fd, vector)
+
+    def pending(self, vector: int) -> bool:
+        return self._pending[vector]
+
+    def clear_pending(self) -> None:
+        with self._lock:
+            self._pending = [False] * len(self._pending)
+
+
+class Msix:
+    """Table, PBA and per-vector eventfds. Thread-safe: `signal()` comes from I/O
+    threads while SET_IRQS and region accesses come from the transport. Where each
+    vector goes (and its pending bit) lives in `routes`, which the data plane shares."""
+
+    def __init__(self, vectors: int, routes: VectorRoutes | None = None) -> None:
         self.layout = MsixLayout(vectors)
         self._n = vectors
-        # One lock for all state. signal() holds it across os.eventfd_write so that
-        # SET_IRQS can never close (and the kernel reuse) an fd mid-write.
+        # One lock for the capability's state; the routes have their own (taken inside).
         self._lock = threading.Lock()
         self._table = bytearray(_ENTRY_DEFAULT * vectors)
         self._table_writable = _ENTRY_WRITABLE * vectors
         self._table_programmed = False
-        self._pending = 0  # PBA as an int bitmap
         self._fds = [-1] * vectors
         self._client_masked = [False] * vectors
-        #: per vector: the fd to write now, or -1 when the vector is masked
-        self._route = [-1] * vectors
+        #: per vector: the fd it goes to now, or -1 when it is masked (and its PBA bit)
+        self.routes: VectorRoutes = routes if routes is not None else EventfdRoutes(vectors)
         self._function_mask = False
         self._capability_enabled = False
         self._client_enabled = False
-        #: msix_enabled(): read without the lock (a bool swap is atomic)
-        self.enabled = False
+
+    @property
+    def enabled(self) -> bool:
+        """msix_enabled(), read without the lock."""
+        return self.routes.enabled
 
     # --- interrupt delivery (hot path) ----------------------------------------------
 
     def signal(self, vector: int) -> None:
         """Send `vector`, or mark it pending while it is masked."""
-        if vector < 0:
+        if not 0 <= vector < self._n:
             raise IndexError(f"MSI-X vector {vector}")
-        with self._lock:
-            fd = self._route[vector]
-            if fd >= 0:
-                _eventfd_write(fd, vector)
-            else:
-                self._pending |= 1 << vector
+        self.routes.signal(vector)
 
     # --- state from config space ----------------------------------------------------
 
@@ -142,7 +181,10 @@ class Msix:
         return self._client_enabled
 
     def pending(self, vector: int) -> bool:
-        return bool(self._pending >> vector & 1)
+        return self.routes.pending(vector)
+
+    def _pba(self) -> int:
+        return sum(1 << v for v in range(self._n) if self.routes.pending(v))
 
     # --- BAR4 accesses --------------------------------------------------------------
 
@@ -151,7 +193,7 @@ class Msix:
         lay = self.layout
         with self._lock:
             _copy_overlap(out, offset, self._table, lay.table_offset)
-            pba = self._pending.to_bytes(lay.pba_size, "little")
+            pba = self._pba().to_bytes(lay.pba_size, "little")
             _copy_overlap(out, offset, pba, lay.pba_offset)
         return bytes(out)
 
@@ -257,7 +299,7 @@ class Msix:
         with self._lock:
             self._table[:] = _ENTRY_DEFAULT * self._n
             self._table_programmed = False
-            self._pending = 0
+            self.routes.clear_pending()
             self._function_mask = False
             self._capability_enabled = False
             self._update_enabled()
@@ -271,18 +313,14 @@ class Msix:
     # --- internals (lock held) ------------------------------------------------------
 
     def _signal_locked(self, vector: int) -> None:
-        fd = self._route[vector]
-        if fd >= 0:
-            _eventfd_write(fd, vector)
-        else:
-            self._pending |= 1 << vector
+        self.routes.signal(vector)
 
     def _update_enabled(self) -> None:
-        self.enabled = self._capability_enabled or self._client_enabled
+        self.routes.set_enabled(self._capability_enabled or self._client_enabled)
 
     def _refresh(self, vectors: Iterable[int]) -> None:
         """Recompute where vectors go; deliver those that became deliverable while pending."""
-        table, fds, route = self._table, self._fds, self._route
+        table, fds = self._table, self._fds
         for vector in vectors:
             control = table[vector * ENTRY_SIZE + ENTRY_VECTOR_CONTROL]
             masked = (
@@ -290,11 +328,7 @@ class Msix:
                 or self._client_masked[vector]
                 or (self._table_programmed and bool(control & VECTOR_CONTROL_MASK))
             )
-            fd = -1 if masked else fds[vector]
-            route[vector] = fd
-            if fd >= 0 and self._pending >> vector & 1:
-                self._pending &= ~(1 << vector)
-                _eventfd_write(fd, vector)
+            self.routes.route(vector, -1 if masked else fds[vector])
 
 
 def _eventfd_write(fd: int, vector: int) -> None:

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
-from ..guest_memory import DmaError
+from ..guest_memory import DmaError, MappedRegion
 from .protocol import MAX_DMA_MAPS, Bytes, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -185,6 +185,9 @@ class DmaMemory:
     @property
     def regions(self) -> tuple[DmaRegion, ...]:
         return self._table.regions
+
+    def mapped_regions(self) -> list[MappedRegion]:
+        return [(r.iova, r.size, r.buffer, r.readable, r.writable) for r in self._table.regions]
 
     @property
     def has_message_regions(self) -> bool:

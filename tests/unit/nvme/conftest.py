@@ -15,6 +15,7 @@ import pytest  # noqa: E402
 from harness import Host, NamespaceFactory, make_file  # noqa: E402
 
 from nvme_mdev.backends.file import FileBackend  # noqa: E402
+from nvme_mdev.dataplane import DATA_PLANES  # noqa: E402
 from nvme_mdev.nvme.namespace import Namespace  # noqa: E402
 
 
@@ -45,6 +46,15 @@ def _close_engines() -> Iterator[None]:
     yield
     while harness.ENGINES:
         harness.ENGINES.pop().close()
+    while harness.INTERRUPTS:
+        harness.INTERRUPTS.pop().close()
+
+
+@pytest.fixture(autouse=True, params=DATA_PLANES)
+def data_plane(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs once per data plane: Hosts made in it get that one."""
+    monkeypatch.setattr(harness, "PLANE", request.param)
+    return str(request.param)
 
 
 @pytest.fixture(params=["sync", "uring"])

@@ -3,17 +3,18 @@ guest RAM is a bytearray, interrupts are recorded, the host side is a tiny drive
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from nvme_mdev.backends.file import FileBackend
 from nvme_mdev.backends.io_engine import IoEngine, make_io_engine
-from nvme_mdev.dataplane import QueueState
-from nvme_mdev.guest_memory import DmaError, words32
+from nvme_mdev.dataplane import QueueState, make_vector_routes
+from nvme_mdev.guest_memory import DmaError, MappedRegion, words32
 from nvme_mdev.nvme.controller import Controller
 from nvme_mdev.nvme.identity import ControllerConfig
 from nvme_mdev.nvme.namespace import Namespace
@@ -31,6 +32,8 @@ ENGINE = "sync"
 PLANE = "python"
 #: engines made by Hosts, closed after each test (conftest)
 ENGINES: list[IoEngine] = []
+#: interrupt fakes made by Hosts, closed after each test (conftest)
+INTERRUPTS: list[FakeInterrupts] = []
 
 
 def with_dnr(status: int) -> int:
@@ -45,11 +48,31 @@ class FakeGuestMemory:
         self.base = base
         self.ram = bytearray(size)
         self.mv = memoryview(self.ram)
-        self.zero_copy = True
+        self._zero_copy = True
         self.holes: list[tuple[int, int]] = []  # (address, length)
+        self._listeners: list[Callable[[], None]] = []
+
+    def add_listener(self, changed: Callable[[], None]) -> None:
+        """Told when the map changes (a hole, copies only), as DmaMemory tells."""
+        self._listeners.append(changed)
+
+    def _changed(self) -> None:
+        for changed in self._listeners:
+            changed()
+
+    @property
+    def zero_copy(self) -> bool:
+        """False: reachable by copies only, as memory a client gave no fd for."""
+        return self._zero_copy
+
+    @zero_copy.setter
+    def zero_copy(self, on: bool) -> None:
+        self._zero_copy = on
+        self._changed()
 
     def unmap(self, addr: int, length: int) -> None:
         self.holes.append((addr, length))
+        self._changed()
 
     def _offset(self, addr: int, length: int) -> int:
         off = addr - self.base
@@ -62,7 +85,7 @@ class FakeGuestMemory:
 
     def view(self, addr: int, length: int, writable: bool) -> memoryview | None:
         off = self._offset(addr, length)
-        return self.mv[off : off + length] if self.zero_copy else None
+        return self.mv[off : off + length] if self._zero_copy else None
 
     def read(self, addr: int, length: int) -> bytes:
         off = self._offset(addr, length)
@@ -72,6 +95,20 @@ class FakeGuestMemory:
         off = self._offset(addr, len(data))
         self.ram[off : off + len(data)] = data
 
+    def mapped_regions(self) -> list[MappedRegion]:
+        """RAM minus the holes, in pieces."""
+        edges = sorted((h - self.base, h - self.base + n) for h, n in self.holes)
+        pieces, start = [], 0
+        for lo, hi in [*edges, (len(self.ram), len(self.ram))]:
+            lo, hi = max(lo, 0), min(hi, len(self.ram))
+            if lo > start:
+                pieces.append((start, lo))
+            start = max(start, hi)
+        return [
+            (self.base + lo, hi - lo, self.mv[lo:hi] if self._zero_copy else None, True, True)
+            for lo, hi in pieces
+        ]
+
     def u32(self, addr: int) -> int:
         return int(struct.unpack("<I", self.read(addr, 4))[0])
 
@@ -79,20 +116,52 @@ class FakeGuestMemory:
         self.write(addr, struct.pack("<I", value))
 
 
-@dataclass
 class FakeInterrupts:
-    msix: bool = True
-    signalled: list[int] = field(default_factory=list)
-    intx: bool = False
+    """MSI-X (on unless `msix` is set False) and INTx, recorded. For the native data
+    plane, whose thread signals through MSI-X routes by itself, every vector is routed
+    to an eventfd of ours, read back into `signalled`."""
+
+    def __init__(self, vectors: int = 65, plane: str = "python") -> None:
+        self.routes = make_vector_routes(plane, vectors)
+        self._signalled: list[int] = []
+        self.intx = False
+        self._eventfds: list[int] = []
+        if plane == "native":
+            for vector in range(vectors):
+                fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                self._eventfds.append(fd)
+                self.routes.route(vector, fd)
+        self.msix = True
+
+    @property
+    def msix(self) -> bool:
+        return self.routes.enabled
+
+    @msix.setter
+    def msix(self, on: bool) -> None:
+        self.routes.set_enabled(on)
+
+    @property
+    def signalled(self) -> list[int]:
+        """Vectors signalled (for the native plane: in vector order within a read)."""
+        for vector, fd in enumerate(self._eventfds):
+            with contextlib.suppress(BlockingIOError):
+                self._signalled += [vector] * os.eventfd_read(fd)
+        return self._signalled
 
     def msix_enabled(self) -> bool:
         return self.msix
 
     def signal(self, vector: int) -> None:
-        self.signalled.append(vector)
+        self._signalled.append(vector)
 
     def set_intx(self, asserted: bool) -> None:
         self.intx = asserted
+
+    def close(self) -> None:
+        for fd in self._eventfds:
+            os.close(fd)
+        self._eventfds = []
 
 
 @dataclass
@@ -212,13 +281,17 @@ class Host:
         engine: str | IoEngine | None = None,
         plane: str | None = None,
     ) -> None:
+        plane = plane or PLANE
         self.memory = FakeGuestMemory(memory_size)
-        self.interrupts = FakeInterrupts()
+        self.interrupts = FakeInterrupts(plane=plane)
+        INTERRUPTS.append(self.interrupts)
         config = config or ControllerConfig()
         #: BAR0's doorbell page as the guest would map it (serve --mmap-doorbells)
         self.doorbell_words = words32(memoryview(bytearray(PAGE))) if mapped_doorbells else None
         self.engine = (
-            engine if engine is not None and not isinstance(engine, str) else make_io_engine(engine or ENGINE)
+            engine
+            if engine is not None and not isinstance(engine, str)
+            else make_io_engine(engine or ENGINE)
         )
         ENGINES.append(self.engine)
         self.ctrl = Controller(
@@ -228,8 +301,9 @@ class Host:
             namespaces,
             doorbell_words=self.doorbell_words,
             io_engine=self.engine,
-            data_plane=plane or PLANE,
+            data_plane=plane,
         )
+        self.memory.add_listener(self.ctrl.data.memory_changed)
         self._next = self.memory.base
         self.admin = HostQueue(self, 0, admin_entries)
         self.io: dict[int, HostQueue] = {}

@@ -11,7 +11,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import harness
 import pytest
 from harness import PAGE, Host, NamespaceFactory, rw, with_dnr
 

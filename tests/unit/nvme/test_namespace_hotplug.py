@@ -8,8 +8,10 @@ import struct
 import threading
 
 import pytest
-from harness import Host, NamespaceFactory, events, listen, rw, with_dnr
+from harness import Host, NamespaceFactory, SpyBackend, events, listen, rw, with_dnr
 
+from nvme_mdev.backends.file import FileBackend
+from nvme_mdev.nvme.namespace import Namespace
 from nvme_mdev.nvme.spec import AdminOpcode, Cns, IoOpcode, LogPage, Status
 
 NS_ATTRIBUTE_CHANGED = 0x2 | (0x00 << 8) | (LogPage.CHANGED_NAMESPACE_LIST << 16)
@@ -113,20 +115,24 @@ def test_attach_and_detach_refusals(host: Host, file_ns: NamespaceFactory) -> No
 def test_detach_waits_for_the_command_in_progress(host: Host, file_ns: NamespaceFactory) -> None:
     """With the real I/O thread: a write that is executing when the detach comes
     completes (successfully) before the namespace goes; nothing is left half done."""
-    ns2 = file_ns(nsid=2)
+    plain = file_ns(nsid=2)
+    assert isinstance(plain.backend, FileBackend)
+    # A Python backend (served by Python in either data plane) whose write blocks.
+    spy = SpyBackend(plain.backend)
+    ns2 = Namespace(2, spy)  # type: ignore[arg-type]
     host.ctrl.add_namespace(ns2)
     host.create_io_queue_pair(1)
     buf = host.alloc(4096)
     in_write = threading.Event()
     release = threading.Event()
-    inner_writev = ns2.backend.writev
+    inner_writev = spy.writev
 
     def slow_writev(offset: int, buffers: list[memoryview], fua: bool) -> None:
         in_write.set()
         release.wait(10)
         inner_writev(offset, buffers, fua)
 
-    ns2.backend.writev = slow_writev  # type: ignore[method-assign]
+    spy.writev = slow_writev  # type: ignore[method-assign]
     host.ctrl.data.poll_timeout = 0
     host.ctrl.data.start()
     try:

@@ -340,7 +340,7 @@ def test_doorbell_buffer_config_reset_forgets_shadow_doorbells(host: Host) -> No
     host.disable()
     host.enable()
     host.memory.write(eventidx, b"\xa5" * PAGE)
-    q = host.create_io_queue_pair(1, entries=8)
+    host.create_io_queue_pair(1, entries=8)
     assert host.memory.u32(eventidx + 8) == 0xA5A5A5A5  # no EventIdx: no shadow doorbells
     host.memory.put_u32(shadow + 8, 5)  # a stale shadow tail is not looked at
     assert host.run_io() == 0

@@ -382,7 +382,7 @@ def test_region_info_with_the_reply_buffer_as_payload(client: VfioUserClient) ->
         p.Command.DEVICE_GET_REGION_INFO, p.RegionInfoRequest(0, size).encode(), check=False
     )
     assert bytes(reply.payload) == bytes(qemu.payload)
-    argsz, _flags, index, _cap, region_size, _offset = p.REGION_INFO.unpack_from(reply.payload)
+    _argsz, _flags, index, _cap, region_size, _offset = p.REGION_INFO.unpack_from(reply.payload)
     assert index == 0 and region_size > 0
     for fd in (*reply.fds, *qemu.fds):
         os.close(fd)

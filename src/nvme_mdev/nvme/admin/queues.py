@@ -133,9 +133,7 @@ def create_io_cq(ctrl: Controller, dw: tuple[int, ...]) -> int:
         # Without MSI-X there is one vector (INTx): IV 'shall be cleared to 0h'.
         raise CommandError(Status.INVALID_INTERRUPT_VECTOR, f"vector {vector} without MSI-X")
     try:
-        ctrl.io_queues.create_cq(
-            IoCq(qid, dw[6] | (dw[7] << 32), size, vector, interrupts_enabled)
-        )
+        ctrl.io_queues.create_cq(IoCq(qid, dw[6] | (dw[7] << 32), size, vector, interrupts_enabled))
     except DmaError as exc:
         raise CommandError(Status.DATA_TRANSFER_ERROR, f"CQ memory: {exc}") from exc
     return 0
