@@ -9,6 +9,7 @@
 //! preadv2/pwritev2 and io_uring; eventfds). Each block says why it is sound.
 
 pub mod engine;
+pub mod fuzzing;
 pub mod interrupts;
 pub mod media_errors;
 pub mod memory;

@@ -12,7 +12,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -197,6 +197,8 @@ pub struct Shared {
     pub control_cond: Condvar,
     /// control-side callers waiting for the state lock: the polling thread yields
     pub waiters: AtomicU32,
+    /// a pause or a stop is asked for: the thread looks at `control`
+    pub attention: AtomicBool,
     pub poll_limit_ns: AtomicU64,
     pub started_ns: AtomicU64,
     pub tid: AtomicU32,
@@ -280,6 +282,7 @@ impl Shared {
             }),
             control_cond: Condvar::new(),
             waiters: AtomicU32::new(0),
+            attention: AtomicBool::new(true),
             poll_limit_ns: AtomicU64::new(500_000_000),
             started_ns: AtomicU64::new(0),
             tid: AtomicU32::new(0),
@@ -349,6 +352,7 @@ impl Shared {
     pub fn pause(&self) {
         let mut c = self.control.lock().unwrap_or_else(|e| e.into_inner());
         c.pause_requests += 1;
+        self.attention.store(true, Ordering::SeqCst);
         if !c.thread_alive {
             drop(c);
             let mut st = self.lock();
@@ -710,8 +714,8 @@ impl State {
         let fb = sh.fb();
         let burst = self.settings.arbitration_burst;
         let mut done = 0u32;
-        let active = self.active.clone();
-        for qid in active {
+        for turn in 0..self.active.len() {
+            let qid = self.active[turn];
             let page = self.page;
             let (cqid, seen) = {
                 let sq = self.sqs.get_mut(u32::from(qid)).expect("active");
@@ -1221,7 +1225,8 @@ impl State {
     pub fn enable_notifications(&mut self, sh: &Shared) -> bool {
         let fb = sh.fb();
         let mut waiting = false;
-        for qid in self.active.clone() {
+        for turn in 0..self.active.len() {
+            let qid = self.active[turn];
             let sq = self.sqs.get_mut(u32::from(qid)).expect("active");
             if sh.trapped[2 * usize::from(qid)].load(Ordering::SeqCst) != 0 {
                 waiting = true;
@@ -1497,7 +1502,7 @@ pub fn run(sh: Arc<Shared>) {
     };
     let mut last_work = now_ns();
     loop {
-        {
+        if sh.attention.load(Ordering::Acquire) {
             let mut c = sh.control.lock().unwrap_or_else(|e| e.into_inner());
             if !c.running {
                 break;
@@ -1517,6 +1522,12 @@ pub fn run(sh: Arc<Shared>) {
                 c.paused = false;
                 continue;
             }
+            // Nothing asked: look again only when the next request says so.
+            sh.attention.store(false, Ordering::SeqCst);
+            if c.pause_requests > 0 || !c.running {
+                sh.attention.store(true, Ordering::SeqCst);
+            }
+            continue;
         }
         let (worked, in_flight, forever, doorbells, halted) = {
             let mut st = sh.state.lock().unwrap_or_else(|e| e.into_inner());

@@ -280,6 +280,7 @@ impl PyPlane {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner());
                 c.running = false;
+                self.shared.attention.store(true, Ordering::SeqCst);
                 self.shared.control_cond.notify_all();
             }
             self.shared.wake();

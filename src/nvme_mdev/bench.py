@@ -294,14 +294,21 @@ class DeviceProcess:
         specs: Sequence[str],
         poll_timeout_ms: int,
         engine: str = "auto",
+        extra: Sequence[str] = (),
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
+        """`extra`: more `serve` options; `preexec_fn`: run in the child before exec."""
         self.socket_path = socket_path
         self._log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (lives as long as we do)
         args = [sys.executable, "-m", "nvme_mdev.cli", "serve", "--socket", str(socket_path)]
         args += ["--log-level", "warning", "--poll-timeout-ms", str(poll_timeout_ms)]
-        args += ["--io-engine", engine, *specs]
+        args += ["--io-engine", engine, *extra, *specs]
         self.proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=self._log,
+            preexec_fn=preexec_fn,
         )
         deadline = time.monotonic() + 30
         while not socket_path.exists():

@@ -18,6 +18,7 @@ from . import __version__
 from .backends.io_engine import ENGINE_NAMES
 from .bench import add_arguments as add_bench_arguments
 from .bench import main as bench_main
+from .bench_spdk import add_arguments as add_spdk_arguments
 from .config import ConfigError, NamespaceSpec, parse_cpu_list
 from .control import ControlError, ControlServer, call, default_control_path
 from .dataplane import DATA_PLANES
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     add_bench_arguments(bench)
+    add_spdk_arguments(bench)
     add_daemon_parsers(commands)
     return parser
 
@@ -671,6 +673,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return serve(args)
         if args.command == "bench":
+            if args.spdk is not None:
+                from .bench_spdk import main as spdk_bench_main
+
+                return spdk_bench_main(args)
             return bench_main(args)
         if args.command == "stats":
             return show_stats(args)

@@ -62,9 +62,10 @@ def images(tmp_path: Path) -> list[Path]:
     return paths
 
 
-@pytest.fixture
-def device(tmp_path: Path, images: list[Path]) -> Iterator[Device]:
-    dev = Device(tmp_path, *map(str, images))
+@pytest.fixture(params=["native", "python"])
+def device(request: pytest.FixtureRequest, tmp_path: Path, images: list[Path]) -> Iterator[Device]:
+    """The device on both images, with each data plane."""
+    dev = Device(tmp_path, *map(str, images), extra=("--data-plane", request.param))
     yield dev
     dev.stop()
 

@@ -1,9 +1,11 @@
 """NVMe passthrough end to end, on a real NVMe namespace: QEMU's own emulated NVMe
 controller (`-device nvme`) in a guest, whose /dev/ng0n1 an `nvme-mdev serve` in the
 same guest passes through; the project's client (nvme_mdev.nvme_host), also in the
-guest, drives it (passthrough_client.py), once per I/O engine: io_uring
-(IORING_OP_URING_CMD) and sync (the NVMe ioctls). The guest runs this checkout's
-src with the tree's python3, shared read-only over virtio-9p at /mnt/project."""
+guest, drives it (passthrough_client.py), once per data plane and I/O engine: the
+Python plane with io_uring (IORING_OP_URING_CMD) and sync (the NVMe ioctls); the native
+plane, which hands passthrough commands to the Python side (ioctls). The guest runs
+this checkout's src (and its native data plane, an abi3 build) with the tree's python3,
+shared read-only over virtio-9p at /mnt/project."""
 
 from __future__ import annotations
 
@@ -42,16 +44,17 @@ fi
 grep -q "give the controller mdts" /tmp/refused.log || { cat /tmp/refused.log; exit 1; }
 echo "ok   MDTS beyond the host's queue refused: $(tail -1 /tmp/refused.log)"
 
-for engine in uring sync; do
-    sock=/tmp/pt-$engine.sock
-    $nvme_mdev serve --socket $sock --io-engine $engine --mdts 5 nvme0:n1,passthrough \
-        >/tmp/serve-$engine.log 2>&1 &
+for variant in python:uring python:sync native:uring; do
+    plane=${variant%:*} engine=${variant#*:}
+    sock=/tmp/pt-$plane-$engine.sock
+    $nvme_mdev serve --socket $sock --data-plane $plane --io-engine $engine --mdts 5 \
+        nvme0:n1,passthrough >/tmp/serve-$engine.log 2>&1 &
     pid=$!
     for i in $(seq 300); do [ -S $sock ] && break; sleep 0.1; done
-    echo "--- io engine $engine"
+    echo "--- $plane data plane, io engine $engine"
     python3 /mnt/project/tests/e2e/passthrough_client.py $sock /dev/nvme0n1
     status=$?
-    if [ $engine = uring ]; then
+    if [ $variant = python:uring ]; then
         # The ring's completion head: the commands went as IORING_OP_URING_CMD (an ng
         # device has no reads or writes of its own for the ring to do instead).
         cq=$(awk '/^CqHead:/ { print $2 }' /proc/$pid/fdinfo/* 2>/dev/null | sort -n | tail -1)
@@ -82,7 +85,7 @@ def test_passthrough_in_a_guest_on_qemus_nvme(tmp_path: Path) -> None:
         pytest.skip("the guest tree has no python3: run tools/guest/prepare.sh to add it")
     assert result.ok, f"guest script exited {result.status}"
     assert "PASSTHROUGH: PASS" in result.output
-    assert result.output.count("PASSTHROUGH-CLIENT: PASS") == 2
+    assert result.output.count("PASSTHROUGH-CLIENT: PASS") == 3
     # What the client wrote through the passthrough reached QEMU's image.
     with open(image, "rb") as f:
         f.seek(MARK_LBA * 512)  # QEMU's namespace: 512-byte blocks by default

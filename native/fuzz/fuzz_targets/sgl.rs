@@ -1,0 +1,3 @@
+#![no_main]
+// Guest input, decoded as the data plane decodes it: see nvme_mdev_native::fuzzing::sgl.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| nvme_mdev_native::fuzzing::sgl(data));

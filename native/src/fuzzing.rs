@@ -1,0 +1,167 @@
+//! The fuzz targets' bodies (native/fuzz runs them under libFuzzer; `cargo test` replays
+//! their corpus, tests/fuzz_corpus.rs): everything that decodes what a guest wrote.
+//!
+//! Each takes arbitrary bytes, lays them out as a guest would (queue entries, PRP lists,
+//! SGL segments in guest memory, doorbell values) and checks what must hold whatever
+//! they say: no panic, and the invariants noted at each target.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use crate::interrupts::VectorRoutes;
+use crate::memory::{Fallback, GuestMemory, NoFallback, Region};
+use crate::plane::{Completion, Config, Host, Shared};
+use crate::prp::prp_segments;
+use crate::sgl::sgl_segments;
+use crate::spec::{status, Sqe};
+use crate::storage::{Namespace, Store};
+
+/// Guest RAM of a fuzz case: 64 KiB at IOVA 0x10000, with a hole past it.
+const RAM_BASE: u64 = 0x10000;
+const RAM_SIZE: usize = 64 << 10;
+
+struct Ram {
+    bytes: Vec<u8>,
+    memory: GuestMemory,
+}
+
+impl Ram {
+    fn new(contents: &[u8]) -> Ram {
+        let mut bytes = vec![0u8; RAM_SIZE];
+        let n = contents.len().min(RAM_SIZE);
+        bytes[..n].copy_from_slice(&contents[..n]);
+        let mut memory = GuestMemory::default();
+        memory.set(vec![Region {
+            iova: RAM_BASE,
+            len: RAM_SIZE as u64,
+            host: bytes.as_mut_ptr() as usize,
+            readable: true,
+            writable: true,
+        }]);
+        Ram { bytes, memory }
+    }
+}
+
+fn u64_at(data: &[u8], at: usize) -> u64 {
+    let mut raw = [0u8; 8];
+    for (i, b) in raw.iter_mut().enumerate() {
+        *b = data.get(at + i).copied().unwrap_or(0);
+    }
+    u64::from_le_bytes(raw)
+}
+
+/// An address near the RAM (inside it, at its edges, or anywhere), from 8 bytes.
+fn address(raw: u64) -> u64 {
+    match raw & 3 {
+        0 => RAM_BASE + (raw >> 2) % RAM_SIZE as u64,
+        1 => RAM_BASE + ((raw >> 2) % (RAM_SIZE as u64 / 4096)) * 4096,
+        2 => RAM_BASE + RAM_SIZE as u64 - ((raw >> 2) % 64),
+        _ => raw,
+    }
+}
+
+/// An SQE: decoding never fails, and its fields are its dwords.
+pub fn sqe(data: &[u8]) {
+    let mut raw = [0u8; 64];
+    let n = data.len().min(64);
+    raw[..n].copy_from_slice(&data[..n]);
+    let sqe = Sqe::from_bytes(&raw);
+    assert_eq!(sqe.opcode(), raw[0]);
+    assert_eq!(sqe.cid(), u16::from_le_bytes([raw[2], raw[3]]));
+    assert!(sqe.nlb() >= 1 && sqe.nlb() <= 0x10000);
+}
+
+/// A PRP pair and list: on success the segments describe exactly `length` bytes, each
+/// inside one page after the first, merged where adjacent.
+pub fn prp(data: &[u8]) {
+    let prp1 = address(u64_at(data, 0));
+    let prp2 = address(u64_at(data, 8));
+    let length = u64_at(data, 16) % (1 << 21);
+    let ram = Ram::new(data.get(24..).unwrap_or(&[]));
+    let mut segments = Vec::new();
+    if prp_segments(&ram.memory, &NoFallback, prp1, prp2, length, &mut segments).is_ok() {
+        assert_eq!(segments.iter().map(|s| s.len).sum::<u64>(), length);
+        assert!(segments.iter().all(|s| s.len > 0 && !s.bucket));
+    }
+    drop(ram.bytes);
+}
+
+/// An SGL: on success the segments describe exactly `length` bytes (bit buckets only in
+/// a read); a walk never loops, whatever the segments point at.
+pub fn sgl(data: &[u8]) {
+    let addr = address(u64_at(data, 0));
+    let dlen = u64_at(data, 8) as u32;
+    let ident = data.get(12).copied().unwrap_or(0);
+    let flags = data.get(13).copied().unwrap_or(0);
+    let length = u64_at(data, 16) % (1 << 21);
+    let to_guest = flags & 1 != 0;
+    let ram = Ram::new(data.get(24..).unwrap_or(&[]));
+    let mut segments = Vec::new();
+    let walked = sgl_segments(&ram.memory, &NoFallback, addr, dlen, ident, length, to_guest, flags & 2 != 0, &mut segments);
+    if walked.is_ok() {
+        assert_eq!(segments.iter().map(|s| s.len).sum::<u64>(), length);
+        assert!(to_guest || segments.iter().all(|s| !s.bucket));
+    }
+    drop(ram.bytes);
+}
+
+/// A host that does nothing: the slow path refuses, memory past the table is unmapped.
+pub struct NullHost {
+    pub notified: AtomicU32,
+}
+
+impl Host for NullHost {
+    fn notify(&self) {
+        self.notified.fetch_add(1, Ordering::Relaxed);
+    }
+    fn slow(&self, _sqid: u16, _sqe: &Sqe) -> Result<Completion, String> {
+        Ok(Completion { status: status::INVALID_OPCODE, dw0: 0, lba: 0 })
+    }
+    fn fallback(&self) -> &dyn Fallback {
+        &NoFallback
+    }
+}
+
+/// A whole data plane on guest memory the input fills: one queue pair whose SQ holds
+/// the input's commands (PRPs and SGLs pointing anywhere), doorbells rung with the
+/// input's values, a null namespace and a tiny one. The plane must answer every
+/// command with one completion, never write outside the CQ and the data buffers it
+/// was given, and never panic.
+pub fn plane(data: &[u8]) {
+    let routes = Arc::new(VectorRoutes::new(2));
+    routes.set_enabled(true);
+    let config = Config { max_io_queues: 1, max_transfer: 128 << 10, max_namespaces: 4, sgl_support: 1, vectors: 2, uring: false };
+    let Ok(shared) = Shared::new(config, routes, None, Box::new(NullHost { notified: AtomicU32::new(0) })) else { return };
+    let mut ram = Ram::new(&[]);
+    // SQ at page 0 (16 entries of the input), CQ at page 1, the rest is data.
+    let entries = 16usize;
+    let n = data.len().min(entries * 64);
+    ram.bytes[..n].copy_from_slice(&data[..n]);
+    let rest = data.get(n..).unwrap_or(&[]);
+    let m = rest.len().min(RAM_SIZE - 2 * 4096);
+    ram.bytes[2 * 4096..2 * 4096 + m].copy_from_slice(&rest[..m]);
+    let mut st = shared.lock();
+    st.memory.set(ram.memory.regions().to_vec());
+    st.attach_namespace(Namespace { nsid: 1, store: Store::Null, lba_shift: 9, blocks: 1 << 20, readonly: false, failure: None, passthrough: false, description: "null".into() });
+    st.attach_namespace(Namespace { nsid: 2, store: Store::Null, lba_shift: 12, blocks: 8, readonly: true, failure: None, passthrough: false, description: "tiny".into() });
+    st.create_cq(&shared, 1, RAM_BASE + 4096, entries as u32, 1, true).expect("mapped");
+    st.create_sq(&shared, 1, RAM_BASE, entries as u32, 1).expect("mapped");
+    drop(st);
+    let tail = data.get(entries * 64).copied().unwrap_or(0) as u32;
+    // Doorbell values from the input: only those inside the queue are taken.
+    let taken = shared.doorbell(1, false, tail);
+    assert_eq!(taken, tail < entries as u32);
+    let bad_head = shared.doorbell(1, true, data.get(entries * 64 + 1).copied().unwrap_or(0) as u32);
+    let _ = bad_head;
+    let mut st = shared.lock();
+    let fetched = st.process_pass(&shared);
+    st.drain(&shared, true);
+    // Each fetched command was completed once (the CQ holds 15 at most).
+    let cq = &ram.bytes[4096..4096 + entries * 16];
+    let posted = (0..entries).filter(|i| cq[i * 16 + 14] & 1 == 1).count() as u32;
+    if !st.halted {
+        assert_eq!(posted, fetched.min(entries as u32 - 1));
+    }
+    drop(st);
+    drop(ram.bytes);
+}
