@@ -75,6 +75,18 @@ impl<C: Default> Engine<C> {
         self.ring.is_some()
     }
 
+    /// Whether a transfer would go O_DIRECT (past the page cache) if submitted.
+    pub fn direct_eligible(&self, store: &FileStore, offset: u64, iov: &[libc::iovec]) -> bool {
+        if store.direct_fd < 0 {
+            return false;
+        }
+        let mut bits = store.base + offset;
+        for v in iov {
+            bits |= v.iov_base as u64 | v.iov_len as u64;
+        }
+        bits & (store.direct_align - 1) == 0
+    }
+
     /// Submit a transfer of `length` bytes at `offset` of `store` to or from `iov`;
     /// the slot it went to, or the context back when the caller must do it at once.
     #[allow(clippy::too_many_arguments)]

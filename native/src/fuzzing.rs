@@ -97,7 +97,17 @@ pub fn sgl(data: &[u8]) {
     let to_guest = flags & 1 != 0;
     let ram = Ram::new(data.get(24..).unwrap_or(&[]));
     let mut segments = Vec::new();
-    let walked = sgl_segments(&ram.memory, &NoFallback, addr, dlen, ident, length, to_guest, flags & 2 != 0, &mut segments);
+    let walked = sgl_segments(
+        &ram.memory,
+        &NoFallback,
+        addr,
+        dlen,
+        ident,
+        length,
+        to_guest,
+        flags & 2 != 0,
+        &mut segments,
+    );
     if walked.is_ok() {
         assert_eq!(segments.iter().map(|s| s.len).sum::<u64>(), length);
         assert!(to_guest || segments.iter().all(|s| !s.bucket));
@@ -115,7 +125,11 @@ impl Host for NullHost {
         self.notified.fetch_add(1, Ordering::Relaxed);
     }
     fn slow(&self, _sqid: u16, _sqe: &Sqe) -> Result<Completion, String> {
-        Ok(Completion { status: status::INVALID_OPCODE, dw0: 0, lba: 0 })
+        Ok(Completion {
+            status: status::INVALID_OPCODE,
+            dw0: 0,
+            lba: 0,
+        })
     }
     fn fallback(&self) -> &dyn Fallback {
         &NoFallback
@@ -130,8 +144,24 @@ impl Host for NullHost {
 pub fn plane(data: &[u8]) {
     let routes = Arc::new(VectorRoutes::new(2));
     routes.set_enabled(true);
-    let config = Config { max_io_queues: 1, max_transfer: 128 << 10, max_namespaces: 4, sgl_support: 1, vectors: 2, uring: false };
-    let Ok(shared) = Shared::new(config, routes, None, Box::new(NullHost { notified: AtomicU32::new(0) })) else { return };
+    let config = Config {
+        max_io_queues: 1,
+        max_transfer: 128 << 10,
+        max_namespaces: 4,
+        sgl_support: 1,
+        vectors: 2,
+        uring: false,
+    };
+    let Ok(shared) = Shared::new(
+        config,
+        routes,
+        None,
+        Box::new(NullHost {
+            notified: AtomicU32::new(0),
+        }),
+    ) else {
+        return;
+    };
     let mut ram = Ram::new(&[]);
     // SQ at page 0 (16 entries of the input), CQ at page 1, the rest is data.
     let entries = 16usize;
@@ -142,16 +172,40 @@ pub fn plane(data: &[u8]) {
     ram.bytes[2 * 4096..2 * 4096 + m].copy_from_slice(&rest[..m]);
     let mut st = shared.lock();
     st.memory.set(ram.memory.regions().to_vec());
-    st.attach_namespace(Namespace { nsid: 1, store: Store::Null, lba_shift: 9, blocks: 1 << 20, readonly: false, failure: None, passthrough: false, description: "null".into() });
-    st.attach_namespace(Namespace { nsid: 2, store: Store::Null, lba_shift: 12, blocks: 8, readonly: true, failure: None, passthrough: false, description: "tiny".into() });
-    st.create_cq(&shared, 1, RAM_BASE + 4096, entries as u32, 1, true).expect("mapped");
-    st.create_sq(&shared, 1, RAM_BASE, entries as u32, 1).expect("mapped");
+    st.attach_namespace(Namespace {
+        nsid: 1,
+        store: Store::Null,
+        lba_shift: 9,
+        blocks: 1 << 20,
+        readonly: false,
+        failure: None,
+        passthrough: false,
+        description: "null".into(),
+    });
+    st.attach_namespace(Namespace {
+        nsid: 2,
+        store: Store::Null,
+        lba_shift: 12,
+        blocks: 8,
+        readonly: true,
+        failure: None,
+        passthrough: false,
+        description: "tiny".into(),
+    });
+    st.create_cq(&shared, 1, RAM_BASE + 4096, entries as u32, 1, true)
+        .expect("mapped");
+    st.create_sq(&shared, 1, RAM_BASE, entries as u32, 1)
+        .expect("mapped");
     drop(st);
     let tail = data.get(entries * 64).copied().unwrap_or(0) as u32;
     // Doorbell values from the input: only those inside the queue are taken.
     let taken = shared.doorbell(1, false, tail);
     assert_eq!(taken, tail < entries as u32);
-    let bad_head = shared.doorbell(1, true, data.get(entries * 64 + 1).copied().unwrap_or(0) as u32);
+    let bad_head = shared.doorbell(
+        1,
+        true,
+        data.get(entries * 64 + 1).copied().unwrap_or(0) as u32,
+    );
     let _ = bad_head;
     let mut st = shared.lock();
     let fetched = st.process_pass(&shared);

@@ -28,7 +28,7 @@ use crate::spec::{
     DNR, PAGE_MASK, PAGE_SIZE,
 };
 use crate::stats::{bump, Stats};
-use crate::storage::{FileStore, IoFailure, Namespace, Store};
+use crate::storage::{CachedReads, FileStore, IoFailure, Namespace, Store};
 use crate::table::IdTable;
 
 /// A command that is done: the completion to post.
@@ -1047,6 +1047,31 @@ impl State {
             }
             Store::Python => return Ok(Outcome::Slow),
         };
+        if !write && engine.is_uring() && !engine.direct_eligible(store, offset, iov) {
+            // A buffered read: what the page cache holds is read in place, faster than
+            // any queue; only a read that would wait for the device goes to the engine.
+            let now = match store.cached_reads {
+                CachedReads::InPlace => true,
+                CachedReads::NoWait => match store.read_nowait(offset, iov) {
+                    Ok(true) => {
+                        count_transfer(sh, write, length);
+                        return Ok(Outcome::Done(Completion::SUCCESS));
+                    }
+                    Ok(false) => false,
+                    Err(e) => return Err(host_error(sh, ns, e, write, offset)),
+                },
+                CachedReads::Engine => false,
+            };
+            if now {
+                return match store.transfer(offset, iov, write, fua) {
+                    Ok(()) => {
+                        count_transfer(sh, write, length);
+                        Ok(Outcome::Done(Completion::SUCCESS))
+                    }
+                    Err(e) => Err(host_error(sh, ns, e, write, offset)),
+                };
+            }
+        }
         let ctx = Inflight {
             sqid,
             sqe: *sqe,
@@ -1211,7 +1236,8 @@ impl State {
         self.admin_words = admin;
         if !sh.routes.enabled() {
             let fb = sh.fb();
-            for cq in self.cqs.values_mut() {
+            // (Only CQs that interrupt: a polled one never moves the INTx level.)
+            for cq in self.cqs.values_mut().filter(|cq| cq.interrupts_enabled) {
                 let head = cq.head;
                 let _ = cq.refresh_head(&self.memory, fb, Some(page));
                 changed |= cq.head != head;

@@ -17,7 +17,7 @@ use crate::memory::{DmaError, Fallback, Region};
 use crate::plane::{self, Completion, Config, Event, Host, Settings, Shared};
 use crate::queues::DoorbellPage;
 use crate::spec::Sqe;
-use crate::storage::{FileStore, Namespace, Store};
+use crate::storage::{CachedReads, FileStore, Namespace, Store};
 
 /// MSI-X routes, shared by pci/msix.py (which decides them) and the native plane.
 #[pyclass(name = "VectorRoutes", frozen, module = "nvme_mdev._native")]
@@ -454,6 +454,7 @@ impl PyPlane {
                 base,
                 block_device,
                 readonly: backend_readonly,
+                cached_reads: CachedReads::for_fd(fd, block_device),
             }),
             "null" => Store::Null,
             "python" => Store::Python,

@@ -30,6 +30,43 @@ pub struct FileStore {
     pub block_device: bool,
     /// the backend was opened read-only (its flush does nothing)
     pub readonly: bool,
+    /// how a buffered read that the page cache may answer is best done (`read_policy`)
+    pub cached_reads: CachedReads,
+}
+
+/// Buffered reads (not O_DIRECT) of a store, when an engine could queue them instead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CachedReads {
+    /// Memory is the storage (tmpfs, ramfs): a read never waits for a device, so it is
+    /// done at once. (io_uring cannot do tmpfs reads inline and hands every one to a
+    /// worker thread: 17 µs at QD1 against 2.7 µs in place, measured.)
+    InPlace,
+    /// Try at once without blocking (RWF_NOWAIT): what the page cache holds is read in
+    /// place, a miss goes to the engine (which overlaps it with others).
+    NoWait,
+    /// The filesystem cannot say whether a read would block: the engine takes them all.
+    Engine,
+}
+
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+const RAMFS_MAGIC: i64 = 0x8584_58f6;
+
+impl CachedReads {
+    /// The policy for the storage behind `fd`.
+    pub fn for_fd(fd: RawFd, block_device: bool) -> CachedReads {
+        if block_device {
+            return CachedReads::NoWait;
+        }
+        // SAFETY: fstatfs fills a statfs we own.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstatfs(fd, &mut st) } == 0 {
+            let kind = st.f_type as i64;
+            if kind == TMPFS_MAGIC || kind == RAMFS_MAGIC {
+                return CachedReads::InPlace;
+            }
+        }
+        CachedReads::NoWait
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -170,6 +207,33 @@ impl FileStore {
             pos = end;
         }
         Ok(())
+    }
+
+    /// Read without blocking (RWF_NOWAIT): Ok(true) if it all came from the page cache,
+    /// Ok(false) if some of it would have to wait for the device (the caller queues it).
+    pub fn read_nowait(&self, offset: u64, iov: &[libc::iovec]) -> IoResult<bool> {
+        if iov.len() > IOV_MAX {
+            return Ok(false);
+        }
+        let total: usize = iov.iter().map(|v| v.iov_len).sum();
+        // SAFETY: as in transfer().
+        let n = unsafe {
+            libc::preadv2(
+                self.fd,
+                iov.as_ptr(),
+                iov.len() as libc::c_int,
+                (self.base + offset) as libc::off_t,
+                libc::RWF_NOWAIT,
+            )
+        };
+        if n < 0 {
+            let e = IoFailure::last_os();
+            return match e.errno {
+                libc::EAGAIN | libc::EOPNOTSUPP | libc::EINTR => Ok(false),
+                _ => Err(e),
+            };
+        }
+        Ok(n as usize == total)
     }
 
     /// Make every completed write durable.

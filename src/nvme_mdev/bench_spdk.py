@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .bench import WORKLOADS as BENCH_WORKLOADS
-from .bench import BenchError, DeviceProcess, process_cpu_ns
+from .bench import BenchError, DeviceProcess, drop_page_cache, process_cpu_ns
 from .config import ConfigError, parse_size
 
 #: `nvme-mdev bench`'s own default --workloads (then --spdk takes its own set)
@@ -43,6 +43,7 @@ DEFAULT_BENCH_WORKLOADS = ",".join(w.name for w in BENCH_WORKLOADS)
 TARGET_CPU, CLIENT_CPU = 0, 1
 NQN_SPDK = "nqn.2019-07.io.spdk:cnode{}"
 TARGETS = ("native", "python", "spdk")
+EXTRA: list[str] = os.environ.get("NVME_MDEV_SPDK_EXTRA", "").split()
 BACKENDS = ("file", "null")
 #: hugepages each side takes (MiB): perf's -s, nvmf_tgt's -s
 CLIENT_MEMORY_MB, TARGET_MEMORY_MB = 256, 512
@@ -236,7 +237,7 @@ class MdevTarget:
             self.listener / "cntrl",
             [spec],
             poll_timeout_ms=500,
-            extra=["--mmap-doorbells", "--data-plane", plane, "--serial", "MDEVBENCH"],
+            extra=["--mmap-doorbells", "--data-plane", plane, "--serial", "MDEVBENCH", *EXTRA],
             preexec_fn=_pinned({TARGET_CPU}),
         )
         self.nqn = "nqn.2026-11.io.nvme-mdev:subsys-mdevbench"
@@ -307,6 +308,8 @@ def run(
     backends: Sequence[str],
     workloads: Sequence[Workload],
     progress: Callable[[str], None],
+    image_dir: Path = Path("/dev/shm"),
+    cold: bool = False,
 ) -> SpdkReport:
     check_hugepages(CLIENT_MEMORY_MB + TARGET_MEMORY_MB)
     _clean_hugepages()
@@ -315,13 +318,15 @@ def run(
         settings={
             "seconds": seconds,
             "size": size,
+            "image_dir": str(image_dir),
+            "cold": cold,
             "target_cpu": TARGET_CPU,
             "client_cpu": CLIENT_CPU,
         },
     )
     with tempfile.TemporaryDirectory(prefix="nvme-mdev-spdk-") as tmp:
         directory = Path(tmp)
-        image = Path(tempfile.mkstemp(prefix="nvme-mdev-spdk-", suffix=".img", dir="/dev/shm")[1])
+        image = Path(tempfile.mkstemp(prefix="nvme-mdev-spdk-", suffix=".img", dir=image_dir)[1])
         try:
             # Written through once: reads then copy real pages, as a used disk image's would.
             with open(image, "wb") as f:
@@ -339,6 +344,8 @@ def run(
                         served = MdevTarget(target, where, backend, image, size)
                     try:
                         for w in workloads:
+                            if cold and backend == "file":
+                                drop_page_cache()
                             cell = run_perf(
                                 spdk, served.listener, served.nqn, w, seconds, served.pid
                             )
@@ -401,6 +408,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "and Python data planes) and SPDK's own nvmf_tgt, from the SPDK build in DIR",
     )
     parser.add_argument(
+        "--spdk-image-dir",
+        type=Path,
+        default=Path("/dev/shm"),
+        help="with --spdk: where the file goes (default %(default)s: in memory, as SPDK's own "
+        "vfio-user numbers; a disk's filesystem with --cold measures the storage)",
+    )
+    parser.add_argument(
         "--targets",
         default=",".join(TARGETS),
         help=f"with --spdk: which targets (default {','.join(TARGETS)})",
@@ -437,6 +451,8 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
             backends,
             [by_name[n] for n in names],
             lambda line: print(line, file=sys.stderr, flush=True),
+            args.spdk_image_dir,
+            args.cold,
         )
     except (BenchError, OSError, subprocess.SubprocessError) as exc:
         print(f"nvme-mdev bench: error: {exc}", file=sys.stderr)

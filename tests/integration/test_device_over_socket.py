@@ -77,20 +77,19 @@ def test_shadow_doorbells_park_and_wake(device: VirtualController) -> None:
         cid = q.submit(read_write(0x02, 1, buf, 0, 8))
         (done,) = q.wait(1)
         assert done.cid == cid and done.ok
-        # Idle past the poll window: the thread parks and arms EventIdx = tail. (A
-        # posted CQ doorbell of the reap above may still wake it once: wait for a
-        # park that lasts.)
-        before = parks()
 
+        # Idle past the poll window: the thread parks with EventIdx armed = tail (the
+        # guest's next submission rings). (A posted CQ doorbell of the reap above may
+        # still wake it once: wait for an arming that lasts.)
         def armed() -> bool:
             return int.from_bytes(host.ram.read(eventidx + 8, 4), "little") == q.sq_tail
 
         pause = threading.Event()
         for _ in range(1000):
-            if parks() > before and armed():
+            if armed() and parks() > 0:
                 break
             pause.wait(0.01)
-        assert parks() > before and armed()
+        assert armed() and parks() > 0
         traps = int(device.statistics()["doorbell_traps"])
         cid = q.submit(read_write(0x02, 1, buf, 0, 8))  # EventIdx asks: it rings
         (done,) = q.wait(1)

@@ -526,6 +526,8 @@ class PythonDataPlane:
             self._notify()
         if not self.interrupts.msix_enabled():
             for cq in self.cqs.values():
+                if not cq.interrupts_enabled:
+                    continue  # a polled CQ never moves the INTx level
                 head = cq.head
                 cq.refresh_head()
                 if cq.head != head:
