@@ -136,11 +136,12 @@ impl Host for NullHost {
     }
 }
 
-/// A whole data plane on guest memory the input fills: one queue pair whose SQ holds
-/// the input's commands (PRPs and SGLs pointing anywhere), doorbells rung with the
-/// input's values, a null namespace and a tiny one. The plane must answer every
-/// command with one completion, never write outside the CQ and the data buffers it
-/// was given, and never panic.
+/// A whole data plane on guest memory the input fills: byte 0 is the SQ tail doorbell
+/// and byte 1 a CQ head doorbell (values past the queue included), then sixteen SQ
+/// entries (PRPs and SGLs pointing anywhere), then the rest of guest RAM. One null
+/// namespace and one tiny read-only one. The plane must answer every command it
+/// fetches with exactly one completion, take only doorbell values inside the queue,
+/// and never panic.
 pub fn plane(data: &[u8]) {
     let routes = Arc::new(VectorRoutes::new(2));
     routes.set_enabled(true);
@@ -152,22 +153,21 @@ pub fn plane(data: &[u8]) {
         vectors: 2,
         uring: false,
     };
-    let Ok(shared) = Shared::new(
-        config,
-        routes,
-        None,
-        Box::new(NullHost {
-            notified: AtomicU32::new(0),
-        }),
-    ) else {
+    let host = Box::new(NullHost {
+        notified: AtomicU32::new(0),
+    });
+    let Ok(shared) = Shared::new(config, routes, None, host) else {
         return;
     };
-    let mut ram = Ram::new(&[]);
-    // SQ at page 0 (16 entries of the input), CQ at page 1, the rest is data.
     let entries = 16usize;
-    let n = data.len().min(entries * 64);
-    ram.bytes[..n].copy_from_slice(&data[..n]);
-    let rest = data.get(n..).unwrap_or(&[]);
+    let tail = u32::from(data.first().copied().unwrap_or(0));
+    let head = u32::from(data.get(1).copied().unwrap_or(0));
+    let body = data.get(2..).unwrap_or(&[]);
+    // SQ at page 0 (the input's entries), CQ at page 1, data from page 2 on.
+    let mut ram = Ram::new(&[]);
+    let n = body.len().min(entries * 64);
+    ram.bytes[..n].copy_from_slice(&body[..n]);
+    let rest = body.get(n..).unwrap_or(&[]);
     let m = rest.len().min(RAM_SIZE - 2 * 4096);
     ram.bytes[2 * 4096..2 * 4096 + m].copy_from_slice(&rest[..m]);
     let mut st = shared.lock();
@@ -197,16 +197,8 @@ pub fn plane(data: &[u8]) {
     st.create_sq(&shared, 1, RAM_BASE, entries as u32, 1)
         .expect("mapped");
     drop(st);
-    let tail = data.get(entries * 64).copied().unwrap_or(0) as u32;
-    // Doorbell values from the input: only those inside the queue are taken.
-    let taken = shared.doorbell(1, false, tail);
-    assert_eq!(taken, tail < entries as u32);
-    let bad_head = shared.doorbell(
-        1,
-        true,
-        data.get(entries * 64 + 1).copied().unwrap_or(0) as u32,
-    );
-    let _ = bad_head;
+    assert_eq!(shared.doorbell(1, false, tail), tail < entries as u32);
+    assert_eq!(shared.doorbell(1, true, head), head < entries as u32);
     let mut st = shared.lock();
     let fetched = st.process_pass(&shared);
     st.drain(&shared, true);

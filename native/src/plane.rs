@@ -1484,9 +1484,9 @@ fn skip_iov(iov: &[libc::iovec], mut skip: usize) -> Vec<libc::iovec> {
             skip -= v.iov_len;
             continue;
         }
-        // SAFETY: skip < iov_len: still inside the caller's buffer.
+        // (skip < iov_len: still inside the caller's buffer)
         rest.push(libc::iovec {
-            iov_base: unsafe { (v.iov_base as *mut u8).add(skip) }.cast(),
+            iov_base: (v.iov_base as *mut u8).wrapping_add(skip).cast(),
             iov_len: v.iov_len - skip,
         });
         skip = 0;
@@ -1639,4 +1639,36 @@ fn park(sh: &Shared) -> bool {
         .unwrap_or_else(|e| e.into_inner())
         .suppress_notifications(sh);
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The same window as engine/poller.py's AdaptivePoll (tests/unit: the Python one).
+    #[test]
+    fn poll_window_grows_and_shrinks_as_the_python_one() {
+        let limit = 500_000_000;
+        let mut poll = AdaptivePoll {
+            window_ns: POLL_WINDOW_START_NS,
+        };
+        assert!(poll.keep_polling(limit, POLL_WINDOW_START_NS - 1));
+        assert!(!poll.keep_polling(limit, POLL_WINDOW_START_NS));
+        poll.woken(limit, 300_000);
+        assert_eq!(poll.window_ns, 2 * POLL_WINDOW_START_NS);
+        for _ in 0..30 {
+            poll.woken(limit, 300_000);
+        }
+        assert_eq!(poll.window_ns, limit);
+        poll.woken(limit, POLL_GROW_LIMIT_NS);
+        assert_eq!(poll.window_ns, limit / 2);
+        for _ in 0..40 {
+            poll.woken(limit, 5_000_000_000);
+        }
+        assert_eq!(poll.window_ns, 0);
+        assert!(!poll.keep_polling(limit, 0));
+        assert!(poll.keep_polling(0, u64::MAX)); // a limit of 0: poll forever
+        poll.woken(limit, 10_000);
+        assert_eq!(poll.window_ns, POLL_WINDOW_START_NS);
+    }
 }

@@ -178,8 +178,8 @@ impl FileStore {
             while done < end {
                 let skip = done - pos;
                 let piece = libc::iovec {
-                    // SAFETY: within the caller's iovec
-                    iov_base: unsafe { (v.iov_base as *mut u8).add(skip) }.cast(),
+                    // (within the caller's iovec)
+                    iov_base: (v.iov_base as *mut u8).wrapping_add(skip).cast(),
                     iov_len: v.iov_len - skip,
                 };
                 // SAFETY: as in transfer()

@@ -36,6 +36,7 @@ from typing import Any, TextIO
 from .bench import WORKLOADS as BENCH_WORKLOADS
 from .bench import BenchError, DeviceProcess, drop_page_cache, process_cpu_ns
 from .config import ConfigError, parse_size
+from .daemon import subsystem_nqn
 
 #: `nvme-mdev bench`'s own default --workloads (then --spdk takes its own set)
 DEFAULT_BENCH_WORKLOADS = ",".join(w.name for w in BENCH_WORKLOADS)
@@ -43,7 +44,6 @@ DEFAULT_BENCH_WORKLOADS = ",".join(w.name for w in BENCH_WORKLOADS)
 TARGET_CPU, CLIENT_CPU = 0, 1
 NQN_SPDK = "nqn.2019-07.io.spdk:cnode{}"
 TARGETS = ("native", "python", "spdk")
-EXTRA: list[str] = os.environ.get("NVME_MDEV_SPDK_EXTRA", "").split()
 BACKENDS = ("file", "null")
 #: hugepages each side takes (MiB): perf's -s, nvmf_tgt's -s
 CLIENT_MEMORY_MB, TARGET_MEMORY_MB = 256, 512
@@ -229,18 +229,21 @@ class MdevTarget:
     """`nvme-mdev serve` as SPDK's client wants it: the socket `cntrl` in a directory,
     the doorbell page mappable; the whole process on the target's CPU."""
 
-    def __init__(self, plane: str, directory: Path, backend: str, file: Path, size: int) -> None:
-        self.listener = directory / f"mdev-{plane}"
+    def __init__(
+        self, plane: str, engine: str, directory: Path, backend: str, file: Path, size: int
+    ) -> None:
+        self.listener = directory / f"mdev-{plane}-{engine}"
         self.listener.mkdir()
         spec = f"null:{size}" if backend == "null" else str(file)
         self.device = DeviceProcess(
             self.listener / "cntrl",
             [spec],
             poll_timeout_ms=500,
-            extra=["--mmap-doorbells", "--data-plane", plane, "--serial", "MDEVBENCH", *EXTRA],
+            engine=engine,
+            extra=["--mmap-doorbells", "--data-plane", plane, "--serial", "MDEVBENCH"],
             preexec_fn=_pinned({TARGET_CPU}),
         )
-        self.nqn = "nqn.2026-11.io.nvme-mdev:subsys-mdevbench"
+        self.nqn = subsystem_nqn("MDEVBENCH")
 
     @property
     def pid(self) -> int:
@@ -248,6 +251,132 @@ class MdevTarget:
 
     def stop(self) -> None:
         self.device.stop()
+
+
+class DaemonTargets:
+    """`nvme-mdev daemon` with `count` controllers on null namespaces, controller i's
+    I/O thread pinned to CPU i (the daemon's other threads idle)."""
+
+    def __init__(self, plane: str, directory: Path, count: int) -> None:
+        self.control = directory / "control.sock"
+        self._log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (lives as long as we do)
+        cli = [sys.executable, "-m", "nvme_mdev.cli"]
+        self.proc = subprocess.Popen(
+            [*cli, "daemon", "--control", str(self.control), "--log-level", "warning"],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=self._log,
+        )
+        self.listeners: list[Path] = []
+        try:
+            deadline = time.monotonic() + 30
+            while not self.control.exists():
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise BenchError("nvme-mdev daemon did not start")
+                time.sleep(0.02)
+            for i in range(count):
+                listener = directory / f"c{i}"
+                listener.mkdir()
+                done = subprocess.run(
+                    [
+                        *cli,
+                        *("controller", "create", f"c{i}", "--control", str(self.control)),
+                        *("--socket", str(listener / "cntrl"), "--ns", "null:1G"),
+                        *("--serial", f"SCALING{i}", "--mmap-doorbells", "--data-plane", plane),
+                        *("--iothread-cpu", str(i)),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+                if done.returncode:
+                    raise BenchError(f"controller create: {done.stderr.strip()}")
+                self.listeners.append(listener)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def run_scaling(spdk: Spdk, seconds: float, progress: Callable[[str], None]) -> list[str]:
+    """One daemon, one controller then two: each controller's I/O thread and its own
+    spdk_nvme_perf share one CPU (controller i and client i on CPU i), 4 KiB random
+    reads at QD32 on null namespaces. Threads that never wait for each other serve
+    twice what one does; a plane whose threads share one lock (the GIL) cannot."""
+    check_hugepages(2 * CLIENT_MEMORY_MB)
+    lines = [
+        "| data plane | controllers | IOPS each | IOPS in all | ratio to one |",
+        "| --- | ---: | --- | ---: | ---: |",
+    ]
+    w = Workload("randread-4k-qd32", "randread", 4096, 32)
+    for plane in ("native", "python"):
+        single = 0.0
+        for count in (1, 2):
+            with tempfile.TemporaryDirectory(prefix="nvme-mdev-scaling-") as tmp:
+                daemon = DaemonTargets(plane, Path(tmp), count)
+                try:
+                    clients = [
+                        _start_perf(
+                            spdk,
+                            listener,
+                            f"nqn.2026-11.io.nvme-mdev:subsys-c{i}",
+                            w,
+                            seconds,
+                            cpu=i,
+                        )
+                        for i, listener in enumerate(daemon.listeners)
+                    ]
+                    iops = [_finish_perf(c, seconds) for c in clients]
+                finally:
+                    daemon.stop()
+                    _clean_hugepages()
+            total = sum(iops)
+            if count == 1:
+                single = total
+            ratio = f"{total / single:.2f}" if single else ""
+            each = " / ".join(f"{x:,.0f}" for x in iops)
+            line = f"| {plane} | {count} | {each} | {total:,.0f} | {ratio} |"
+            progress(line)
+            lines.append(line)
+    return lines
+
+
+def _start_perf(
+    spdk: Spdk, listener: Path, nqn: str, w: Workload, seconds: float, cpu: int
+) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            str(spdk.perf),
+            *("-r", f"trtype:VFIOUSER traddr:{listener} subnqn:{nqn}"),
+            *("-q", str(w.depth), "-o", str(w.block_size), "-w", w.rw),
+            *("-t", str(max(1, round(seconds))), "-c", hex(1 << cpu)),
+            *("-g", "-s", str(CLIENT_MEMORY_MB), "-i", str(cpu + 1)),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _finish_perf(proc: subprocess.Popen[str], seconds: float) -> float:
+    out, _ = proc.communicate(timeout=seconds + 120)
+    total = _TOTAL.search(out)
+    if proc.returncode or total is None:
+        raise BenchError(f"spdk_nvme_perf: exit {proc.returncode}: {out.strip().splitlines()[-1:]}")
+    return float(total.group(1))
 
 
 _TOTAL = re.compile(r"^Total\s*:\s*([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", re.M)
@@ -310,6 +439,7 @@ def run(
     progress: Callable[[str], None],
     image_dir: Path = Path("/dev/shm"),
     cold: bool = False,
+    engines: Sequence[str] = ("auto",),
 ) -> SpdkReport:
     check_hugepages(CLIENT_MEMORY_MB + TARGET_MEMORY_MB)
     _clean_hugepages()
@@ -333,15 +463,22 @@ def run(
                 chunk = os.urandom(1 << 20)
                 for _ in range(size >> 20):
                     f.write(chunk)
+            # nvme-mdev once per data plane and I/O engine ("native", or "native/sync"
+            # when engines are named); SPDK's target once.
+            runs = [
+                (t if engines == ("auto",) else f"{t}/{e}", t, e)
+                for t in targets
+                for e in (("auto",) if t == "spdk" else engines)
+            ]
             for backend in backends:
-                for target in targets:
-                    where = directory / f"{backend}-{target}"
+                for label, target, engine in runs:
+                    where = directory / f"{backend}-{label.replace('/', '-')}"
                     where.mkdir()
                     served: SpdkTarget | MdevTarget
                     if target == "spdk":
                         served = SpdkTarget(spdk, where, backend, image, size)
                     else:
-                        served = MdevTarget(target, where, backend, image, size)
+                        served = MdevTarget(target, engine, where, backend, image, size)
                     try:
                         for w in workloads:
                             if cold and backend == "file":
@@ -349,7 +486,7 @@ def run(
                             cell = run_perf(
                                 spdk, served.listener, served.nqn, w, seconds, served.pid
                             )
-                            cell.backend, cell.target = backend, target
+                            cell.backend, cell.target = backend, label
                             report.cells.append(cell)
                             progress(_line(cell))
                     finally:
@@ -415,6 +552,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "vfio-user numbers; a disk's filesystem with --cold measures the storage)",
     )
     parser.add_argument(
+        "--scaling",
+        action="store_true",
+        help="with --spdk: one daemon, one controller then two, each I/O thread and its "
+        "client on a CPU of their own (do controllers serialize on each other?)",
+    )
+    parser.add_argument(
         "--targets",
         default=",".join(TARGETS),
         help=f"with --spdk: which targets (default {','.join(TARGETS)})",
@@ -439,6 +582,14 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
     if len(os.sched_getaffinity(0)) < 2:
         raise ConfigError("--spdk needs two CPUs: one for the target, one for the client")
     seconds = args.seconds if args.seconds is not None else 5.0
+    if args.scaling:
+        try:
+            lines = run_scaling(spdk, seconds, lambda line: print(line, file=sys.stderr))
+        except (BenchError, OSError, subprocess.SubprocessError) as exc:
+            print(f"nvme-mdev bench: error: {exc}", file=sys.stderr)
+            return 1
+        print("\n".join(lines), file=out)
+        return 0
     size = parse_size(args.size) if args.size else 256 << 20
     if size % (1 << 20):
         raise ConfigError("--size: whole MiB with --spdk")
@@ -453,6 +604,7 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
             lambda line: print(line, file=sys.stderr, flush=True),
             args.spdk_image_dir,
             args.cold,
+            tuple(args.io_engines.split(",")) if args.io_engines else ("auto",),
         )
     except (BenchError, OSError, subprocess.SubprocessError) as exc:
         print(f"nvme-mdev bench: error: {exc}", file=sys.stderr)

@@ -12,6 +12,7 @@ from harness import Host, HostQueue, rw
 
 from nvme_mdev.backends.file import FileBackend
 from nvme_mdev.dataplane import DataPlane
+from nvme_mdev.engine.poller import POLL_GROW_LIMIT_NS, POLL_WINDOW_START_NS, AdaptivePoll
 from nvme_mdev.nvme.namespace import Namespace
 from nvme_mdev.nvme.spec import DOORBELL_BASE
 
@@ -145,3 +146,39 @@ def test_paused_holds_the_thread_outside_the_queues(host: Host) -> None:
         wait_for(lambda: len(q.reap()) == 1)
     finally:
         io.stop()
+
+
+# --- the adaptive poll window ---------------------------------------------------------
+
+
+def test_poll_window_grows_when_parking_was_premature_and_shrinks_when_idle() -> None:
+    poll = AdaptivePoll(limit_ns=500_000_000)
+    assert poll.window_ns == POLL_WINDOW_START_NS
+    assert poll.keep_polling(POLL_WINDOW_START_NS - 1)
+    assert not poll.keep_polling(POLL_WINDOW_START_NS)
+    # Woken soon after parking: polling a little longer would have caught it.
+    poll.woken(gap_ns=300_000)
+    assert poll.window_ns == 2 * POLL_WINDOW_START_NS
+    for _ in range(30):
+        poll.woken(gap_ns=300_000)
+    assert poll.window_ns == 500_000_000  # bounded by --poll-timeout-ms
+    # Woken long after: the guest had gone idle; halve, down to parking at once.
+    poll.woken(gap_ns=POLL_GROW_LIMIT_NS)
+    assert poll.window_ns == 250_000_000
+    for _ in range(40):
+        poll.woken(gap_ns=5_000_000_000)
+    assert poll.window_ns == 0 and not poll.keep_polling(0)
+    # And back up once the guest is busy again.
+    poll.woken(gap_ns=10_000)
+    assert poll.window_ns == POLL_WINDOW_START_NS
+
+
+def test_poll_window_of_zero_means_poll_forever_and_a_lower_limit_bounds_it() -> None:
+    forever = AdaptivePoll(limit_ns=0)
+    assert forever.keep_polling(10**12)
+    poll = AdaptivePoll(limit_ns=500_000_000)
+    for _ in range(30):
+        poll.woken(gap_ns=1000)
+    poll.set_limit(1_000_000)
+    assert poll.window_ns == 1_000_000
+    assert not poll.keep_polling(1_000_000)
