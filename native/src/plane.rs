@@ -1587,14 +1587,13 @@ pub fn run(sh: Arc<Shared>) {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .poll_mapped_doorbells(&sh);
-            yield_to_waiters(&sh);
-            std::hint::spin_loop();
+            idle_poll(&sh, now_ns() - last_work);
             continue;
         }
         let limit = sh.poll_limit_ns.load(Ordering::Relaxed);
-        if doorbells && !halted && poll.keep_polling(limit, now_ns() - last_work) {
-            yield_to_waiters(&sh);
-            std::hint::spin_loop();
+        let idle = now_ns() - last_work;
+        if doorbells && !halted && poll.keep_polling(limit, idle) {
+            idle_poll(&sh, idle);
             continue;
         }
         if park(&sh) {
@@ -1606,6 +1605,20 @@ pub fn run(sh: Arc<Shared>) {
     c.thread_alive = false;
     sh.control_cond.notify_all();
 }
+
+/// Polling with nothing to do for a while: let whatever else wants this CPU run (a
+/// guest's vCPU, a client) rather than spin through its time slice. Right after work
+/// the next submission usually follows within microseconds: spin then.
+fn idle_poll(sh: &Shared, idle_ns: u64) {
+    if idle_ns > IDLE_SPIN_NS || sh.waiters.load(Ordering::Relaxed) > 0 {
+        std::thread::yield_now();
+    } else {
+        std::hint::spin_loop();
+    }
+}
+
+/// how long an idle poller spins before it yields its CPU between looks
+const IDLE_SPIN_NS: u64 = 20_000;
 
 fn yield_to_waiters(sh: &Shared) {
     if sh.waiters.load(Ordering::Relaxed) > 0 {

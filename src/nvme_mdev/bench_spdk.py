@@ -254,10 +254,10 @@ class MdevTarget:
 
 
 class DaemonTargets:
-    """`nvme-mdev daemon` with `count` controllers on null namespaces, controller i's
-    I/O thread pinned to CPU i (the daemon's other threads idle)."""
+    """`nvme-mdev daemon` with `count` controllers on null namespaces."""
 
-    def __init__(self, plane: str, directory: Path, count: int) -> None:
+    def __init__(self, plane: str, directory: Path, count: int, pin: bool = False) -> None:
+        """`pin`: controller i's I/O thread on CPU i."""
         self.control = directory / "control.sock"
         self._log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (lives as long as we do)
         cli = [sys.executable, "-m", "nvme_mdev.cli"]
@@ -283,7 +283,7 @@ class DaemonTargets:
                         *("controller", "create", f"c{i}", "--control", str(self.control)),
                         *("--socket", str(listener / "cntrl"), "--ns", "null:1G"),
                         *("--serial", f"SCALING{i}", "--mmap-doorbells", "--data-plane", plane),
-                        *("--iothread-cpu", str(i)),
+                        *(("--iothread-cpu", str(i)) if pin else ()),
                     ],
                     capture_output=True,
                     text=True,
@@ -311,72 +311,54 @@ class DaemonTargets:
         self._log.close()
 
 
-def run_scaling(spdk: Spdk, seconds: float, progress: Callable[[str], None]) -> list[str]:
-    """One daemon, one controller then two: each controller's I/O thread and its own
-    spdk_nvme_perf share one CPU (controller i and client i on CPU i), 4 KiB random
-    reads at QD32 on null namespaces. Threads that never wait for each other serve
-    twice what one does; a plane whose threads share one lock (the GIL) cannot."""
-    check_hugepages(2 * CLIENT_MEMORY_MB)
+def run_scaling(seconds: float, progress: Callable[[str], None]) -> list[str]:
+    """Do controllers in one daemon serialize on each other? Two controllers with mapped
+    doorbells (their I/O threads poll for good once a host has enabled them), each
+    thread pinned to a CPU of its own, nothing else running: how many CPUs' worth the
+    two threads run together. Threads that never wait for each other run at once
+    (close to 2); threads that take turns at one lock, the GIL, cannot (close to 1).
+    (With idle CPUs to spare, the first serve N times what one does; this machine has
+    none to spare beside the clients that would drive them.)"""
+    from .control import call
+    from .nvme_host import NvmeHost
+
     lines = [
-        "| data plane | controllers | IOPS each | IOPS in all | ratio to one |",
-        "| --- | ---: | --- | ---: | ---: |",
+        "| data plane | controllers | CPU of each I/O thread | CPUs at once |",
+        "| --- | ---: | --- | ---: |",
     ]
-    w = Workload("randread-4k-qd32", "randread", 4096, 32)
     for plane in ("native", "python"):
-        single = 0.0
-        for count in (1, 2):
-            with tempfile.TemporaryDirectory(prefix="nvme-mdev-scaling-") as tmp:
-                daemon = DaemonTargets(plane, Path(tmp), count)
-                try:
-                    clients = [
-                        _start_perf(
-                            spdk,
-                            listener,
-                            f"nqn.2026-11.io.nvme-mdev:subsys-c{i}",
-                            w,
-                            seconds,
-                            cpu=i,
-                        )
-                        for i, listener in enumerate(daemon.listeners)
-                    ]
-                    iops = [_finish_perf(c, seconds) for c in clients]
-                finally:
-                    daemon.stop()
-                    _clean_hugepages()
-            total = sum(iops)
-            if count == 1:
-                single = total
-            ratio = f"{total / single:.2f}" if single else ""
-            each = " / ".join(f"{x:,.0f}" for x in iops)
-            line = f"| {plane} | {count} | {each} | {total:,.0f} | {ratio} |"
-            progress(line)
-            lines.append(line)
+        with tempfile.TemporaryDirectory(prefix="nvme-mdev-scaling-") as tmp:
+            daemon = DaemonTargets(plane, Path(tmp), 2, pin=True)
+            hosts = [NvmeHost(str(listener / "cntrl")) for listener in daemon.listeners]
+            try:
+                for host in hosts:
+                    host.enable()
+                tids = [
+                    int(call(str(daemon.control), "iothread", {"controller": f"c{i}"})["tid"])
+                    for i in range(len(hosts))
+                ]
+                before = [_thread_cpu_ns(daemon.pid, tid) for tid in tids]
+                start = time.monotonic_ns()
+                time.sleep(seconds)
+                wall = time.monotonic_ns() - start
+                used = [
+                    _thread_cpu_ns(daemon.pid, t) - b for t, b in zip(tids, before, strict=True)
+                ]
+            finally:
+                for host in hosts:
+                    host.close()
+                daemon.stop()
+        shares = [u / wall for u in used]
+        each = " / ".join(f"{x:.2f}" for x in shares)
+        line = f"| {plane} | {len(shares)} | {each} | {sum(shares):.2f} |"
+        progress(line)
+        lines.append(line)
     return lines
 
 
-def _start_perf(
-    spdk: Spdk, listener: Path, nqn: str, w: Workload, seconds: float, cpu: int
-) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [
-            str(spdk.perf),
-            *("-r", f"trtype:VFIOUSER traddr:{listener} subnqn:{nqn}"),
-            *("-q", str(w.depth), "-o", str(w.block_size), "-w", w.rw),
-            *("-t", str(max(1, round(seconds))), "-c", hex(1 << cpu)),
-            *("-g", "-s", str(CLIENT_MEMORY_MB), "-i", str(cpu + 1)),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def _finish_perf(proc: subprocess.Popen[str], seconds: float) -> float:
-    out, _ = proc.communicate(timeout=seconds + 120)
-    total = _TOTAL.search(out)
-    if proc.returncode or total is None:
-        raise BenchError(f"spdk_nvme_perf: exit {proc.returncode}: {out.strip().splitlines()[-1:]}")
-    return float(total.group(1))
+def _thread_cpu_ns(pid: int, tid: int) -> int:
+    with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+        return int(f.read().split()[0])
 
 
 _TOTAL = re.compile(r"^Total\s*:\s*([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", re.M)
@@ -554,8 +536,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--scaling",
         action="store_true",
-        help="with --spdk: one daemon, one controller then two, each I/O thread and its "
-        "client on a CPU of their own (do controllers serialize on each other?)",
+        help="do controllers in one daemon serialize on each other? (two polling I/O "
+        "threads, native then Python, on two CPUs: how much they run at once)",
     )
     parser.add_argument(
         "--targets",
@@ -566,6 +548,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
+    seconds = args.seconds if args.seconds is not None else 5.0
+    if args.scaling:
+        try:
+            lines = run_scaling(seconds, lambda line: print(line, file=sys.stderr))
+        except (BenchError, OSError, subprocess.SubprocessError) as exc:
+            print(f"nvme-mdev bench: error: {exc}", file=sys.stderr)
+            return 1
+        print("\n".join(lines), file=out)
+        return 0
     spdk = Spdk.find(args.spdk)
     targets = [t for t in args.targets.split(",") if t]
     if not targets or any(t not in TARGETS for t in targets):
@@ -581,15 +572,6 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
         raise ConfigError(f"--workloads: unknown {unknown} (with --spdk: {', '.join(by_name)})")
     if len(os.sched_getaffinity(0)) < 2:
         raise ConfigError("--spdk needs two CPUs: one for the target, one for the client")
-    seconds = args.seconds if args.seconds is not None else 5.0
-    if args.scaling:
-        try:
-            lines = run_scaling(spdk, seconds, lambda line: print(line, file=sys.stderr))
-        except (BenchError, OSError, subprocess.SubprocessError) as exc:
-            print(f"nvme-mdev bench: error: {exc}", file=sys.stderr)
-            return 1
-        print("\n".join(lines), file=out)
-        return 0
     size = parse_size(args.size) if args.size else 256 << 20
     if size % (1 << 20):
         raise ConfigError("--size: whole MiB with --spdk")

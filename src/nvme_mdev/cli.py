@@ -673,7 +673,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return serve(args)
         if args.command == "bench":
-            if args.spdk is not None:
+            if args.spdk is not None or args.scaling:
                 from .bench_spdk import main as spdk_bench_main
 
                 return spdk_bench_main(args)
