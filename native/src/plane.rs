@@ -1259,7 +1259,12 @@ impl State {
             }
             match sq.enable_notification(&self.memory, fb) {
                 Ok(w) => waiting |= w,
-                Err(_) => waiting = true, // let the pass meet the error
+                Err(e) => {
+                    // EventIdx in memory the guest unmapped: this controller cannot go
+                    // on (the guest resets it); the thread sleeps until then.
+                    self.fatal(sh, format!("shadow doorbells: {}", e.0));
+                    return false;
+                }
             }
         }
         waiting
@@ -1636,7 +1641,9 @@ fn park(sh: &Shared) -> bool {
     sh.clear_wake();
     {
         let mut st = sh.state.lock().unwrap_or_else(|e| e.into_inner());
-        if st.enable_notifications(sh) || sh.pause_requested() || !sh.running() {
+        // (A fatal controller asks the guest for nothing: it sleeps until reset.)
+        let waiting = !st.halted && st.enable_notifications(sh);
+        if waiting || sh.pause_requested() || !sh.running() {
             st.suppress_notifications(sh);
             return false;
         }

@@ -648,6 +648,40 @@ impl PyPlane {
     }
 }
 
+/// The completion the native engines give a host error (media_errors.rs), for the test
+/// that holds it to nvme/media_errors.py: (status, dnr, media, gone, read_only).
+/// `store_size` is what the store says when asked, or `probe_errno` if asking fails.
+#[pyfunction]
+#[pyo3(signature = (errno, writing, past_end, block_device, store_size, probe_errno=None))]
+fn classify_host_error(
+    errno: i32,
+    writing: bool,
+    past_end: bool,
+    block_device: bool,
+    store_size: u64,
+    probe_errno: Option<i32>,
+) -> (u16, bool, bool, bool, bool) {
+    let f =
+        crate::media_errors::classify(
+            errno,
+            writing,
+            past_end,
+            block_device,
+            || match probe_errno {
+                Some(e) => crate::media_errors::StoreSize::Failed(e),
+                None => crate::media_errors::StoreSize::Bytes(store_size),
+            },
+        );
+    (f.status, f.dnr, f.media, f.gone, f.read_only)
+}
+
+/// The Status Field with Do Not Retry where retrying cannot help (spec.rs), for the test
+/// that holds it to nvme/spec.py with_dnr.
+#[pyfunction]
+fn status_with_dnr(status: u16) -> u16 {
+    crate::spec::with_dnr(status)
+}
+
 /// A full memory barrier (`fence(SeqCst)`: MFENCE on x86-64), for the Python data plane.
 #[pyfunction]
 fn full_fence() {
@@ -657,6 +691,8 @@ fn full_fence() {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(full_fence, m)?)?;
+    m.add_function(wrap_pyfunction!(classify_host_error, m)?)?;
+    m.add_function(wrap_pyfunction!(status_with_dnr, m)?)?;
     m.add_class::<PyRoutes>()?;
     m.add_class::<PyPlane>()?;
     Ok(())

@@ -12,6 +12,8 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from ..guest_memory import DmaError
+
 if TYPE_CHECKING:
     from ..dataplane.python import PythonDataPlane
     from ..nvme.controller import Controller
@@ -210,8 +212,13 @@ class IoThread:
             if polling and self.poll.keep_polling(time.monotonic_ns() - last_work):
                 time.sleep(0)  # let the transport thread have the GIL
                 continue
-            if self._park():
-                self.poll.woken(time.monotonic_ns() - last_work)
+            try:
+                if self._park():
+                    self.poll.woken(time.monotonic_ns() - last_work)
+            except DmaError as exc:
+                # EventIdx in memory the guest unmapped: this controller cannot go on
+                # (the guest resets it), but the thread must, or nothing ever would.
+                plane._fatal(f"shadow doorbells: {exc}")
             last_work = time.monotonic_ns()
 
     def _park(self) -> bool:
@@ -220,7 +227,9 @@ class IoThread:
         plane = self.plane
         plane.flush_coalesced_interrupts(force=True)  # nobody would send them while parked
         self._wake.clear()
-        if plane.enable_notifications() or self._pause_requests or not self._running:
+        # (A fatal controller asks the guest for nothing: it sleeps until reset.)
+        arming = not plane.halted
+        if (arming and plane.enable_notifications()) or self._pause_requests or not self._running:
             plane.suppress_notifications()
             return False
         self.parks += 1
@@ -231,7 +240,8 @@ class IoThread:
         stats.parked_ns += time.monotonic_ns() - self._parked_since
         self._parked_since = 0
         self.wakeups += 1
-        plane.suppress_notifications()
+        if arming:
+            plane.suppress_notifications()
         return True
 
 

@@ -182,3 +182,32 @@ def test_poll_window_of_zero_means_poll_forever_and_a_lower_limit_bounds_it() ->
     poll.set_limit(1_000_000)
     assert poll.window_ns == 1_000_000
     assert not poll.keep_polling(1_000_000)
+
+
+def test_eventidx_unmapped_while_parking_makes_the_controller_fatal_not_the_thread(
+    host: Host,
+) -> None:
+    """The guest takes its EventIdx page away: arming it before parking fails. The
+    controller becomes fatal (the guest resets it); the thread lives on and serves
+    the controller after the reset."""
+    shadow, eventidx = shadow_setup(host)
+    shadowed_queue_pair(host, shadow, eventidx)
+    io = io_thread(host, 0.001)
+    try:
+        host.memory.unmap(eventidx, 4096)
+        host.ctrl.release_memory_views()  # as the transport does before it unmaps
+
+        def fatal() -> bool:
+            host.ctrl.data_plane_notified()
+            return host.ctrl.registers.fatal
+
+        wait_for(fatal)
+        host.disable()
+        host.enable()
+        q = host.create_io_queue_pair(1)
+        cid = q.submit(rw(0x02, 1, host.buffer(4096), 0, 8))  # a trapped doorbell
+        done: list[object] = []
+        wait_for(lambda: done.extend(q.reap()) or len(done) == 1)
+        assert done[0].cid == cid and done[0].status == 0  # type: ignore[attr-defined]
+    finally:
+        io.stop()
