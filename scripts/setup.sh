@@ -17,10 +17,16 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] ||
     .venv/bin/python -m pip install -q -e '.[dev]'
     touch "$stamp"
 fi
-# fio for `nvme-mdev bench` (native rows); without it the bench runs the device alone.
-if ! command -v fio >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+# Debian packages, as root: fio for `nvme-mdev bench` (native rows; without it the bench
+# runs the device alone); fuse3 (libfuse3, fusermount3) for the crash-consistency tests
+# (tests/integration/test_durability.py mounts a FUSE filesystem; without it they skip).
+missing=()
+command -v fio >/dev/null 2>&1 || missing+=(fio)
+command -v fusermount3 >/dev/null 2>&1 || missing+=(fuse3)
+if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q fio >/dev/null 2>&1 ||
-        { apt-get update -q >/dev/null && apt-get install -y -q fio >/dev/null; } ||
-        echo "setup: could not install fio (nvme-mdev bench will run without native rows)" >&2
+    apt-get install -y -q "${missing[@]}" >/dev/null 2>&1 ||
+        { apt-get update -q >/dev/null && apt-get install -y -q "${missing[@]}" >/dev/null; } ||
+        echo "setup: could not install ${missing[*]} (bench without native rows," \
+            "crash-consistency tests skipped)" >&2
 fi

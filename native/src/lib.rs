@@ -18,6 +18,7 @@ pub mod prp;
 mod python;
 pub mod queues;
 pub mod sgl;
+pub mod sigbus;
 pub mod spec;
 pub mod stats;
 pub mod storage;

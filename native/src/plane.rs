@@ -584,7 +584,7 @@ impl State {
             return false;
         };
         if let Some(v) = take_trapped(sh, sqid) {
-            sq.tail = v;
+            sq.take_rung_tail(v);
         }
         let _ = sq.refresh_tail(&self.memory, fb, page);
         let pending = (sq.tail + sq.size - sq.head) % sq.size;
@@ -720,7 +720,7 @@ impl State {
             let (cqid, seen) = {
                 let sq = self.sqs.get_mut(u32::from(qid)).expect("active");
                 if let Some(v) = take_trapped(sh, qid) {
-                    sq.tail = v;
+                    sq.take_rung_tail(v);
                 }
                 sq.refresh_tail(&self.memory, fb, page)?;
                 if sq.head == sq.tail {

@@ -682,6 +682,55 @@ fn status_with_dnr(status: u16) -> u16 {
     crate::spec::with_dnr(status)
 }
 
+/// One client's guarded guest memory (sigbus.rs): mappings it can truncate under us.
+#[pyclass(name = "SigbusZone", frozen, module = "nvme_mdev._native")]
+pub struct PyZone {
+    inner: Arc<crate::sigbus::Zone>,
+}
+
+#[pymethods]
+impl PyZone {
+    #[new]
+    fn new() -> PyResult<Self> {
+        crate::sigbus::notifier().map_err(PyOSError::new_err)?;
+        Ok(PyZone {
+            inner: Arc::new(crate::sigbus::Zone::default()),
+        })
+    }
+
+    /// Guard the whole mapping behind `mapping` (an mmap); returns its host address,
+    /// the key for unguard().
+    fn guard(&self, py: Python<'_>, mapping: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let (address, len) = buffer_address(mapping)?;
+        py.detach(|| crate::sigbus::guard(address, len, &self.inner));
+        Ok(address)
+    }
+
+    /// Stop guarding the mapping at `address` (before it is unmapped).
+    fn unguard(&self, py: Python<'_>, address: usize) {
+        py.detach(|| crate::sigbus::unguard(address));
+    }
+
+    /// How many of the zone's mappings have faulted (and are zeroes now).
+    #[getter]
+    fn faults(&self) -> u64 {
+        self.inner.faults()
+    }
+}
+
+impl Drop for PyZone {
+    fn drop(&mut self) {
+        crate::sigbus::unguard_zone(&self.inner);
+    }
+}
+
+/// The eventfd the SIGBUS handler signals after each fault it contained (installs the
+/// handler on first use).
+#[pyfunction]
+fn sigbus_notifier() -> PyResult<i32> {
+    crate::sigbus::notifier().map_err(PyOSError::new_err)
+}
+
 /// A full memory barrier (`fence(SeqCst)`: MFENCE on x86-64), for the Python data plane.
 #[pyfunction]
 fn full_fence() {
@@ -693,6 +742,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(full_fence, m)?)?;
     m.add_function(wrap_pyfunction!(classify_host_error, m)?)?;
     m.add_function(wrap_pyfunction!(status_with_dnr, m)?)?;
+    m.add_function(wrap_pyfunction!(sigbus_notifier, m)?)?;
+    m.add_class::<PyZone>()?;
     m.add_class::<PyRoutes>()?;
     m.add_class::<PyPlane>()?;
     Ok(())

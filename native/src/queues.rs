@@ -122,6 +122,15 @@ impl SubmissionQueue {
         Ok(())
     }
 
+    /// A tail the guest wrote to the doorbell register (it trapped). With shadow
+    /// doorbells the shadow is the truth and the write only says "look" (the Python
+    /// plane does the same): a stale or different rung value is not taken.
+    pub fn take_rung_tail(&mut self, value: u32) {
+        if !matches!(self.doorbell, Doorbell::Shadow { .. }) {
+            self.tail = value;
+        }
+    }
+
     /// The entry at the head, consumed.
     pub fn fetch(&mut self, memory: &GuestMemory, fb: &dyn Fallback) -> Result<Sqe, DmaError> {
         let offset = u64::from(self.head) * SQE_SIZE;

@@ -19,7 +19,13 @@ from .backends.io_engine import ENGINE_NAMES
 from .bench import add_arguments as add_bench_arguments
 from .bench import main as bench_main
 from .bench_spdk import add_arguments as add_spdk_arguments
-from .config import ConfigError, NamespaceSpec, parse_cpu_list
+from .config import (
+    MAX_POLL_TIMEOUT_MS,
+    POLL_TIMEOUT_RANGE,
+    ConfigError,
+    NamespaceSpec,
+    parse_cpu_list,
+)
 from .control import ControlError, ControlServer, call, default_control_path
 from .dataplane import DATA_PLANES
 from .engine.poller import DEFAULT_POLL_TIMEOUT
@@ -320,8 +326,8 @@ def serve(args: argparse.Namespace) -> int:
 
     stop = _stop_on_signals()
 
-    if args.poll_timeout_ms < 0:
-        raise ConfigError("--poll-timeout-ms: must be 0 or more")
+    if not 0 <= args.poll_timeout_ms <= MAX_POLL_TIMEOUT_MS:
+        raise ConfigError(f"--poll-timeout-ms: {args.poll_timeout_ms}: {POLL_TIMEOUT_RANGE}")
     if args.iothread_cpu is not None and not args.iothread_cpu <= os.sched_getaffinity(0):
         raise ConfigError(
             f"--iothread-cpu: CPUs {sorted(args.iothread_cpu)} not available to this process"

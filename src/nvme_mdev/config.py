@@ -31,6 +31,14 @@ class ConfigError(Exception):
 
 
 _SIZE = re.compile(r"^(\d+)([KMGT]?)i?B?$", re.IGNORECASE)
+#: the largest byte count or offset anything here takes: a file offset (off_t) is a
+#: signed 64-bit number, and so are the data plane's byte offsets (base + LBA << shift).
+#: A namespace of that many bytes has fewer than 2^64 blocks: NSZE/NCAP/NUSE fit.
+MAX_BYTES = (1 << 63) - 1
+_AT_MOST = f"give at most {MAX_BYTES >> 40}T (2^63 - 1 bytes: the largest file offset)"
+#: the highest CPU number taken (Linux's NR_CPUS is at most 8192); a bound, so that
+#: '0-99999999999' is refused and not turned into a set of a hundred billion numbers
+MAX_CPU = 8191
 #: an NVMe namespace's generic character device: always a passthrough namespace
 NG_DEVICE = re.compile(r"^(?:/dev/)?ng\d+n\d+$")
 
@@ -38,9 +46,19 @@ NG_DEVICE = re.compile(r"^(?:/dev/)?ng\d+n\d+$")
 def parse_size(text: str) -> int:
     match = _SIZE.match(text.strip())
     if not match:
-        raise ConfigError(f"{text!r}: not a size (examples: 512M, 4G, 1073741824)")
-    number, unit = match.groups()
-    return int(number) << (10 * "KMGT".find(unit.upper()) + 10 if unit else 0)
+        raise ConfigError(f"{_clip(text)}: not a size (examples: 512M, 4G, 1073741824)")
+    digits, unit = match.groups()
+    digits = digits.lstrip("0") or "0"
+    shift = 10 * ("KMGT".find(unit.upper()) + 1) if unit else 0
+    # (the digit count first: int() of thousands of digits is refused, or slow)
+    if len(digits) > 19 or int(digits) << shift > MAX_BYTES:
+        raise ConfigError(f"{_clip(text)}: too large; {_AT_MOST}")
+    return int(digits) << shift
+
+
+def _clip(text: str) -> str:
+    """`text` for an error message, cut short if it is long."""
+    return repr(text) if len(text) <= 40 else repr(text[:40]) + "..."
 
 
 def size_text(n: int) -> str:
@@ -58,11 +76,14 @@ def parse_cpu_list(text: str) -> set[int]:
     try:
         for part in text.split(","):
             first, _, last = part.partition("-")
-            cpus.update(range(int(first), int(last or first) + 1))
+            low, high = int(first), int(last or first)
+            if high > MAX_CPU:
+                raise ConfigError(f"{_clip(text)}: CPU {high}: CPUs are numbered 0..{MAX_CPU}")
+            cpus.update(range(low, high + 1))
     except ValueError:
-        raise ConfigError(f"{text!r}: expected CPUs like 3, 2,5 or 0-3") from None
+        raise ConfigError(f"{_clip(text)}: expected CPUs like 3, 2,5 or 0-3") from None
     if not cpus or min(cpus) < 0:
-        raise ConfigError(f"{text!r}: expected CPUs like 3, 2,5 or 0-3")
+        raise ConfigError(f"{_clip(text)}: expected CPUs like 3, 2,5 or 0-3")
     return cpus
 
 
@@ -98,7 +119,8 @@ class NamespaceSpec:
                 force = True
             elif key == "passthrough" and not value:
                 passthrough = True
-            elif key == "bs" and value.isdigit():
+            # (ASCII digits, and not thousands of them: int() refuses both "²" and those)
+            elif key == "bs" and value.isascii() and value.isdigit() and len(value) <= 20:
                 block_size = int(value)
                 if passthrough or "passthrough" in options:
                     raise ConfigError(
@@ -127,6 +149,11 @@ class NamespaceSpec:
             raise ConfigError(f"{name}: block size {self.block_size}; use 512 or 4096")
         if self.offset < 0 or (self.size is not None and self.size <= 0):
             raise ConfigError(f"{name}: a window needs offset >= 0 and size > 0")
+        if self.offset + (self.size or 0) > MAX_BYTES:
+            # (the numbers are left out: from JSON they can have thousands of digits)
+            raise ConfigError(f"{name}: the window's offset + size is too large; {_AT_MOST}")
+        if self.is_null:
+            self.null_size(name)  # a null:SIZE that does not read is refused now, not at open
         if self.offset % self.block_size:
             raise ConfigError(
                 f"{name}: offset {self.offset} is not a multiple of the {self.block_size}-byte "
@@ -143,6 +170,13 @@ class NamespaceSpec:
     @property
     def is_null(self) -> bool:
         return self.path.startswith("null:")
+
+    def null_size(self, name: str | None = None) -> int:
+        """The byte count of a `null:SIZE` namespace."""
+        try:
+            return parse_size(self.path[5:])
+        except ConfigError as exc:
+            raise ConfigError(f"{name or _clip(self.path)}: null:SIZE: {exc}") from None
 
     @property
     def windowed(self) -> bool:
@@ -172,7 +206,7 @@ class NamespaceSpec:
         a block device is opened exclusively."""
         backend: Backend
         if self.is_null:
-            backend = NullBackend(parse_size(self.path[5:]))
+            backend = NullBackend(self.null_size())
         elif self.passthrough:
             from .storage import resolve_passthrough  # (storage imports this module)
 
@@ -214,3 +248,9 @@ def make_namespace(nsid: int, backend: Backend, spec: NamespaceSpec) -> Namespac
     except ValueError as exc:
         backend.close()
         raise ConfigError(f"{spec.path}: {exc}") from exc
+
+
+#: the longest poll timeout taken (an hour): the data planes hold it in 64-bit
+#: nanoseconds, and a larger one would fail half way through making a controller
+MAX_POLL_TIMEOUT_MS = 3_600_000
+POLL_TIMEOUT_RANGE = f"0 or more, and at most {MAX_POLL_TIMEOUT_MS} (an hour)"

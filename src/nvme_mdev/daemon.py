@@ -36,8 +36,15 @@ from typing import Any, TypeVar
 
 from .backends.file import BackendError
 from .backends.io_engine import ENGINE_NAMES
-from .config import ConfigError, NamespaceSpec, parse_cpu_list, parse_size
-from .control import ControlError, Method
+from .config import (
+    MAX_POLL_TIMEOUT_MS,
+    POLL_TIMEOUT_RANGE,
+    ConfigError,
+    NamespaceSpec,
+    parse_cpu_list,
+    parse_size,
+)
+from .control import INVALID_PARAMS, ControlError, Method
 from .dataplane import DATA_PLANES
 from .engine.poller import DEFAULT_POLL_TIMEOUT
 from .nvme.identity import ControllerConfig
@@ -198,8 +205,8 @@ class ControllerSettings:
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from exc
         poll = _get(params, "poll_timeout_ms", int, where)
-        if poll is not None and poll < 0:
-            raise ConfigError(f"{where}: poll_timeout_ms must be 0 or more")
+        if poll is not None and not 0 <= poll <= MAX_POLL_TIMEOUT_MS:
+            raise ConfigError(f"{where}: poll_timeout_ms must be {POLL_TIMEOUT_RANGE}")
         listed = params.get("namespaces", params.get("namespace")) or []
         if not isinstance(listed, list):
             raise ConfigError(f"{where}: namespaces must be a list")
@@ -417,10 +424,13 @@ class Daemon:
             ns, lease = self.storage.open(req.spec, nsid, f"controller {name} nsid {nsid}")
             try:
                 managed.device.add_namespace(ns)
-            except ValueError as exc:
+            except BaseException as exc:
+                # Whatever failed, the controller took nothing: let go of the storage.
                 ns.backend.close()
                 lease.release()
-                raise ConfigError(f"controller {name}: {exc}") from exc
+                if isinstance(exc, ValueError):
+                    raise ConfigError(f"controller {name}: {exc}") from exc
+                raise
             managed.namespaces[nsid] = _Attached(req.spec, lease)
             log.info("controller %s: nsid %d attached (%s)", name, nsid, lease.path)
             return self.describe_namespace(managed, nsid)
@@ -639,6 +649,10 @@ def iothread_request(device: VirtualController, params: Mapping[str, Any]) -> di
         kwargs["cpus"] = None if cpus is None else {int(c) for c in cpus}
     if "poll_timeout_ms" in params:
         kwargs["poll_timeout_ms"] = int(params["poll_timeout_ms"])
+        if not 0 <= kwargs["poll_timeout_ms"] <= MAX_POLL_TIMEOUT_MS:
+            raise ControlError(
+                f"iothread: poll_timeout_ms must be {POLL_TIMEOUT_RANGE}", INVALID_PARAMS
+            )
     try:
         device.set_io_thread(**kwargs)
     except OSError as exc:

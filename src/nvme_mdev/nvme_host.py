@@ -11,11 +11,11 @@ import mmap
 import os
 import select
 import struct
-import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .dataplane.fence import full_fence
 from .guest_memory import words32
 from .nvme.spec import CQE, DOORBELL_BASE, SQE, AdminOpcode, IoOpcode, Reg
 from .vfio_user.client import GuestRam, VfioUserClient
@@ -168,10 +168,9 @@ class HostQueuePair:
         words = self.host.ram.words
         old = words[slot >> 2]
         words[slot >> 2] = value
-        # A full fence (a locked instruction) between our store and the EventIdx load,
-        # matching the device's between arming EventIdx and re-reading the shadow.
-        with self.host.barrier:
-            pass
+        # A full fence between our store and the EventIdx load, matching the device's
+        # between arming EventIdx and re-reading the shadow (Linux's mb() there).
+        full_fence()
         return need_event(words[event_slot >> 2], value, old)
 
     def reap(self, ring: bool = True) -> list[Completion]:
@@ -248,8 +247,6 @@ class NvmeHost:
         #: are stores to it
         self.mapped_bar0: memoryview | None = None
         self._bar0_map: mmap.mmap | None = None
-        #: acquired and released as a full memory fence (see _shadow_update)
-        self.barrier = threading.Lock()
 
     def map_doorbells(self) -> None:
         """Map BAR0's mmap-able doorbell page (`serve --mmap-doorbells`), as QEMU does:

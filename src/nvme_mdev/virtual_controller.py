@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import fcntl
 import logging
 import mmap
 import os
@@ -66,8 +67,15 @@ class VirtualController:
         if mmap_doorbells:
             # The doorbell page is ordinary shared memory: the client maps it into the
             # guest, doorbell writes land there without a trap, the I/O thread polls it.
-            self._bar0_fd = os.memfd_create("nvme-mdev-bar0", os.MFD_CLOEXEC)
+            self._bar0_fd = os.memfd_create("nvme-mdev-bar0", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             os.ftruncate(self._bar0_fd, BAR0_SIZE)
+            # The client gets this fd: sealed, it cannot shrink it under our mapping
+            # (the next doorbell poll would raise SIGBUS).
+            fcntl.fcntl(
+                self._bar0_fd,
+                fcntl.F_ADD_SEALS,
+                fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL,
+            )
             self._bar0_map = mmap.mmap(self._bar0_fd, BAR0_SIZE)
             with memoryview(self._bar0_map) as bar0:
                 doorbell_words = words32(bar0[DOORBELL_BASE : DOORBELL_BASE + PAGE_SIZE])
@@ -100,8 +108,15 @@ class VirtualController:
         self.function.attach_bar0(self.controller)
         self.data = self.controller.data
         self.memory.add_listener(self.data.memory_changed)
+        self.memory.on_lost(self._guest_memory_lost)
         self.admin_worker = AdminWorker(self.controller)
         self.server = VfioUserServer(socket_path, self.function, self.memory)
+
+    def _guest_memory_lost(self) -> None:
+        """The client truncated memory it had mapped (it reads as zeroes now): this
+        controller cannot go on, the others in the process are not affected."""
+        with self.controller.lock:
+            self.controller.fatal("the client truncated guest memory mapped for DMA")
 
     @contextlib.contextmanager
     def _quiesced(self) -> Iterator[None]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,8 +105,39 @@ def read_blocks(
 
 def settle(seconds: float = 0.05) -> None:
     """Give the device's threads time to act on what was sent (for checking that
-    something did NOT happen)."""
+    something did NOT happen; never for waiting until something has: see wait_until)."""
     time.sleep(seconds)
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 60.0) -> None:
+    """Until `condition` holds. The timeout is no speed requirement: it only catches
+    what never happens, however loaded the machine."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not in {timeout} s")
+        time.sleep(0.001)
+
+
+def completion_waiting(q: HostQueuePair) -> bool:
+    """Whether the entry at the head of q's CQ is a new completion (its Phase Tag is
+    the current phase), looked at without consuming it."""
+    cq = q.cq_pair
+    entry = cq.host.ram.read(cq.cq_addr + cq.cq_head * 16, 16)
+    return entry[14] & 1 == cq.phase  # bit 0 of the Status Field's word
+
+
+def reap_unrung(q: HostQueuePair, count: int) -> list[Completion]:
+    """The next `count` completions of q's CQ, once they have arrived, reaped without
+    ringing its head doorbell: the controller still counts their entries as in use."""
+    done: list[Completion] = []
+
+    def arrived() -> bool:
+        done.extend(q.reap(ring=False))
+        return len(done) >= count
+
+    wait_until(arrived, f"{count} completions on queue {q.qid}")
+    return done
 
 
 __all__ = [
@@ -122,8 +154,11 @@ __all__ = [
     "Status",
     "assert_ok",
     "assert_status",
+    "completion_waiting",
     "pattern",
     "read_blocks",
+    "reap_unrung",
     "settle",
+    "wait_until",
     "write_blocks",
 ]

@@ -17,7 +17,10 @@ from nvme_mdev.nvme.spec import FeatureId, Reg, Status
 from nvme_mdev.nvme_host import BAR0, NvmeHost, create_io_sq
 
 CC_ENABLED = (4 << 20) | (6 << 16) | 1  # IOCQES 16 B, IOSQES 64 B, EN
+CC_CRIME = 1 << 24
 CSTS_RDY, CSTS_CFS = 1, 2
+#: CAP.CRMS (bits 60:59): Controller Ready With Media / Independent of Media Support
+CAP_CRWMS, CAP_CRIMS = 1 << 59, 1 << 60
 
 
 def _shst(csts: int) -> int:
@@ -32,14 +35,51 @@ def _program_admin_queues(h: NvmeHost, entries: int = 8) -> None:
 
 
 def test_3_1_4_cap_describes_the_controller(host: NvmeHost) -> None:
-    """CAP: MQES (0's based), CQR, TO, DSTRD 0, CSS bit 0 (NVM), MPSMIN/MPSMAX 4 KiB."""
+    """CAP: MQES (0's based, 'the minimum value is 1h, indicating two entries'), CQR,
+    TO, DSTRD 0, CSS bit 0 (NVM), MPSMIN/MPSMAX 4 KiB."""
     cap = host.client.read64(BAR0, Reg.CAP)
-    assert cap & 0xFFFF == 1023  # MQES: 1024 entries
+    assert cap & 0xFFFF >= 1  # MQES: at least two entries
     assert (cap >> 16) & 1 == 1  # CQR: contiguous queues required
     assert (cap >> 24) & 0xFF > 0  # TO: a ready timeout is given
     assert (cap >> 32) & 0xF == 0  # DSTRD: 4-byte doorbell stride
     assert (cap >> 37) & 1 == 1  # CSS bit 0: NVM Command Set
     assert (cap >> 48) & 0xF == 0 and (cap >> 52) & 0xF == 0  # MPSMIN = MPSMAX = 4 KiB
+
+
+def test_3_1_4_cap_crms_crwms_is_set_from_version_2_0(host: NvmeHost) -> None:
+    """CAP.CRMS.CRWMS 'shall be set to 1 on controllers compliant with NVM Express Base
+    Specification, Revision 2.0 and later' (Figure 36); CRTO is then the property that
+    bounds the wait for CSTS.RDY."""
+    cap = host.client.read64(BAR0, Reg.CAP)
+    if host.reg32(Reg.VS) >> 16 >= 2:
+        assert cap & CAP_CRWMS
+    if cap & CAP_CRIMS:  # CC.CRIME is only writable with CRMS 11b
+        assert cap & CAP_CRWMS
+
+
+def test_3_1_4_cap_to_is_crto_crwmt_in_controller_ready_with_media_mode(
+    host: NvmeHost,
+) -> None:
+    """With CC.CRIME clear, CAP.TO 'shall be set to the value in CRTO.CRWMT, or FFh if
+    CRTO.CRWMT is greater' (Figure 36, CAP.TO; Figure 57, CRTO bits 15:00): so CRWMT
+    is never below CAP.TO, which Linux reports as "bad crto" at every probe."""
+    assert host.reg32(Reg.CC) & CC_CRIME == 0
+    to = (host.client.read64(BAR0, Reg.CAP) >> 24) & 0xFF
+    crwmt = host.reg32(Reg.CRTO) & 0xFFFF
+    assert to > 0, "CAP.TO: a worst-case ready time is given"
+    assert crwmt >= to, f"CRTO.CRWMT {crwmt} below CAP.TO {to}"
+    assert to == min(crwmt, 0xFF)
+
+
+def test_3_1_4_crto_crimt_is_zero_without_crims_and_never_above_crwmt(host: NvmeHost) -> None:
+    """CRTO.CRIMT (bits 31:16): 'If the CAP.CRMS.CRIMS bit is cleared to 0, then the
+    controller shall clear this field to 0h'; CRWMT 'shall be greater than or equal to
+    the value of the CRTO.CRIMT field' (Figure 57)."""
+    crto = host.reg32(Reg.CRTO)
+    crimt, crwmt = crto >> 16, crto & 0xFFFF
+    if not host.client.read64(BAR0, Reg.CAP) & CAP_CRIMS:
+        assert crimt == 0, f"CRTO {crto:#x}: CRIMT {crimt} without CAP.CRMS.CRIMS"
+    assert crwmt >= crimt
 
 
 def test_3_1_4_vs_reports_a_version_of_at_least_1_2(host: NvmeHost) -> None:

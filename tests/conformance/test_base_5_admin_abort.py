@@ -5,7 +5,7 @@ controller fetches nothing while it could not post the completion (3.3.1)."""
 
 from __future__ import annotations
 
-from conformance_support import NS512, assert_ok, assert_status, settle
+from conformance_support import NS512, assert_ok, assert_status, completion_waiting, wait_until
 
 from nvme_mdev.nvme.spec import Status
 from nvme_mdev.nvme_host import HostQueuePair, NvmeHost, abort, flush
@@ -16,7 +16,8 @@ def _stalled_queue(host: NvmeHost, queued: int) -> tuple[HostQueuePair, list[int
     `queued` more commands waiting in the SQ behind it."""
     q = host.create_queue_pair(1, entries=16, cq_entries=2)
     cids = q.submit_batch([flush(NS512) for _ in range(queued + 1)])
-    settle(0.1)
+    # The first completion fills the CQ: from then on the controller fetches nothing.
+    wait_until(lambda: completion_waiting(q), "the first completion")
     return q, cids
 
 

@@ -17,6 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools" / "guest"))
 
+from live_guest import run_guest  # noqa: E402
+
 import guestvm  # noqa: E402
 from nvme_mdev.control import call  # noqa: E402
 
@@ -71,10 +73,10 @@ def device(request: pytest.FixtureRequest, tmp_path: Path, images: list[Path]) -
 
 
 def boot(script: str, device: Device, timeout: float = 900) -> guestvm.GuestResult:
-    result = guestvm.run_guest(script, sockets=[str(device.socket)], timeout=timeout)
-    print(result.output)
-    print(device.log())
-    return result
+    try:
+        return run_guest(script, sockets=[str(device.socket)], timeout=timeout)
+    finally:
+        print(device.log())
 
 
 def test_linux_guest_uses_the_device(device: Device, images: list[Path]) -> None:
@@ -116,15 +118,14 @@ def test_guest_killed_mid_write_loses_no_acknowledged_data(tmp_path: Path) -> No
             " oflag=direct 2>/dev/null; done\n"
         )
         # The guest never finishes its endless write: the host kills QEMU first.
-        result = guestvm.run_guest(script, sockets=[str(dev.socket)], timeout=45)
-        print(result.output)
+        result = run_guest(script, sockets=[str(dev.socket)], timeout=45)
         assert "MARKER-WRITTEN" in result.output, dev.log()
         assert result.status == -1  # killed, not exited
         data = image.read_bytes()[10 * 4096 :]
         assert data.startswith(b"acknowledged-1\nacknowledged-2\n")
         assert b"acknowledged-1000\n" in data[:20480]
         assert dev.proc.poll() is None, "the device must survive its client's death"
-        again = guestvm.run_guest(
+        again = run_guest(
             "for _ in $(seq 300); do [ -b /dev/nvme0n1 ] && break; sleep 0.1; done; nvme list",
             sockets=[str(dev.socket)],
             timeout=300,
@@ -153,8 +154,7 @@ def test_deep_queue_completions_are_never_misread(tmp_path: Path) -> None:
             "dmesg | grep -Ei 'nvme.*(timeout|abort|reset|invalid id|genctr|error)' || true\n"
             "echo DEEP-DONE\n"
         )
-        result = guestvm.run_guest(script, sockets=[str(dev.socket)], smp=1, timeout=300)
-        print(result.output)
+        result = run_guest(script, sockets=[str(dev.socket)], smp=1, timeout=300)
         assert result.status == 0, dev.log()
         assert "DEEP-DONE" in result.output
         fio = next(line.split() for line in result.output.splitlines() if line.startswith("FIO"))
@@ -207,14 +207,13 @@ def test_guest_variants(
         f.truncate(64 << 20)
     dev = Device(tmp_path, str(image), extra=serve_args)
     try:
-        result = guestvm.run_guest(
+        result = run_guest(
             SMALL_CHECK,
             sockets=[str(dev.socket)],
             timeout=300,
             kernel_args=kernel_args,
             shared_memory=shared_memory,
         )
-        print(result.output)
         assert result.status == 0, dev.log()
         assert "SMALL-CHECK-PASS" in result.output
         assert interrupts in result.output

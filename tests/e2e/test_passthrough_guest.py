@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools" / "guest"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from live_guest import run_guest  # noqa: E402
 from passthrough_client import MARK, MARK_LBA  # noqa: E402
 
 import guestvm  # noqa: E402
@@ -77,10 +78,7 @@ def test_passthrough_in_a_guest_on_qemus_nvme(tmp_path: Path) -> None:
     image = tmp_path / "nvme.img"
     with open(image, "wb") as f:
         f.truncate(64 << 20)
-    result = guestvm.run_guest(
-        SCRIPT, emulated_nvme_images=[image], shares={"project": ROOT}, timeout=600
-    )
-    print(result.output)
+    result = run_guest(SCRIPT, emulated_nvme_images=[image], shares={"project": ROOT}, timeout=600)
     if result.status == NO_PYTHON:
         pytest.skip("the guest tree has no python3: run tools/guest/prepare.sh to add it")
     assert result.ok, f"guest script exited {result.status}"

@@ -110,6 +110,17 @@ echo FAIL-PASS
 """
 
 
+#: What Linux logs, as it should, about the commands the failed disk refuses: the nvme
+#: driver's line per failed command ("nvme0n1: Read(0x2) @ LBA 1, 8 blocks, Namespace
+#: Not Ready (sct 0x0 / sc 0x82) DNR") and the block layer's ("critical target error,
+#: dev nvme0n1, sector 8 ...", "Buffer I/O error on dev nvme0n1, ...").
+FAILING_DISK_WARNINGS = [
+    r"nvme\d+n\d+: \w[\w ]*\(0x[0-9a-f]+\) @ LBA \d+",
+    r"\berror, dev nvme\d+n\d+, sector",
+    r"Buffer I/O error on dev nvme\d+n\d+",
+]
+
+
 @pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("losetup") is None, reason="loop devices need root"
 )
@@ -132,7 +143,12 @@ def test_a_disk_that_goes_away_fails_fast_in_a_linux_guest(tmp_path: Path) -> No
                 if Path(f"{sock}.ctl").exists() or serve.poll() is not None:
                     break
                 time.sleep(0.02)
-            guest = BackgroundGuest(FAILING_SCRIPT, [sock], tmp_path / "console.log")
+            guest = BackgroundGuest(
+                FAILING_SCRIPT,
+                [sock],
+                tmp_path / "console.log",
+                expected_kernel_warnings=FAILING_DISK_WARNINGS,
+            )
             try:
                 guest.wait_for("FAIL-READY")
                 # As a deleted disk does: capacity 0 (del_gendisk sets it so).

@@ -123,24 +123,48 @@ def test_bench_refuses_an_existing_file(tmp_path: Path, capsys: pytest.CaptureFi
 
 def test_batched_submission_with_shadow_doorbells(tmp_path: Path) -> None:
     """submit_batch rings once for many; with shadow doorbells the tail travels in
-    guest memory and the device still runs every command."""
+    guest memory and the device still runs every command. Between batches the host
+    stalls for longer than the poll timeout, as a loaded machine makes it do: the I/O
+    thread parks (seen in its statistics) with EventIdx armed at the consumed tail, so
+    the next batch's shadow update finds that EventIdx asks for the real doorbell and
+    rings it, as Linux does; nothing is stranded."""
+    poll_timeout = 0.05
     ns = NamespaceSpec.parse("null:1M").open(1)
-    vc = VirtualController(str(tmp_path / "s.sock"), [ns], poll_timeout=0.05)
+    vc = VirtualController(str(tmp_path / "s.sock"), [ns], poll_timeout=poll_timeout)
     vc.start()
     try:
         with NvmeHost(str(tmp_path / "s.sock")) as host:
             host.enable()
             host.enable_shadow_doorbells()
+            assert host.shadow_doorbells is not None
+            _, eventidx = host.shadow_doorbells
             q = host.create_queue_pair(1, vector=1)
             buf = host.alloc(4096)
-            parks = vc.statistics()["io_thread"]["parks"]
-            for _ in range(3):
+
+            def counters() -> tuple[int, int]:
+                stats = vc.statistics()
+                return int(stats["io_thread"]["parks"]), int(stats["doorbell_traps"])
+
+            def parked_since(parks: int) -> bool:
+                armed = int.from_bytes(host.ram.read(eventidx + 8, 4), "little") == q.sq_tail
+                return armed and counters()[0] > parks
+
+            for round_ in range(3):
+                parks, traps = counters()
                 cids = q.submit_batch(read_write(0x02, 1, buf, i * 8, 8) for i in range(8))
-                done = q.wait(8)
+                done = q.wait(8, timeout=60)
                 assert sorted(c.cid for c in done) == sorted(cids)
                 assert all(c.ok for c in done)
-                time.sleep(0.2)  # past the poll timeout: EventIdx asks for a real doorbell
-            assert vc.statistics()["io_thread"]["parks"] > parks
+                if round_:  # it found the thread parked: EventIdx asked for a doorbell
+                    assert counters()[1] > traps
+                # The stall: until the thread has parked (whenever this machine gets it
+                # there; the deadline only catches a thread that never does), then
+                # three poll timeouts more.
+                deadline = time.monotonic() + 60
+                while not parked_since(parks):
+                    assert time.monotonic() < deadline, "the I/O thread never parked"
+                    time.sleep(0.005)
+                time.sleep(3 * poll_timeout)
         assert vc.controller.counters.host_read_commands == 24
     finally:
         vc.stop()

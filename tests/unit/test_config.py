@@ -1,13 +1,22 @@
 from __future__ import annotations
 
 import contextlib
+import struct
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nvme_mdev.config import ConfigError, NamespaceSpec, parse_size
+from nvme_mdev.config import (
+    MAX_BYTES,
+    MAX_CPU,
+    ConfigError,
+    NamespaceSpec,
+    parse_cpu_list,
+    parse_size,
+)
+from nvme_mdev.nvme.admin.identify import namespace_data
 
 
 @pytest.mark.parametrize(
@@ -46,6 +55,9 @@ def test_namespace_options() -> None:
         ("a,bs=1024", "block size 1024"),
         ("a,rw", "unknown option"),
         ("a,bs=x", "unknown option"),
+        # found by tests/fuzz (namespace_spec): int() refused these with a ValueError
+        ("a,bs=\u00b2", "unknown option"),
+        ("a,bs=" + "1" * 5000, "unknown option"),
     ],
 )
 def test_namespace_spec_errors(text: str, message: str) -> None:
@@ -122,3 +134,51 @@ def test_open_a_window(tmp_path: Path) -> None:
         ns.backend.close()
     with pytest.raises(ConfigError, match="reaches past the end"):
         NamespaceSpec.parse(f"{image},offset=8K,size=16K").open(1)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("8388607T", 8388607 << 40), ("9223372036854775807", MAX_BYTES), ("0" * 100 + "1K", 1024)],
+)
+def test_parse_size_up_to_the_largest_file_offset(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize(
+    "text", ["8388608T", "9223372036854775808", "1000000000000000000000000T", "9" * 5000]
+)
+def test_parse_size_refuses_what_no_file_can_hold(text: str) -> None:
+    with pytest.raises(ConfigError, match=r"too large; give at most 8388607T") as refused:
+        parse_size(text)
+    assert len(str(refused.value)) < 200  # one short line, however long the number
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("null:1000000000000000000000000T", r"null:SIZE: .* too large; give at most 8388607T"),
+        ("null:8388608T", "too large"),
+        ("null:" + "9" * 5000, "too large"),
+        ("a.img,size=9223372036854775808", "too large"),
+        ("a.img,offset=8388607T,size=1T", r"offset \+ size is too large"),
+        ("a.img,offset=4T,size=8388604T", r"offset \+ size is too large"),
+        ("null:x", "not a size"),  # refused when parsed, not later when opened
+    ],
+)
+def test_sizes_nvme_and_files_cannot_hold_are_refused(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        NamespaceSpec.parse(text)
+
+
+def test_the_largest_null_namespace_is_identified() -> None:
+    """The largest size taken still fits what the guest is told (NSZE is 64 bits)."""
+    ns = NamespaceSpec.parse(f"null:{MAX_BYTES >> 40}T").open(1)
+    nsze, ncap, nuse = struct.unpack_from("<QQQ", namespace_data(ns, 1 << 20))
+    assert nsze == ncap == nuse == ns.blocks == (MAX_BYTES >> 40 << 40) // 512
+
+
+@pytest.mark.parametrize("text", ["8000-9000", "8192", "0-99999999999"])
+def test_cpu_lists_are_bounded(text: str) -> None:
+    with pytest.raises(ConfigError, match=r"CPUs are numbered 0\.\.8191"):
+        parse_cpu_list(text)
+    assert parse_cpu_list("8191") == {MAX_CPU}

@@ -169,3 +169,49 @@ def test_systemd_is_told_when_the_daemon_is_ready(
         monkeypatch.setenv("NOTIFY_SOCKET", str(path))
         _sd_notify("READY=1")
         assert listener.recv(64) == b"READY=1"
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"spec": "a", "size": 10**30}, "too large"),
+        ({"spec": "a", "offset": 1 << 63}, "too large"),
+        ({"spec": "a", "offset": "8388607T", "size": "1T"}, "too large"),
+        ({"spec": "null:1000000000000000000000000T"}, "too large"),
+    ],
+)
+def test_namespace_sizes_are_bounded(params: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        NamespaceRequest.from_params(params, "ns")
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"poll_timeout_ms": 10**30}, "at most 3600000"),
+        ({"poll_timeout_ms": 3_600_001}, "at most 3600000"),
+        # (unbounded, this one was a set of 10^11 numbers: the daemon ran out of memory)
+        ({"iothread_cpu": "0-99999999999"}, r"numbered 0\.\.8191"),
+        ({"iothread_cpu": "8000-9000"}, r"numbered 0\.\.8191"),
+    ],
+    ids=["poll-huge", "poll-over-an-hour", "cpus-0-99999999999", "cpus-8000-9000"],
+)
+def test_controller_numbers_are_bounded(params: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ControllerSettings.from_params({"name": "a", "socket": "s", **params})
+    assert (
+        ControllerSettings.from_params(
+            {"name": "a", "socket": "s", "poll_timeout_ms": 3_600_000}
+        ).poll_timeout_ms
+        == 3_600_000
+    )
+
+
+def test_a_config_file_with_a_namespace_too_large_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "big.toml"
+    path.write_text(
+        '[[controller]]\nname = "vm1"\nsocket = "/run/vm1.sock"\n'
+        '[[controller.namespace]]\nspec = "null:1000000000000000000000000T"\n'
+    )
+    with pytest.raises(ConfigError, match=r"big.toml: .*too large; give at most 8388607T"):
+        load_config(str(path))

@@ -139,7 +139,15 @@ class Controller:
         """Add `ns`, telling the host nothing (a hot add is attach_namespace)."""
         with self.lock:
             self._check_namespace(ns)
-            self.data.attach_namespace(ns)
+            try:
+                self.data.attach_namespace(ns)
+            except BaseException:
+                # Leave no half-added namespace: the data plane (whose own table the
+                # native one keeps) and ours forget it; the caller closes its backend.
+                with contextlib.suppress(Exception):
+                    self.data.detach_namespace(ns.nsid)
+                self.namespaces.pop(ns.nsid, None)
+                raise
 
     def _check_namespace(self, ns: Namespace) -> None:
         if not 1 <= ns.nsid <= self.config.max_namespaces:
@@ -377,10 +385,18 @@ class Controller:
     def _shutdown(self) -> None:
         """Normal or abrupt shutdown: stop processing and make all data durable."""
         r = self.registers
+        failed = []
         with self.data.paused():
             for ns in self.namespaces.values():
-                with contextlib.suppress(OSError):
+                try:
                     ns.backend.flush()
+                except OSError as exc:
+                    failed.append(f"nsid {ns.nsid}: {exc}")
+        if failed:
+            # What the host wrote may not be durable: never report the shutdown complete
+            # then; the host sees a fatal controller instead.
+            self.fatal(f"shutdown: flush failed: {'; '.join(failed)}")
+            return
         r.csts = regs.with_shst(r.csts, CSTS_SHST_COMPLETE)
 
     def reset(self) -> None:
@@ -470,12 +486,13 @@ class Controller:
                 return 0
             sq.refresh_tail()  # a mapped doorbell
             try:
-                while not sq.is_empty() and not cq.is_full():
+                # (A command may make the controller fatal: nothing is run or posted after.)
+                while not sq.is_empty() and not cq.is_full() and not self.registers.fatal:
                     dw = SQE.unpack(sq.fetch())
                     self._complete_admin(cq, sq, dw)
                     done += 1
                 tail = cq.tail
-                if self.events.deliverable():
+                if self.events.deliverable() and not self.registers.fatal:
                     self.events.deliver(self)
                 posted = done or cq.tail != tail
             except DmaError as exc:

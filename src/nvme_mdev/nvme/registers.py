@@ -140,6 +140,18 @@ class RegisterFile:
         if offset == Reg.AQA:
             return self.aqa
         if offset == Reg.CRTO:
-            # CRTO.CRWMT (31:16) must cover CAP.TO (Base 2.0, Controller Ready Timeouts).
-            return ((self.cap >> 24) & 0xFF) << 16
+            return controller_ready_timeouts(self.cap)
         return 0
+
+
+def controller_ready_timeouts(cap: int) -> int:
+    """CRTO for a controller with capabilities `cap` (Base 2.1, Figure 57 'CRTO -
+    Controller Ready Timeouts', and CAP.TO in Figure 36).
+
+    CRWMT (bits 15:00, 500 ms units) is the worst-case time to ready in Controller
+    Ready With Media mode, the only mode here (CC.CRIME reads 0): CAP.TO 'shall be set
+    to the value in CRTO.CRWMT, or FFh if that is greater', so CRWMT is CAP.TO.
+    CRIMT (bits 31:16): 'If the CAP.CRMS.CRIMS bit is cleared to 0, then the controller
+    shall clear this field to 0h'. Linux reads CRWMT when CAP.CRMS.CRWMS is set and
+    warns "bad crto" if it is below CAP.TO."""
+    return (cap >> 24) & 0xFF  # CRIMT 0h (CAP.CRMS.CRIMS is never set), CRWMT = CAP.TO

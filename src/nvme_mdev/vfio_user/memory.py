@@ -15,22 +15,31 @@ outlives its mapping as long as the device drops its views then.
 
 A range that spans two adjacent regions has no single view: `view()` checks it
 and returns None, and `read()` / `write()` go region by region.
+
+The client may truncate the file behind a mapping at any time; touching a lost page
+raises SIGBUS, which would end the whole daemon. Every mapping is guarded (the native
+crate's sigbus.rs): such a fault turns the mapping into zeroes and counts against the
+client's memory, and the watcher here tells its owner (the controller goes fatal).
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import logging
 import mmap
 import os
+import select
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
+from .. import _native
 from ..guest_memory import DmaError, MappedRegion
-from .protocol import MAX_DMA_MAPS, Bytes, ProtocolError
+from .protocol import SERVER_MAX_DMA_MAPS, Bytes, ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +65,8 @@ class DmaRegion:
     mapping: mmap.mmap | None = field(default=None, repr=False)
     #: exactly [iova, iova+size) of the mapping (read-only unless writable)
     buffer: memoryview | None = field(default=None, repr=False)
+    #: the zone that guards the mapping against SIGBUS, and the mapping's address in it
+    guard: tuple[_native.SigbusZone, int] | None = field(default=None, repr=False)
 
     @property
     def end(self) -> int:
@@ -71,6 +82,10 @@ class DmaRegion:
         if self.buffer is not None:
             self.buffer.release()
             self.buffer = None
+        if self.guard is not None:
+            zone, address = self.guard
+            zone.unguard(address)
+            self.guard = None
         if self.mapping is not None:
             try:
                 self.mapping.close()
@@ -92,18 +107,32 @@ class DmaMemory:
     """The client's DMA regions (GuestMemory). Map and unmap from one thread (the
     server's); view/read/write from any."""
 
-    def __init__(self, max_regions: int = MAX_DMA_MAPS) -> None:
+    def __init__(self, max_regions: int = SERVER_MAX_DMA_MAPS) -> None:
         self.max_regions = max_regions
         self._table = _Table()
         self._transport: MessageDma | None = None
         self._lock = threading.Lock()  # serialises writers; readers take none
         #: told after every change of the table (the device's data plane)
         self._listeners: list[Callable[[], None]] = []
+        self._zone = _native.SigbusZone()
+        self._lost: Callable[[], None] | None = None
+        _watcher.watch(self)
 
     def add_listener(self, changed: Callable[[], None]) -> None:
         """Call `changed()` after every map and unmap (an unmap while the device is
         quiesced, before the memory goes)."""
         self._listeners.append(changed)
+
+    def on_lost(self, lost: Callable[[], None]) -> None:
+        """Call `lost()` (on the watcher's thread) each time a client has truncated
+        memory it mapped and the device touched what is gone: that memory reads as
+        zeroes from then on, so whatever uses it must stop (the controller goes fatal)."""
+        self._lost = lost
+
+    @property
+    def faults(self) -> int:
+        """How many mappings faulted so far (each is now zeroes)."""
+        return self._zone.faults
 
     def _changed(self) -> None:
         for changed in self._listeners:
@@ -137,9 +166,12 @@ class DmaMemory:
                     raise ProtocolError(errno.EEXIST, f"DMA_MAP {iova:#x}+{size:#x} overlaps")
                 if fd is not None:
                     region.mapping, region.buffer = _mmap(fd, offset, size, readable, writable)
+                    region.guard = (self._zone, self._zone.guard(region.mapping))
                 i = bisect.bisect_left(table.starts, iova)
-                self._table = _table(
+                self._table = _Table(
+                    (*table.starts[:i], iova, *table.starts[i:]),
                     (*table.regions[:i], region, *table.regions[i:]),
+                    table.message_regions + (region.mapping is None),
                 )
             self._changed()
             return region
@@ -157,7 +189,11 @@ class DmaMemory:
             if i < len(table.regions) and table.regions[i].iova == iova:
                 region = table.regions[i]
                 if region.size == size:
-                    self._table = _table((*table.regions[:i], *table.regions[i + 1 :]))
+                    self._table = _Table(
+                        (*table.starts[:i], *table.starts[i + 1 :]),
+                        (*table.regions[:i], *table.regions[i + 1 :]),
+                        table.message_regions - (region.mapping is None),
+                    )
                     self._changed()
                     return [region]
             if _overlapping(table, iova, size):
@@ -296,14 +332,6 @@ class DmaMemory:
         return transport
 
 
-def _table(regions: Sequence[DmaRegion]) -> _Table:
-    return _Table(
-        tuple(r.iova for r in regions),
-        tuple(regions),
-        sum(1 for r in regions if r.mapping is None),
-    )
-
-
 def _overlapping(table: _Table, iova: int, size: int) -> bool:
     i = bisect.bisect_right(table.starts, iova) - 1
     if i >= 0 and table.regions[i].end > iova:
@@ -338,3 +366,49 @@ def _mmap(
     if not writable:
         buffer = buffer.toreadonly()
     return mapping, buffer
+
+
+class _Watcher:
+    """Reads the SIGBUS handler's eventfd and tells each memory that has faulted since
+    it was last told (one client after another may truncate what they mapped). One
+    thread for the process, started with the first memory."""
+
+    def __init__(self) -> None:
+        #: each memory watched, and how many of its faults it has been told of
+        self._memories: weakref.WeakKeyDictionary[DmaMemory, int] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, memory: DmaMemory) -> None:
+        with self._lock:
+            self._memories[memory] = 0
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run,
+                    args=(_native.sigbus_notifier(),),
+                    name="sigbus-watch",
+                    daemon=True,
+                )
+                self._thread.start()
+
+    def _run(self, notifier: int) -> None:
+        poller = select.poll()
+        poller.register(notifier, select.POLLIN)
+        while True:
+            poller.poll()
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(notifier)
+            with self._lock:
+                lost = [m for m, told in self._memories.items() if m.faults > told]
+                for memory in lost:
+                    self._memories[memory] = memory.faults
+            for memory in lost:
+                log.error("a client truncated guest memory it had mapped for DMA")
+                if memory._lost is not None:
+                    try:
+                        memory._lost()
+                    except Exception:
+                        log.exception("handling lost guest memory failed")
+
+
+_watcher = _Watcher()

@@ -87,7 +87,12 @@ MAX_MSG_FDS: Final = 16
 MAX_DATA_XFER_SIZE: Final = 1 << 20
 #: QEMU refuses a max_data_xfer_size above this
 MAX_MAX_DATA_XFER_SIZE: Final = 64 << 20
+#: the protocol's default max_dma_maps, for a peer that does not say
 MAX_DMA_MAPS: Final = 65535
+#: the most DMA regions we accept at once (QEMU maps a handful per VM; libvfio-user
+#: servers take 16 by default). Each DMA_MAP costs a copy of the region table, so the
+#: bound is also what one map can cost.
+SERVER_MAX_DMA_MAPS: Final = 4096
 PAGE_SIZE: Final = 4096
 #: the largest message either side may send: a data transfer plus its headers
 MAX_MESSAGE_SIZE: Final = MAX_DATA_XFER_SIZE + 4096
@@ -354,7 +359,7 @@ def negotiate(client: Capabilities) -> Capabilities:
         pgsizes=None if client.pgsizes is None else PAGE_SIZE,
         max_dma_maps=None
         if client.max_dma_maps is None
-        else min(client.max_dma_maps, MAX_DMA_MAPS),
+        else min(client.max_dma_maps, SERVER_MAX_DMA_MAPS),
         write_multiple=True if client.write_multiple else None,
     )
 
@@ -701,7 +706,8 @@ class IrqSet:
                 raise ProtocolError(errno.EINVAL, f"SET_IRQS: eventfd data of {len(data)} bytes")
             if num_fds not in (0, count):
                 raise ProtocolError(errno.EINVAL, f"SET_IRQS: {num_fds} fds for {count} vectors")
-            data = b""
+            # Decoded as QEMU's layout, argsz included: encode() gives what decodes again.
+            data, argsz = b"", IRQ_SET.size
         elif data or argsz != IRQ_SET.size:
             raise ProtocolError(
                 errno.EINVAL, f"SET_IRQS: DATA_NONE with {len(data)} bytes, argsz {argsz}"

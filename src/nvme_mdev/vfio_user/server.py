@@ -702,6 +702,9 @@ class VfioUserServer:
         if request.data_type == p.IRQ_SET_DATA_EVENTFD:
             # No fds at all: QEMU's way to detach a run of vectors.
             fds = message.fds or [-1] * request.count
+            for fd in fds:
+                if fd >= 0:
+                    _interrupt_eventfd(fd)
             message.fds = []  # the device owns them from here on, even if it fails
         self.device.set_irqs(
             IrqSet(
@@ -747,6 +750,21 @@ class VfioUserServer:
             raise p.ProtocolError(errno.EINVAL, f"no region {index}")
 
 
+def _interrupt_eventfd(fd: int) -> None:
+    """Make sure an interrupt fd is an eventfd that never blocks the device. Any other
+    fd (a pipe, a socket) could block the interrupt write, with the MSI-X lock held,
+    and with it resets and the daemon's management. O_NONBLOCK is set on the shared
+    file description: QEMU creates its eventfds non-blocking anyway; a write to a full
+    counter then fails, and the interrupt it would have sent is pending already."""
+    try:
+        kind = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        kind = "?"
+    if kind != "anon_inode:[eventfd]":
+        raise p.ProtocolError(errno.EINVAL, f"SET_IRQS: fd is not an eventfd ({kind})")
+    os.set_blocking(fd, False)
+
+
 def _request(decoded: p.Decoded, kind: type[_T]) -> _T:
     request = decoded.request
     if not isinstance(request, kind):
@@ -761,9 +779,10 @@ def _command_name(command: int) -> str:
         return f"command {command}"
 
 
-def listen_unix(path: str) -> socket.socket:
+def listen_unix(path: str, backlog: int = 2) -> socket.socket:
     """A listening socket at `path`, owner-only from the start; a stale socket file
-    (nobody listening) is replaced, anything else refused."""
+    (nobody listening) is replaced, anything else refused. `backlog`: connections
+    the kernel queues before accept()."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -792,7 +811,7 @@ def listen_unix(path: str) -> socket.socket:
             raise SocketInUse(f"{path}: {exc.strerror}") from None
         finally:
             os.umask(old)
-    listener.listen(2)
+    listener.listen(backlog)
     return listener
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from nvme_mdev.backends.file import FileBackend
 from nvme_mdev.backends.io_engine import IoEngine, make_io_engine
 from nvme_mdev.dataplane import QueueState, make_vector_routes
+from nvme_mdev.dataplane.fence import full_fence
 from nvme_mdev.guest_memory import DmaError, MappedRegion, words32
 from nvme_mdev.nvme.controller import Controller
 from nvme_mdev.nvme.identity import ControllerConfig
@@ -194,14 +195,17 @@ class HostQueue:
         self.cq_head = 0
         self.phase = 1
         self.next_cid = 0
-        #: set when shadow doorbells are used: tails/heads go to guest memory, no MMIO
+        #: set when shadow doorbells are used (use_shadow_doorbells): tails and heads
+        #: go to guest memory, and the real doorbell is rung only when asked
         self.shadow_sq: int | None = None
         self.shadow_cq: int | None = None
-        #: set too for a guest that honours EventIdx (as Linux does): it rings the real
-        #: doorbell when the controller's EventIdx asks for it (need_event)
+        #: the controller's EventIdx slots for the shadowed SQ and CQ. The guest rings
+        #: the real doorbell when the value it stores passes them (need_event), as
+        #: Linux's nvme_dbbuf_update_and_check_event does; without that a parked I/O
+        #: thread would never see the new value. None: a guest that ignores EventIdx
+        #: (only for showing that such a guest is not seen while the thread is parked)
         self.eventidx_sq: int | None = None
-        #: the SQ tail last published (what need_event compares with)
-        self._published_tail = 0
+        self.eventidx_cq: int | None = None
 
     def submit(self, dwords: Sequence[int], ring: bool = True) -> int:
         cid = self.next_cid
@@ -219,14 +223,32 @@ class HostQueue:
         if page is not None:
             page[2 * self.qid] = self.sq_tail
         elif self.shadow_sq is not None:
-            self.host.memory.put_u32(self.shadow_sq, self.sq_tail)
-            old, self._published_tail = self._published_tail, self.sq_tail
-            if self.eventidx_sq is not None and need_event(
-                self.host.memory.u32(self.eventidx_sq), self.sq_tail, old
-            ):
+            if self._shadow_update(self.shadow_sq, self.eventidx_sq, self.sq_tail):
                 self.host.ctrl.mmio_write(DOORBELL_BASE + 8 * self.qid, 4, self.sq_tail)
         else:
             self.host.ctrl.mmio_write(DOORBELL_BASE + 8 * self.qid, 4, self.sq_tail)
+
+    def use_shadow_doorbells(self, shadow_page: int, eventidx_page: int) -> None:
+        """Publish this pair's SQ tail and CQ head through the pages given to Doorbell
+        Buffer Config (slots at 4-byte stride: SQ y at 2y, CQ y at 2y + 1), ringing the
+        real doorbell only when EventIdx asks, as Linux does."""
+        sq, cq = 8 * self.qid, 8 * self.qid + 4
+        self.shadow_sq, self.shadow_cq = shadow_page + sq, shadow_page + cq
+        self.eventidx_sq, self.eventidx_cq = eventidx_page + sq, eventidx_page + cq
+
+    def _shadow_update(self, slot: int, event_slot: int | None, value: int) -> bool:
+        """Linux's nvme_dbbuf_update_and_check_event: store `value` in the shadow
+        doorbell, a full fence, then load EventIdx; True if the real doorbell must be
+        rung too. The fence pairs with the controller's (store EventIdx, fence, load
+        the shadow again) before its thread parks, so that at least one side sees the
+        other's store: the thread finds the new value, or the guest rings."""
+        memory = self.host.memory
+        old = memory.u32(slot)
+        memory.put_u32(slot, value)
+        if event_slot is None:
+            return False  # a guest that ignores EventIdx
+        full_fence()
+        return need_event(memory.u32(event_slot), value, old)
 
     def peek(self) -> list[Completion]:
         """The completions the controller has posted, without consuming them."""
@@ -263,7 +285,8 @@ class HostQueue:
         if page is not None:
             page[2 * self.qid + 1] = self.cq_head
         elif self.shadow_cq is not None:
-            self.host.memory.put_u32(self.shadow_cq, self.cq_head)
+            if self._shadow_update(self.shadow_cq, self.eventidx_cq, self.cq_head):
+                self.host.ctrl.mmio_write(DOORBELL_BASE + 8 * self.qid + 4, 4, self.cq_head)
         else:
             self.host.ctrl.mmio_write(DOORBELL_BASE + 8 * self.qid + 4, 4, self.cq_head)
 

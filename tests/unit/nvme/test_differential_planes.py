@@ -78,8 +78,7 @@ def make_rig(directory: Path, plane: str, images: list[Path], shadow: bool) -> R
         assert c.status == 0
     q = host.create_io_queue_pair(1, entries=QUEUE_ENTRIES)
     if shadow:
-        q.shadow_sq, q.shadow_cq = pages[0] + 8, pages[0] + 12
-        q.eventidx_sq = pages[1] + 8
+        q.use_shadow_doorbells(*pages)
     data = host.alloc(DATA_PAGES * PAGE)
     pattern = bytes((i * 37 + 11) & 0xFF for i in range(PAGE))
     for i in range(DATA_PAGES):

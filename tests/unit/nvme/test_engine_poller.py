@@ -4,11 +4,11 @@ fake guest memory (no socket)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from harness import Host, HostQueue, rw
+from harness import Completion, Host, HostQueue, rw
 
 from nvme_mdev.backends.file import FileBackend
 from nvme_mdev.dataplane import DataPlane
@@ -17,9 +17,10 @@ from nvme_mdev.nvme.namespace import Namespace
 from nvme_mdev.nvme.spec import DOORBELL_BASE
 
 
-def wait_for(predicate: object, timeout: float = 5.0) -> None:
+def wait_for(predicate: Callable[[], object], timeout: float = 60.0) -> None:
+    """Until `predicate` holds; the timeout only catches what never happens."""
     deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
+    while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached")
         time.sleep(0.002)
@@ -34,6 +35,18 @@ def host(tmp_path: Path) -> Iterator[Host]:
     yield h
 
 
+def completions(q: HostQueue, count: int) -> list[Completion]:
+    """The next `count` completions on q's CQ, once they have all arrived."""
+    done: list[Completion] = []
+
+    def arrived() -> bool:
+        done.extend(q.reap())
+        return len(done) >= count
+
+    wait_for(arrived)
+    return done
+
+
 def shadow_setup(host: Host) -> tuple[int, int]:
     shadow, eventidx = host.alloc(4096), host.alloc(4096)
     c = host.admin_cmd([0x7C, 0, 0, 0, 0, 0, shadow, 0, eventidx, 0])
@@ -41,18 +54,35 @@ def shadow_setup(host: Host) -> tuple[int, int]:
     return shadow, eventidx
 
 
-def shadowed_queue_pair(host: Host, shadow: int, eventidx: int | None = None) -> HostQueue:
-    """An I/O queue pair whose tail and head the guest stores in the shadow buffer;
-    with `eventidx`, it rings the real doorbell when EventIdx asks (as Linux does)."""
+def shadowed_queue_pair(host: Host, shadow: int, eventidx: int) -> HostQueue:
+    """An I/O queue pair whose tail and head the guest stores in the shadow buffer,
+    ringing the real doorbell when EventIdx asks (as Linux does)."""
     q = host.create_io_queue_pair(1)
-    q.shadow_sq, q.shadow_cq = shadow + 8, shadow + 12
-    if eventidx is not None:
-        q.eventidx_sq = eventidx + 8
+    q.use_shadow_doorbells(shadow, eventidx)
     return q
 
 
 def parks(host: Host) -> int:
     return int(host.ctrl.statistics()["io_thread"]["parks"])  # type: ignore[index]
+
+
+def doorbell_traps(host: Host) -> int:
+    traps = host.ctrl.statistics()["doorbell_traps"]
+    assert isinstance(traps, int)
+    return traps
+
+
+def sq_event_index(host: Host, q: HostQueue) -> int:
+    assert q.eventidx_sq is not None
+    return host.memory.u32(q.eventidx_sq)
+
+
+def wait_until_parked(host: Host, q: HostQueue, parks_before: int) -> None:
+    """Until the I/O thread has parked (its `parks` counter passed `parks_before`)
+    with q's EventIdx armed at the tail it consumed: the guest's next submission
+    must ring. (Polling, the thread keeps EventIdx one behind the tail; it arms it
+    at the tail only on its way to park, once every command was consumed.)"""
+    wait_for(lambda: parks(host) > parks_before and sq_event_index(host, q) == q.sq_tail)
 
 
 def io_thread(host: Host, poll_timeout: float) -> DataPlane:
@@ -72,52 +102,85 @@ def test_idle_parked_woken_polling_again_without_losing_commands(host: Host) -> 
     io = io_thread(host, 0.05)
     try:
         buf = host.buffer(4096)
+        before = parks(host)
         q.submit(rw(0x02, 1, buf, 0, 8))  # rings only if EventIdx asks
-        wait_for(lambda: len(q.reap()) == 1)
+        assert len(completions(q, 1)) == 1
         # Idle past the poll window: parked, with EventIdx armed at the consumed tail.
-        wait_for(lambda: parks(host) >= 1)
-        assert int.from_bytes(host.memory.read(eventidx + 8, 4), "little") == q.sq_tail
-        # While parked a submission that rings nothing is not seen...
+        wait_until_parked(host, q, before)
+        # While parked a submission that rings nothing (a guest ignoring EventIdx) is
+        # not seen, however long it waits...
         q.eventidx_sq = None
+        parked = parks(host)
         q.submit(rw(0x02, 1, buf, 0, 8))
         time.sleep(0.05)
-        assert q.reap() == []
+        assert q.reap() == [] and parks(host) == parked
         # ...until the guest rings, as EventIdx told it to: woken, it polls again.
         ring_real_doorbell(host, q)
-        wait_for(lambda: len(q.reap()) == 1)
+        assert len(completions(q, 1)) == 1
         q.eventidx_sq = eventidx + 8
         burst = 20
         for _ in range(burst):
             q.submit(rw(0x02, 1, buf, 0, 8))
-        got: list[object] = []
-        wait_for(lambda: got.extend(q.reap()) or len(got) == burst)
+        assert len(completions(q, burst)) == burst
     finally:
         io.stop()
-
-
-def need_event(event_idx: int, new: int, old: int) -> bool:
-    """Linux's nvme_dbbuf_need_event: ring the real doorbell or not."""
-    return (new - event_idx - 1) & 0xFFFF < (new - old) & 0xFFFF
 
 
 def test_submission_racing_the_park_is_not_lost(host: Host) -> None:
     """A guest that rings only when EventIdx asks (as Linux does), submitting at
     moments that race with the thread going to sleep: every command completes."""
     shadow, eventidx = shadow_setup(host)
-    q = shadowed_queue_pair(host, shadow)
+    q = shadowed_queue_pair(host, shadow, eventidx)
     io = io_thread(host, 0.001)
     try:
         buf = host.buffer(4096)
         for i in range(200):
-            old = q.sq_tail
-            q.submit(rw(0x02, 1, buf, 0, 1))  # into the shadow doorbell
-            ei = int.from_bytes(host.memory.read(eventidx + 8, 4), "little")
-            if need_event(ei, q.sq_tail, old):
-                ring_real_doorbell(host, q)
-            wait_for(lambda: len(q.reap()) == 1)
-            if i % 3 == 0:
-                time.sleep(0.002)  # sometimes long enough to park
-        assert parks(host) > 0
+            before = parks(host)
+            q.submit(rw(0x02, 1, buf, 0, 1))  # shadow doorbell; real one if asked
+            assert len(completions(q, 1)) == 1
+            if i % 50 == 49:
+                wait_until_parked(host, q, before)  # some submissions find it parked
+            elif i % 3 == 0:
+                time.sleep(0.002)  # others race with its parking, or its polling
+        assert parks(host) >= 4
+    finally:
+        io.stop()
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["own-cq", "shared-cq"])
+def test_a_guest_stalled_past_the_poll_timeout_still_completes(host: Host, shared: bool) -> None:
+    """The guest (this test's thread) stalls between commands for longer than the
+    poll timeout, as a loaded machine makes it do: meanwhile the I/O thread parks and
+    arms EventIdx, so the guest's next shadow doorbell update finds that EventIdx asks
+    for the real doorbell, rings it, and the command completes. (A guest that only
+    stored the shadow value would strand it: nothing wakes a parked thread.)"""
+    poll_timeout = 0.05
+    shadow, eventidx = shadow_setup(host)
+    q = shadowed_queue_pair(host, shadow, eventidx)
+    queues = [q]
+    if shared:  # and a second SQ posting to q's CQ, shadowed too
+        q2 = HostQueue(host, 2, 16)
+        assert host.create_sq(2, 16, cqid=1, addr=q2.sq_addr).status == 0
+        q2.use_shadow_doorbells(shadow, eventidx)
+        queues.append(q2)
+    io = io_thread(host, poll_timeout)
+    try:
+        buf = host.buffer(4096)
+        parked = False
+        for round_ in range(4):
+            for sq in queues:
+                before, traps = parks(host), doorbell_traps(host)
+                cid = sq.submit(rw(0x02, 1, buf, round_, 1))
+                (c,) = completions(q, 1)
+                assert (c.cid, c.sq_id, c.status) == (cid, sq.qid, 0)
+                if parked:  # the guest rang, as EventIdx asked: that woke the thread
+                    assert doorbell_traps(host) > traps
+                # The stall: the thread parks (seen in its statistics, not guessed from
+                # the time), and the guest stays away for three poll timeouts more.
+                wait_until_parked(host, sq, before)
+                parked = True
+                time.sleep(3 * poll_timeout)
+        assert parks(host) >= 4 * len(queues)
     finally:
         io.stop()
 
@@ -129,7 +192,7 @@ def test_without_shadow_doorbells_the_thread_parks_at_once(host: Host) -> None:
         wait_for(lambda: parks(host) >= 1)
         buf = host.buffer(4096)
         q.submit(rw(0x02, 1, buf, 0, 8))  # trapped doorbell wakes it
-        wait_for(lambda: len(q.reap()) == 1)
+        assert len(completions(q, 1)) == 1
     finally:
         io.stop()
 
@@ -143,7 +206,7 @@ def test_paused_holds_the_thread_outside_the_queues(host: Host) -> None:
             q.submit(rw(0x02, 1, buf, 0, 8))
             time.sleep(0.05)
             assert q.reap() == []
-        wait_for(lambda: len(q.reap()) == 1)
+        assert len(completions(q, 1)) == 1
     finally:
         io.stop()
 
@@ -206,8 +269,7 @@ def test_eventidx_unmapped_while_parking_makes_the_controller_fatal_not_the_thre
         host.enable()
         q = host.create_io_queue_pair(1)
         cid = q.submit(rw(0x02, 1, host.buffer(4096), 0, 8))  # a trapped doorbell
-        done: list[object] = []
-        wait_for(lambda: done.extend(q.reap()) or len(done) == 1)
-        assert done[0].cid == cid and done[0].status == 0  # type: ignore[attr-defined]
+        (c,) = completions(q, 1)
+        assert c.cid == cid and c.status == 0
     finally:
         io.stop()

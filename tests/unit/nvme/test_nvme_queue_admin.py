@@ -4,7 +4,7 @@ Create/Delete I/O Submission Queue, Doorbell Buffer Config, Abort, Keep Alive)."
 from __future__ import annotations
 
 import pytest
-from harness import PAGE, UNMAPPED, Completion, Host, HostQueue, NamespaceFactory, prp, rw, with_dnr
+from harness import PAGE, UNMAPPED, Completion, Host, NamespaceFactory, prp, rw, with_dnr
 
 from nvme_mdev.dataplane.python import PythonDataPlane
 from nvme_mdev.nvme.io import Outcome
@@ -213,6 +213,28 @@ def test_abort_limit(host: Host) -> None:
     assert c.status == with_dnr(Status.ABORT_COMMAND_LIMIT_EXCEEDED)
 
 
+def test_aborts_of_a_deleted_sq_are_forgotten_with_it(host: Host) -> None:
+    """Aborts marked for commands of an SQ that is then deleted go with the queue (the
+    commands were implicitly aborted by the deletion): they neither count against the
+    Abort Command Limit nor abort fresh commands of a re-created SQ with the same CIDs."""
+    q = host.create_io_queue_pair(1)
+    limit = host.ctrl.config.abort_limit
+    cids = [q.submit([IoOpcode.FLUSH, 1]) for _ in range(limit)]
+    for cid in cids:
+        assert abort(host, 1, cid).dw0 & 1 == 0  # marked: queued, not yet fetched
+    assert host.delete_sq(1).status == 0
+    assert host.delete_cq(1).status == 0
+    q = host.create_io_queue_pair(1)
+    again = [q.submit([IoOpcode.FLUSH, 1]) for _ in range(limit)]
+    assert again == cids  # the same CIDs on the new SQ
+    c = abort(host, 1, 0xFFF0)  # an Abort is accepted: the limit is free again
+    assert c.status == 0 and c.dw0 & 1 == 1
+    host.run_io()
+    done = q.reap()
+    assert sorted(d.cid for d in done) == sorted(cids)
+    assert all(d.status == 0 for d in done)  # run, not completed as aborted
+
+
 def test_abort_unknown_sq(host: Host) -> None:
     c = host.admin_cmd([AdminOpcode.ABORT, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9 | (5 << 16)])
     assert c.status == with_dnr(Status.INVALID_FIELD)
@@ -233,11 +255,6 @@ def dbbc(host: Host, shadow: int, eventidx: int) -> int:
     return c.status
 
 
-def use_shadow(q: HostQueue, shadow: int) -> None:
-    q.shadow_sq = shadow + 8 * q.qid
-    q.shadow_cq = shadow + 8 * q.qid + 4
-
-
 def test_doorbell_buffer_config_misaligned_or_bad_pages(host: Host) -> None:
     a, b = host.alloc(PAGE), host.alloc(PAGE)
     assert dbbc(host, a + 8, b) == with_dnr(Status.INVALID_FIELD)
@@ -256,14 +273,18 @@ def test_doorbell_buffer_config_shadow_tail_processed_without_mmio(host: Host) -
     shadow, eventidx = host.alloc(PAGE), host.alloc(PAGE)
     assert dbbc(host, shadow, eventidx) == 0
     q = host.create_io_queue_pair(1, entries=8)
-    use_shadow(q, shadow)
+    q.use_shadow_doorbells(shadow, eventidx)
     # EventIdx as the queue code seeds it: SQ = its tail, CQ = head - 1.
     assert host.memory.u32(eventidx + 8) == 0
     assert host.memory.u32(eventidx + 12) == 0xFFFF
+    traps = host.ctrl.statistics()["doorbell_traps"]
     for _ in range(3):
-        q.submit(flush())  # tail goes to the shadow buffer only
+        # The tail goes to the shadow buffer; only the first also rings (EventIdx, at
+        # the tail the controller consumed, asks for the next one), with tail 1.
+        q.submit(flush())
+    assert host.ctrl.statistics()["doorbell_traps"] == traps + 1  # type: ignore[operator]
     assert host.memory.u32(shadow + 8) == 3
-    assert host.run_io() == 3
+    assert host.run_io() == 3  # the shadow's tail, not the rung one
     done = q.reap()  # head goes to the shadow buffer
     assert [c.status for c in done] == [0, 0, 0]
     assert host.memory.u32(shadow + 12) == 3
@@ -279,7 +300,7 @@ def test_doorbell_buffer_config_event_index_arming(host: Host) -> None:
     shadow, eventidx = host.alloc(PAGE), host.alloc(PAGE)
     assert dbbc(host, shadow, eventidx) == 0
     q = host.create_io_queue_pair(2, entries=8)
-    use_shadow(q, shadow)
+    q.use_shadow_doorbells(shadow, eventidx)
     q.submit(flush())
     q.submit(flush())
     host.run_io()
@@ -312,7 +333,7 @@ def test_doorbell_buffer_config_after_queues_exist_seeds_shadow(host: Host) -> N
     assert host.memory.u32(shadow + 12) == 1  # CQ 1 head
     assert host.memory.u32(eventidx + 8) == 1
     assert host.memory.u32(eventidx + 12) == 0
-    use_shadow(q, shadow)
+    q.use_shadow_doorbells(shadow, eventidx)
     q.submit(flush())
     assert host.run_io() == 1
     assert q.reap()[0].status == 0
@@ -322,7 +343,7 @@ def test_doorbell_buffer_config_shadow_cq_head_frees_a_full_cq(host: Host) -> No
     shadow, eventidx = host.alloc(PAGE), host.alloc(PAGE)
     assert dbbc(host, shadow, eventidx) == 0
     q = host.create_io_queue_pair(1, entries=16, cq_entries=4)
-    use_shadow(q, shadow)
+    q.use_shadow_doorbells(shadow, eventidx)
     for _ in range(7):
         q.submit(flush())
     assert host.run_io() == 3  # a 4-entry CQ holds 3
@@ -358,7 +379,7 @@ def test_stale_mmio_sq_doorbell_does_not_move_a_shadowed_tail_back(
     shadow, eventidx = host.alloc(PAGE), host.alloc(PAGE)
     assert dbbc(host, shadow, eventidx) == 0
     q = host.create_io_queue_pair(1, entries=8)
-    use_shadow(q, shadow)
+    q.use_shadow_doorbells(shadow, eventidx)
     for _ in range(3):
         q.submit(flush())
     assert host.run_io() == 3
@@ -389,7 +410,7 @@ def test_stale_mmio_cq_doorbell_on_a_shadowed_cq_is_not_an_error(host: Host) -> 
     shadow, eventidx = host.alloc(PAGE), host.alloc(PAGE)
     assert dbbc(host, shadow, eventidx) == 0
     q = host.create_io_queue_pair(1, entries=16, cq_entries=4)
-    use_shadow(q, shadow)
+    q.use_shadow_doorbells(shadow, eventidx)
     for _ in range(3):
         q.submit(flush())
     assert host.run_io() == 3  # CQ full

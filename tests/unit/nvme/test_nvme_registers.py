@@ -4,6 +4,9 @@ Controller Level Reset)."""
 
 from __future__ import annotations
 
+import errno
+
+import pytest
 from harness import PAGE, Host, NamespaceFactory, SpyBackend, prp
 
 from nvme_mdev.backends.file import FileBackend
@@ -51,12 +54,13 @@ def test_version_is_2_0() -> None:
 
 
 def test_controller_ready_timeouts_cover_cap_to() -> None:
-    """CRTO.CRWMT is at least CAP.TO (Linux uses the larger and warns if CRWMT is less);
-    CRIMT is 0 without CAP.CRMS.CRIMS."""
+    """CRTO.CRWMT (bits 15:00) is what CAP.TO reports with CC.CRIME clear (Linux warns
+    "bad crto" if CRWMT is less); CRIMT (bits 31:16) is 0h without CAP.CRMS.CRIMS
+    (Base 2.1, Figure 57)."""
     h = Host()
     crto = h.read_reg(Reg.CRTO)
-    assert crto >> 16 == (h.read_reg(Reg.CAP) >> 24) & 0xFF == 10
-    assert crto & 0xFFFF == 0
+    assert crto & 0xFFFF == (h.read_reg(Reg.CAP) >> 24) & 0xFF == 10
+    assert crto >> 16 == 0
 
 
 def test_cc_writable_bits() -> None:
@@ -233,6 +237,25 @@ def test_abrupt_shutdown_flushes_and_reports_complete(file_ns: NamespaceFactory)
     h.write_reg(Reg.CC, h.cc_value(shn=0b10))
     assert shst(h.read_reg(Reg.CSTS)) == 0b10
     assert spy.count("flush") == 1
+
+
+def test_a_shutdown_whose_flush_fails_is_not_reported_complete(
+    file_ns: NamespaceFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The host takes SHST complete as "everything I wrote is durable": if the flush
+    failed it is not, so the controller reports a fatal error instead."""
+    h, spy = _spied(file_ns)
+
+    def failing_flush() -> None:
+        raise OSError(errno.EIO, "flush failed")
+
+    monkeypatch.setattr(spy, "flush", failing_flush)
+    h.write_reg(Reg.CC, h.cc_value(shn=0b01))
+    csts = h.read_reg(Reg.CSTS)
+    assert shst(csts) != 0b10
+    assert csts & CSTS_CFS
+    h.disable()  # a reset clears it
+    assert h.read_reg(Reg.CSTS) == 0
 
 
 def test_intms_intmc_share_the_mask() -> None:

@@ -6,6 +6,12 @@ on another CPU could read a transient 0: for a CQE whose expected phase is 0, th
 valid-looking completion of command ID 0 (Linux: "invalid id 0 completed on queue N")
 and the real completion is then lost. Each test here stores two values alternately while
 a second process polls the word with plain loads, and fails if it ever reads a third.
+
+How long that takes depends on the machine and its load, so the race is bounded by
+events, not by time: the storer goes on until the poller has seen the value change
+CHANGES times (each change it sees is a load that fell between two stores), however
+long a loaded machine needs for that. Only a poller that never gets that far (gone,
+or never scheduled alongside the storer) fails, after NEVER_S.
 """
 
 from __future__ import annotations
@@ -31,6 +37,10 @@ PAGE = 4096
 STOP, READY, SEEN = PAGE // 4 - 1, PAGE // 4 - 2, PAGE // 4 - 3
 A, B = 0x0001_1234, 0x0000_4321  # CQE DW3 values: CID 0x1234 phase 1, CID 0x4321 phase 0
 CHANGES = 20_000  # value changes the poller must see: proof that the two really overlapped
+#: a guard for a poller that never sees them, not a speed requirement
+NEVER_S = 600
+#: stores between two looks at the poller's count
+STORES_PER_LOOK = 2000
 
 # Polls word argv[2] until STOP is set, publishing in SEEN how often the value changed;
 # prints that and how many reads were neither A nor B.
@@ -85,9 +95,14 @@ def page() -> Iterator[tuple[int, memoryview]]:
 
 
 def _race(fd: int, view: memoryview, word: int, store: Callable[[int], None]) -> tuple[int, int]:
-    """Store A and B alternately into `word` while another process polls it."""
+    """Store A and B alternately into `word` while another process polls it. The
+    storer (this thread) and the poller run on different CPUs, so that whenever the
+    machine runs both, they overlap (sharing one CPU, the poller would see one change
+    per context switch at most)."""
     words = words32(view)
     store(A)
+    mine = os.sched_getaffinity(0)  # (of this thread: Linux pins threads one by one)
+    storer_cpu, poller_cpu = sorted(mine)[:2]
     poller = subprocess.Popen(
         [sys.executable, "-c", POLLER, str(fd), str(word)],
         pass_fds=(fd,),
@@ -95,17 +110,24 @@ def _race(fd: int, view: memoryview, word: int, store: Callable[[int], None]) ->
         text=True,
     )
     try:
+        os.sched_setaffinity(poller.pid, {poller_cpu})
+        os.sched_setaffinity(0, {storer_cpu})
         while not words[READY]:
             if poller.poll() is not None:
                 pytest.fail("the poller exited early")
-        deadline = time.monotonic() + 20
-        while words[SEEN] < CHANGES and time.monotonic() < deadline:
-            for _ in range(1000):
+        started = time.monotonic()
+        while words[SEEN] < CHANGES:
+            if poller.poll() is not None:
+                pytest.fail("the poller exited early")
+            if time.monotonic() - started > NEVER_S:
+                pytest.fail(f"the poller saw only {words[SEEN]} changes in {NEVER_S} s")
+            for _ in range(STORES_PER_LOOK // 2):
                 store(B)
                 store(A)
         words[STOP] = 1
         out, _ = poller.communicate(timeout=60)
     finally:
+        os.sched_setaffinity(0, mine)
         poller.kill()
         words.release()
     changes, bad = map(int, out.split())
@@ -113,7 +135,8 @@ def _race(fd: int, view: memoryview, word: int, store: Callable[[int], None]) ->
 
 
 def _assert_whole(changes: int, bad: int) -> None:
-    # Without overlap the test proves nothing: the poller must have seen the word change.
+    # Without overlap the test proves nothing: the poller saw the word change CHANGES
+    # times (the storer went on until it had), and read nothing but A and B meanwhile.
     assert changes >= CHANGES, f"poller saw only {changes} changes: no overlap"
     assert bad == 0, f"poller read {bad} values that were never stored"
 

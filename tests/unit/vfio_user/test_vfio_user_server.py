@@ -21,6 +21,7 @@ from vfio_user_fakes import BAR0_SIZE, MSIX_VECTORS, FakeDevice
 
 from nvme_mdev.guest_memory import DmaError
 from nvme_mdev.vfio_user import protocol as p
+from nvme_mdev.vfio_user import server as server_module
 from nvme_mdev.vfio_user.client import ClientError, GuestRam, VfioUserClient
 from nvme_mdev.vfio_user.device import IrqAction, RegionIndex
 from nvme_mdev.vfio_user.framing import Message, MessageReader, send_message
@@ -80,7 +81,7 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def wait_for(predicate: object, timeout: float = 5.0) -> None:
+def wait_for(predicate: object, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():  # type: ignore[operator]
         assert time.monotonic() < deadline, "timed out"
@@ -132,7 +133,7 @@ def test_version_negotiation_as_qemu_does_it(raw: Raw) -> None:
         "max_msg_fds": 16,
         "max_data_xfer_size": 1 << 20,
         "pgsizes": 4096,
-        "max_dma_maps": 65535,
+        "max_dma_maps": p.SERVER_MAX_DMA_MAPS,
         "write_multiple": True,
     }
     again = raw.call(1, p.Command.VERSION, QEMU_VERSION)
@@ -411,7 +412,10 @@ def test_message_dma_abandoned_while_the_client_waits_for_us(
     reply = raw.recv()
     elapsed = time.monotonic() - start
     assert reply.header.msg_id == 2 and not reply.header.is_error
-    assert DMA_ABORT_GRACE <= elapsed < DMA_ABORT_GRACE + 1.5
+    # Abandoned after the grace (which counts from the message's arrival, after
+    # `start`), not by the DMA reply's own timeout: the error says which. (How soon
+    # after the grace depends on the machine's load: no upper bound on the time.)
+    assert elapsed >= DMA_ABORT_GRACE
     assert len(outcome) == 1 and "waiting for our reply" in outcome[0]
     # Its late answer is dropped, and the connection stays in step.
     raw.send(
@@ -486,10 +490,16 @@ def test_pipelined_dma_maps_keep_their_fds(raw: Raw, server: VfioUserServer) -> 
 
 
 def test_unmap_waits_for_a_device_thread_in_message_dma(
-    server: VfioUserServer, client: VfioUserClient, device: FakeDevice
+    server: VfioUserServer,
+    client: VfioUserClient,
+    device: FakeDevice,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The quiesce waits for the I/O thread, which waits for a DMA reply that only
-    the (blocked) server thread would read: the waiting thread reads it itself."""
+    the (blocked) server thread would read: the waiting thread reads it itself.
+    (With the grace after which such a DMA is abandoned made long, the reads succeed
+    only that way, however slowly a loaded machine runs the threads.)"""
+    monkeypatch.setattr(server_module, "DMA_ABORT_GRACE", 600.0)
     ram = GuestRam(PAGE, base=0x100000)
     buf = client.add_message_region(0x800000, PAGE)
     buf[0:8] = b"in guest"
@@ -513,13 +523,11 @@ def test_unmap_waits_for_a_device_thread_in_message_dma(
         worker = threading.Thread(target=io_thread)
         worker.start()
         wait_for(lambda: len(reads) > 2)
-        start = time.monotonic()
         client.dma_unmap(0x100000, PAGE)  # needs the quiesce
-        elapsed = time.monotonic() - start
         stop.set()
-        worker.join(5)
+        worker.join(60)
+        assert not worker.is_alive()
         assert not failures and set(reads) == {b"in guest"}
-        assert elapsed < DMA_ABORT_GRACE
     finally:
         ram.close()
 
