@@ -112,10 +112,11 @@ echo FAIL-PASS
 
 #: What Linux logs, as it should, about the commands the failed disk refuses: the nvme
 #: driver's line per failed command ("nvme0n1: Read(0x2) @ LBA 1, 8 blocks, Namespace
-#: Not Ready (sct 0x0 / sc 0x82) DNR") and the block layer's ("critical target error,
-#: dev nvme0n1, sector 8 ...", "Buffer I/O error on dev nvme0n1, ...").
+#: Not Ready (sct 0x0 / sc 0x82) DNR", or "I/O Cmd(0x2) ... I/O Error" from a kernel
+#: built without CONFIG_NVME_VERBOSE_ERRORS) and the block layer's ("critical target
+#: error, dev nvme0n1, sector 8 ...", "Buffer I/O error on dev nvme0n1, ...").
 FAILING_DISK_WARNINGS = [
-    r"nvme\d+n\d+: \w[\w ]*\(0x[0-9a-f]+\) @ LBA \d+",
+    r"nvme\d+n\d+: \w[\w/ ]*\(0x[0-9a-f]+\) @ LBA \d+, \d+ blocks, .*\(sct 0x0 / sc 0x82\)",
     r"\berror, dev nvme\d+n\d+, sector",
     r"Buffer I/O error on dev nvme\d+n\d+",
 ]
