@@ -28,8 +28,9 @@ What runs, all at once, against one daemon:
   unusable framing, half a header then nothing, and control-socket garbage (deeply
   nested JSON, over-long lines carrying a smuggled request, binary noise, bad params,
   half lines, bursts of connections);
-- the daemon's RSS (VmRSS), open fds and threads sampled every --sample-seconds and
-  printed as a table as the run goes.
+- the daemon's RSS (VmRSS less RssShmem: the guest RAM it shares with QEMU grows in
+  VmRSS as the device touches more of it), open fds and threads sampled every
+  --sample-seconds and printed as a table as the run goes.
 
 The verdict (exit status 0 only if both hold):
 - no errors: fio errors or verify failures, guest kernel warnings about NVMe, the
@@ -295,8 +296,12 @@ def read_proc(pid: int) -> Sample | None:
     except OSError:
         return None
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    # Guest RAM is shared memory the client maps for DMA: every page of it the device
+    # has touched counts in VmRSS (as RssShmem) and grows with what the guest uses, not
+    # with anything the daemon holds. The daemon's own memory is the rest.
     rss = int(fields.get("VmRSS", "0 kB").split()[0])
-    return Sample(0.0, rss, fds, int(fields.get("Threads", "0")))
+    shared = int(fields.get("RssShmem", "0 kB").split()[0])
+    return Sample(0.0, rss - shared, fds, int(fields.get("Threads", "0")))
 
 
 # --- the daemon ----------------------------------------------------------------------

@@ -71,6 +71,26 @@ impl GuestMemory {
         self.generation += 1;
     }
 
+    /// Add one region (DMA_MAP): O(log n) to find its place, no copy of the others'
+    /// descriptions from Python.
+    pub fn insert(&mut self, region: Region) {
+        let at = self.regions.partition_point(|r| r.iova < region.iova);
+        self.regions.insert(at, region);
+        self.generation += 1;
+    }
+
+    /// Remove the regions that start at these guest addresses (DMA_UNMAP; the caller
+    /// holds the state lock, the plane is paused).
+    pub fn remove(&mut self, iovas: &[u64]) {
+        for &iova in iovas {
+            let at = self.regions.partition_point(|r| r.iova < iova);
+            if self.regions.get(at).is_some_and(|r| r.iova == iova) {
+                self.regions.remove(at);
+            }
+        }
+        self.generation += 1;
+    }
+
     pub fn regions(&self) -> &[Region] {
         &self.regions
     }
@@ -298,5 +318,37 @@ mod tests {
         m.store_u32(0x1004, 0xdead_beef, &NoFallback).unwrap();
         assert_eq!(m.load_u32(0x1004, &NoFallback).unwrap(), 0xdead_beef);
         assert_eq!(&ram[4..8], &0xdead_beefu32.to_le_bytes());
+    }
+
+    #[test]
+    fn regions_mapped_and_unmapped_one_by_one_keep_the_table_sorted() {
+        let mut ram = vec![0u8; 0x3000];
+        let mut m = table(&mut ram);
+        let before = m.generation;
+        m.insert(Region {
+            iova: 0x8000,
+            len: 0x1000,
+            host: ram[0x2000..].as_mut_ptr() as usize,
+            readable: true,
+            writable: true,
+        });
+        m.insert(Region {
+            iova: 0x0,
+            len: 0x1000,
+            host: 0,
+            readable: true,
+            writable: true,
+        });
+        let iovas: Vec<u64> = m.regions().iter().map(|r| r.iova).collect();
+        assert_eq!(iovas, [0x0, 0x1000, 0x2000, 0x8000]);
+        assert!(matches!(
+            m.view(0x8000, 16, true, &NoFallback),
+            Ok(View::Mapped(_))
+        ));
+        m.remove(&[0x8000, 0x1000, 0x5000]);
+        let iovas: Vec<u64> = m.regions().iter().map(|r| r.iova).collect();
+        assert_eq!(iovas, [0x0, 0x2000]);
+        assert!(m.view(0x8000, 16, true, &NoFallback).is_err());
+        assert!(m.generation > before + 2);
     }
 }

@@ -187,6 +187,28 @@ fn buffer_address(obj: &Bound<'_, PyAny>) -> PyResult<(usize, usize)> {
 /// A DMA region as Python describes it: (iova, size, buffer or None, readable, writable).
 type RegionSpec<'py> = (u64, u64, Option<Bound<'py, PyAny>>, bool, bool);
 
+fn region_from_spec((iova, len, buffer, readable, writable): RegionSpec<'_>) -> PyResult<Region> {
+    let host = match buffer {
+        Some(obj) => {
+            let (address, size) = buffer_address(&obj)?;
+            if (size as u64) < len {
+                return Err(pyo3::exceptions::PyValueError::new_err(
+                    "region buffer shorter than the region",
+                ));
+            }
+            address
+        }
+        None => 0,
+    };
+    Ok(Region {
+        iova,
+        len,
+        host,
+        readable,
+        writable,
+    })
+}
+
 /// One controller's native data plane.
 #[pyclass(name = "DataPlane", frozen, module = "nvme_mdev._native")]
 pub struct PyPlane {
@@ -499,30 +521,33 @@ impl PyPlane {
 
     /// The client's DMA table: (iova, size, buffer or None, readable, writable) each.
     fn set_memory(&self, py: Python<'_>, regions: Vec<RegionSpec<'_>>) -> PyResult<()> {
-        let mut table = Vec::with_capacity(regions.len());
-        for (iova, len, buffer, readable, writable) in regions {
-            let host = match buffer {
-                Some(obj) => {
-                    let (address, size) = buffer_address(&obj)?;
-                    if (size as u64) < len {
-                        return Err(pyo3::exceptions::PyValueError::new_err(
-                            "region buffer shorter than the region",
-                        ));
-                    }
-                    address
-                }
-                None => 0,
-            };
-            table.push(Region {
-                iova,
-                len,
-                host,
-                readable,
-                writable,
-            });
-        }
+        let table = regions
+            .into_iter()
+            .map(region_from_spec)
+            .collect::<PyResult<Vec<_>>>()?;
         py.detach(|| self.shared.lock().memory.set(table));
         Ok(())
+    }
+
+    /// One region added to the table (DMA_MAP).
+    #[pyo3(signature = (iova, len, buffer, readable, writable))]
+    fn map_region(
+        &self,
+        py: Python<'_>,
+        iova: u64,
+        len: u64,
+        buffer: Option<Bound<'_, PyAny>>,
+        readable: bool,
+        writable: bool,
+    ) -> PyResult<()> {
+        let region = region_from_spec((iova, len, buffer, readable, writable))?;
+        py.detach(|| self.shared.lock().memory.insert(region));
+        Ok(())
+    }
+
+    /// The regions starting at these guest addresses removed (DMA_UNMAP).
+    fn unmap_regions(&self, py: Python<'_>, iovas: Vec<u64>) {
+        py.detach(|| self.shared.lock().memory.remove(&iovas));
     }
 
     #[pyo3(signature = (arbitration_burst, coalescing_threshold, coalescing_time, coalescing_disabled, write_cache))]

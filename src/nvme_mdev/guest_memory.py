@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 import sys
+from dataclasses import dataclass
 from typing import Protocol
 
 # Guest memory is little-endian, and words32() relies on the native "I" being its u32.
@@ -60,3 +61,13 @@ class GuestMemory(Protocol):
 
 #: (guest address, size, buffer or None, readable, writable)
 MappedRegion = tuple[int, int, "memoryview | None", bool, bool]
+
+
+@dataclass(frozen=True)
+class MemoryChange:
+    """What one DMA_MAP or DMA_UNMAP changed in the region table, so that a copy of it
+    (the native data plane's) follows in O(log n), not by reading it all again."""
+
+    mapped: tuple[MappedRegion, ...] = ()
+    #: the guest addresses of the regions removed
+    unmapped: tuple[int, ...] = ()

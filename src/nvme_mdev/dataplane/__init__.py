@@ -37,7 +37,7 @@ from .events import DataPlaneEvent
 
 if TYPE_CHECKING:
     from ..backends.io_engine import IoEngine
-    from ..guest_memory import GuestMemory
+    from ..guest_memory import GuestMemory, MemoryChange
     from ..nvme.identity import ControllerConfig
     from ..nvme.interrupts import InterruptSink, VectorRoutes
     from ..nvme.io import IoCounters
@@ -200,9 +200,10 @@ class DataPlane(Protocol):
         """`ns` changed size, or state (failed, read-only)."""
         ...
 
-    def memory_changed(self) -> None:
-        """The guest memory table changed (a DMA_MAP, or a DMA_UNMAP while paused): no
-        command touches what was unmapped once this returns."""
+    def memory_changed(self, change: MemoryChange | None = None) -> None:
+        """The guest memory table changed (a DMA_MAP, or a DMA_UNMAP while paused), by
+        `change` where the memory says (None: anything may have): no command touches
+        what was unmapped once this returns."""
         ...
 
     def release_memory(self) -> None:

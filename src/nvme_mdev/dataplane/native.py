@@ -23,7 +23,7 @@ from .. import _native
 from ..backends.file import FileBackend, NullBackend
 from ..backends.io_engine import IoEngine, SyncEngine
 from ..backends.window import WindowBackend
-from ..guest_memory import GuestMemory
+from ..guest_memory import GuestMemory, MemoryChange
 from ..nvme.identity import ControllerConfig
 from ..nvme.interrupts import InterruptSink
 from ..nvme.io import Completed, IoCommandSet, IoCounters
@@ -259,9 +259,17 @@ class NativeDataPlane:
     def update_namespace(self, ns: Namespace) -> None:
         self._plane.update_namespace(ns.nsid, ns.blocks, ns.readonly, ns.failure)
 
-    def memory_changed(self) -> None:
-        regions = getattr(self.memory, "mapped_regions", None)
-        self._plane.set_memory(regions() if regions is not None else [])
+    def memory_changed(self, change: MemoryChange | None = None) -> None:
+        if change is None:
+            regions = getattr(self.memory, "mapped_regions", None)
+            self._plane.set_memory(regions() if regions is not None else [])
+            return
+        # One map or unmap: the plane's table follows it without reading all of it again
+        # (a client may map thousands of regions).
+        if change.unmapped:
+            self._plane.unmap_regions(list(change.unmapped))
+        for region in change.mapped:
+            self._plane.map_region(*region)
 
     def release_memory(self) -> None:
         pass  # the table changes with memory_changed(); queues look it up again then

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..backends.io_engine import IoEngine, Transfer
 from ..engine.poller import IoThread
-from ..guest_memory import DmaError, GuestMemory
+from ..guest_memory import DmaError, GuestMemory, MemoryChange
 from ..nvme.identity import ControllerConfig
 from ..nvme.interrupts import InterruptSink
 from ..nvme.io import Completed, IoCommandSet, IoCounters
@@ -298,7 +298,7 @@ class PythonDataPlane:
     def update_namespace(self, ns: Namespace) -> None:
         pass  # the command set reads the Namespace itself
 
-    def memory_changed(self) -> None:
+    def memory_changed(self, change: MemoryChange | None = None) -> None:
         pass  # queues look memory up again on next use after release_memory()
 
     def release_memory(self) -> None:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 from .. import _native
-from ..guest_memory import DmaError, MappedRegion
+from ..guest_memory import DmaError, MappedRegion, MemoryChange
 from .protocol import SERVER_MAX_DMA_MAPS, Bytes, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -113,13 +113,13 @@ class DmaMemory:
         self._transport: MessageDma | None = None
         self._lock = threading.Lock()  # serialises writers; readers take none
         #: told after every change of the table (the device's data plane)
-        self._listeners: list[Callable[[], None]] = []
+        self._listeners: list[Callable[[MemoryChange], None]] = []
         self._zone = _native.SigbusZone()
         self._lost: Callable[[], None] | None = None
         _watcher.watch(self)
 
-    def add_listener(self, changed: Callable[[], None]) -> None:
-        """Call `changed()` after every map and unmap (an unmap while the device is
+    def add_listener(self, changed: Callable[[MemoryChange], None]) -> None:
+        """Call `changed(what)` after every map and unmap (an unmap while the device is
         quiesced, before the memory goes)."""
         self._listeners.append(changed)
 
@@ -134,9 +134,9 @@ class DmaMemory:
         """How many mappings faulted so far (each is now zeroes)."""
         return self._zone.faults
 
-    def _changed(self) -> None:
+    def _changed(self, change: MemoryChange) -> None:
         for changed in self._listeners:
-            changed()
+            changed(change)
 
     # --- DMA_MAP / DMA_UNMAP (server thread) --------------------------------------------
 
@@ -173,7 +173,7 @@ class DmaMemory:
                     (*table.regions[:i], region, *table.regions[i:]),
                     table.message_regions + (region.mapping is None),
                 )
-            self._changed()
+            self._changed(MemoryChange(mapped=(_mapped(region),)))
             return region
         finally:
             if fd is not None:
@@ -194,7 +194,7 @@ class DmaMemory:
                         (*table.regions[:i], *table.regions[i + 1 :]),
                         table.message_regions - (region.mapping is None),
                     )
-                    self._changed()
+                    self._changed(MemoryChange(unmapped=(iova,)))
                     return [region]
             if _overlapping(table, iova, size):
                 raise ProtocolError(
@@ -205,7 +205,7 @@ class DmaMemory:
     def unmap_all(self) -> list[DmaRegion]:
         with self._lock:
             removed, self._table = list(self._table.regions), _Table()
-        self._changed()
+        self._changed(MemoryChange(unmapped=tuple(r.iova for r in removed)))
         return removed
 
     @staticmethod
@@ -223,7 +223,7 @@ class DmaMemory:
         return self._table.regions
 
     def mapped_regions(self) -> list[MappedRegion]:
-        return [(r.iova, r.size, r.buffer, r.readable, r.writable) for r in self._table.regions]
+        return [_mapped(r) for r in self._table.regions]
 
     @property
     def has_message_regions(self) -> bool:
@@ -330,6 +330,10 @@ class DmaMemory:
         if transport is None:
             raise DmaError(f"DMA to {addr:#x}: needs messages and no client is connected")
         return transport
+
+
+def _mapped(region: DmaRegion) -> MappedRegion:
+    return (region.iova, region.size, region.buffer, region.readable, region.writable)
 
 
 def _overlapping(table: _Table, iova: int, size: int) -> bool:
