@@ -42,6 +42,15 @@ def daemon(tmp_path: Path, plane: str) -> Iterator[DaemonProcess]:
     d.stop()
 
 
+@pytest.fixture
+def victim(daemon: DaemonProcess, tmp_path: Path) -> Iterator[NvmeHost]:
+    """The neighbour VM: enabled, doorbells mapped, doing nothing wrong."""
+    with NvmeHost(str(tmp_path / "victim.sock")) as host:
+        host.enable()
+        host.map_doorbells()
+        yield host
+
+
 def still_serving(daemon: DaemonProcess, victim: NvmeHost) -> None:
     assert daemon.proc.poll() is None, daemon.log()
     assert write_read(victim, 1, 0, b"\x5a" * 4096) == b"\x5a" * 4096
@@ -53,39 +62,33 @@ def wait_fatal(host: NvmeHost) -> int:
 
 
 def test_truncated_dma_memory_costs_only_its_own_controller(
-    daemon: DaemonProcess, tmp_path: Path
+    daemon: DaemonProcess, victim: NvmeHost, tmp_path: Path
 ) -> None:
     """The client shrinks the memfd it mapped with DMA_MAP, then rings a doorbell: the
     device's next access to the queue lands past the end of the file (SIGBUS). Twice,
     by one client after another on the same controller: each time is news."""
-    with NvmeHost(str(tmp_path / "victim.sock")) as victim:
-        victim.enable()
-        victim.map_doorbells()
+    still_serving(daemon, victim)
+    for _ in range(2):
+        with NvmeHost(str(tmp_path / "hostile.sock")) as hostile:
+            hostile.enable()
+            q = hostile.create_queue_pair(1)
+            buf = hostile.alloc(4096)
+            q.submit(read_write(0x02, 1, buf, 0, 8), ring=False)
+            os.ftruncate(hostile.ram.fd, 0)  # from here on the client must not touch it
+            hostile.write_doorbell(1, q.sq_tail)
+            assert wait_fatal(hostile) & CSTS_CFS
         still_serving(daemon, victim)
-        for _ in range(2):
-            with NvmeHost(str(tmp_path / "hostile.sock")) as hostile:
-                hostile.enable()
-                q = hostile.create_queue_pair(1)
-                buf = hostile.alloc(4096)
-                q.submit(read_write(0x02, 1, buf, 0, 8), ring=False)
-                os.ftruncate(hostile.ram.fd, 0)  # from here on the client must not touch it
-                hostile.write_doorbell(1, q.sq_tail)
-                assert wait_fatal(hostile) & CSTS_CFS
-            still_serving(daemon, victim)
-        assert daemon.log().count("truncated guest memory") >= 2
+    assert daemon.log().count("truncated guest memory") >= 2
 
 
 def test_the_mapped_doorbell_page_cannot_be_truncated(
-    daemon: DaemonProcess, tmp_path: Path
+    daemon: DaemonProcess, victim: NvmeHost, tmp_path: Path
 ) -> None:
     """With --mmap-doorbells the client gets the doorbell page's memfd; shrinking it
     under the device's mapping would raise SIGBUS at the next poll. It is sealed."""
     with (
-        NvmeHost(str(tmp_path / "victim.sock")) as victim,
         NvmeHost(str(tmp_path / "hostile.sock")) as hostile,
     ):
-        victim.enable()
-        victim.map_doorbells()
         hostile.enable()
         info = hostile.client.region_info(BAR0)
         assert info.fd is not None
@@ -101,15 +104,14 @@ def test_the_mapped_doorbell_page_cannot_be_truncated(
         still_serving(daemon, victim)
 
 
-def test_an_interrupt_fd_must_be_an_eventfd(daemon: DaemonProcess, tmp_path: Path) -> None:
+def test_an_interrupt_fd_must_be_an_eventfd(
+    daemon: DaemonProcess, victim: NvmeHost, tmp_path: Path
+) -> None:
     """SET_IRQS with a pipe: a full one would block the device's interrupt write, with
     the MSI-X lock held, and with it the admin worker, resets and the daemon."""
     with (
-        NvmeHost(str(tmp_path / "victim.sock")) as victim,
         NvmeHost(str(tmp_path / "hostile.sock")) as hostile,
     ):
-        victim.enable()
-        victim.map_doorbells()
         hostile.enable()
         read_end, write_end = os.pipe()
         try:
@@ -126,16 +128,13 @@ def test_an_interrupt_fd_must_be_an_eventfd(daemon: DaemonProcess, tmp_path: Pat
 
 
 def test_a_full_blocking_eventfd_does_not_block_the_device(
-    daemon: DaemonProcess, tmp_path: Path
+    daemon: DaemonProcess, victim: NvmeHost, tmp_path: Path
 ) -> None:
     """An eventfd whose counter is at its maximum blocks a writer, unless the fd is
     non-blocking. The client opens it blocking and fills it before handing it over."""
     with (
-        NvmeHost(str(tmp_path / "victim.sock")) as victim,
         NvmeHost(str(tmp_path / "hostile.sock")) as hostile,
     ):
-        victim.enable()
-        victim.map_doorbells()
         hostile.enable()
         full = os.eventfd(0)
         os.eventfd_write(full, 0xFFFF_FFFF_FFFF_FFFE)  # the most a counter holds
@@ -151,7 +150,7 @@ def test_a_full_blocking_eventfd_does_not_block_the_device(
 
 
 def test_unmapping_the_shadow_doorbells_under_the_io_thread(
-    daemon: DaemonProcess, tmp_path: Path, plane: str
+    daemon: DaemonProcess, victim: NvmeHost, tmp_path: Path, plane: str
 ) -> None:
     """The client puts the shadow doorbells (Doorbell Buffer Config) in memory of their
     own and unmaps it while the I/O thread uses them: the next time the thread parks it
@@ -166,11 +165,8 @@ def test_unmapping_the_shadow_doorbells_under_the_io_thread(
     shadow = GuestRam(2 * PAGE, base=0x8000_0000)
     with (
         contextlib.closing(shadow),
-        NvmeHost(str(tmp_path / "victim.sock")) as victim,
         NvmeHost(str(tmp_path / "shadowed.sock")) as hostile,
     ):
-        victim.enable()
-        victim.map_doorbells()
         hostile.enable()
         hostile.client.dma_map(shadow)
         pages = [shadow.base, 0, shadow.base + PAGE, 0]
@@ -191,16 +187,13 @@ def test_unmapping_the_shadow_doorbells_under_the_io_thread(
 
 
 def test_dma_maps_are_bounded_by_what_the_server_advertised(
-    daemon: DaemonProcess, tmp_path: Path
+    daemon: DaemonProcess, victim: NvmeHost, tmp_path: Path
 ) -> None:
     """Each DMA_MAP costs a copy of the client's region table: the server says how many
     regions it takes (max_dma_maps) and refuses the one beyond with ENOSPC."""
     with (
-        NvmeHost(str(tmp_path / "victim.sock")) as victim,
         VfioUserClient(str(tmp_path / "hostile.sock")) as hostile,
     ):
-        victim.enable()
-        victim.map_doorbells()
         caps = hostile.negotiate()
         limit = caps.effective_max_dma_maps
         assert limit == p.SERVER_MAX_DMA_MAPS

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import os
 import struct
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -724,3 +725,32 @@ def eio() -> OSError:
 
 def enospc() -> OSError:
     return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+# --- waiting for a running I/O thread ------------------------------------------------
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 60.0) -> None:
+    """Until `predicate` holds; the timeout only catches what never happens."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.002)
+
+
+def completions(q: HostQueue, count: int) -> list[Completion]:
+    """The completions on q's CQ once at least `count` have arrived."""
+    done: list[Completion] = []
+
+    def arrived() -> bool:
+        done.extend(q.reap())
+        return len(done) >= count
+
+    wait_for(arrived)
+    return done
+
+
+def parks(host: Host) -> int:
+    """How often the host's I/O thread has parked."""
+    return int(host.ctrl.statistics()["io_thread"]["parks"])  # type: ignore[index]

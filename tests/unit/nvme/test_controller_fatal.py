@@ -8,10 +8,10 @@ back, its I/O thread included."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
-from harness import PAGE, Completion, Host, HostQueue, rw
+from harness import PAGE, Completion, Host, HostQueue, completions, rw, wait_for
 
 from nvme_mdev.engine.poller import AdminWorker
 from nvme_mdev.nvme.errors import ControllerFatal
@@ -19,15 +19,6 @@ from nvme_mdev.nvme.spec import DOORBELL_BASE, AdminOpcode, FeatureId, IoOpcode,
 
 CSTS_RDY, CSTS_CFS = 1, 2
 READ, COMPARE = IoOpcode.READ, IoOpcode.COMPARE
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 60.0) -> None:
-    """Until `predicate` holds; the timeout only catches what never happens."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.002)
 
 
 def is_fatal(h: Host) -> bool:
@@ -56,13 +47,7 @@ def ring(h: Host, q: HostQueue) -> None:
 
 
 def wait_done(q: HostQueue, count: int) -> list[Completion]:
-    done: list[Completion] = []
-
-    def arrived() -> bool:
-        done.extend(q.reap())
-        return len(done) >= count
-
-    wait_for(arrived)
+    done = completions(q, count)
     assert len(done) == count
     return done
 

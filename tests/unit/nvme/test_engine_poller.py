@@ -4,26 +4,17 @@ fake guest memory (no socket)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import Completion, Host, HostQueue, rw
+from harness import Host, HostQueue, completions, parks, rw, wait_for
 
 from nvme_mdev.backends.file import FileBackend
 from nvme_mdev.dataplane import DataPlane
 from nvme_mdev.engine.poller import POLL_GROW_LIMIT_NS, POLL_WINDOW_START_NS, AdaptivePoll
 from nvme_mdev.nvme.namespace import Namespace
 from nvme_mdev.nvme.spec import DOORBELL_BASE
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 60.0) -> None:
-    """Until `predicate` holds; the timeout only catches what never happens."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.002)
 
 
 @pytest.fixture
@@ -33,18 +24,6 @@ def host(tmp_path: Path) -> Iterator[Host]:
     h = Host([Namespace(1, FileBackend(str(image)))])
     h.enable()
     yield h
-
-
-def completions(q: HostQueue, count: int) -> list[Completion]:
-    """The next `count` completions on q's CQ, once they have all arrived."""
-    done: list[Completion] = []
-
-    def arrived() -> bool:
-        done.extend(q.reap())
-        return len(done) >= count
-
-    wait_for(arrived)
-    return done
 
 
 def shadow_setup(host: Host) -> tuple[int, int]:
@@ -60,10 +39,6 @@ def shadowed_queue_pair(host: Host, shadow: int, eventidx: int) -> HostQueue:
     q = host.create_io_queue_pair(1)
     q.use_shadow_doorbells(shadow, eventidx)
     return q
-
-
-def parks(host: Host) -> int:
-    return int(host.ctrl.statistics()["io_thread"]["parks"])  # type: ignore[index]
 
 
 def doorbell_traps(host: Host) -> int:

@@ -6,12 +6,21 @@ through the Python memory it falls back to), its I/O thread's park included."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import harness
 import pytest
-from harness import PAGE, Completion, Host, HostQueue, NamespaceFactory, rw
+from harness import (
+    PAGE,
+    Completion,
+    Host,
+    HostQueue,
+    NamespaceFactory,
+    completions,
+    parks,
+    rw,
+    wait_for,
+)
 
 from nvme_mdev.nvme.spec import AdminOpcode, IoOpcode
 from nvme_mdev.vfio_user.memory import DmaMemory
@@ -96,29 +105,10 @@ def shadow_queue(h: Host, shadow: int, qid: int = 1, cq_entries: int | None = No
     return q
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 60.0) -> None:
-    """Until `predicate` holds; the timeout only catches what never happens."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.002)
-
-
 def wait_done(q: HostQueue, count: int) -> list[Completion]:
-    done: list[Completion] = []
-
-    def arrived() -> bool:
-        done.extend(q.reap())
-        return len(done) >= count
-
-    wait_for(arrived)
+    done = completions(q, count)
     assert len(done) == count
     return done
-
-
-def parks(h: Host) -> int:
-    return int(h.ctrl.statistics()["io_thread"]["parks"])  # type: ignore[index]
 
 
 def wait_until_parked(h: Host, ram: MessageRam, q: HostQueue, parks_before: int) -> None:
