@@ -285,7 +285,33 @@ class Fio:
 # --- the device and its guest ------------------------------------------------------------
 
 
-class DeviceProcess:
+class LoggedProcess:
+    """A child process (`proc`) whose output goes to a temporary file (`_log`)."""
+
+    proc: subprocess.Popen[Any]
+    _log: TextIO
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_tail(self) -> str:
+        self._log.seek(0)
+        lines = self._log.read().strip().splitlines()
+        return lines[-1] if lines else f"exit status {self.proc.returncode}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: finish, flush, exit 0
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+class DeviceProcess(LoggedProcess):
     """`nvme-mdev serve` in its own process (own interpreter, own GIL, own CPU time)."""
 
     def __init__(
@@ -318,27 +344,8 @@ class DeviceProcess:
                 raise BenchError(f"nvme-mdev serve did not start: {why}")
             time.sleep(0.02)
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
     def cpu_ns(self) -> int:
         return process_cpu_ns(self.proc.pid)
-
-    def log_tail(self) -> str:
-        self._log.seek(0)
-        lines = self._log.read().strip().splitlines()
-        return lines[-1] if lines else f"exit status {self.proc.returncode}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: finish, flush, exit 0
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
 
 
 @dataclass

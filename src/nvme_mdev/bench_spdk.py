@@ -34,7 +34,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .bench import WORKLOADS as BENCH_WORKLOADS
-from .bench import BenchError, DeviceProcess, drop_page_cache, process_cpu_ns
+from .bench import (
+    BenchError,
+    DeviceProcess,
+    LoggedProcess,
+    Workload,
+    drop_page_cache,
+    process_cpu_ns,
+)
 from .config import ConfigError, parse_size
 from .daemon import subsystem_nqn
 
@@ -48,14 +55,6 @@ BACKENDS = ("file", "null")
 #: hugepages each side takes (MiB): perf's -s, nvmf_tgt's -s
 CLIENT_MEMORY_MB, TARGET_MEMORY_MB = 256, 512
 HUGEPAGES = Path("/dev/hugepages")
-
-
-@dataclass(frozen=True)
-class Workload:
-    name: str
-    rw: str  # spdk_nvme_perf -w
-    block_size: int
-    depth: int
 
 
 WORKLOADS = (
@@ -144,7 +143,7 @@ def _pinned(cpus: set[int]) -> Callable[[], None]:
     return pin
 
 
-class SpdkTarget:
+class SpdkTarget(LoggedProcess):
     """SPDK's nvmf_tgt with its VFIOUSER transport: one subsystem, one listener
     directory, one namespace (an AIO bdev on the file, or a null bdev)."""
 
@@ -205,25 +204,6 @@ class SpdkTarget:
         if done.returncode:
             raise BenchError(f"SPDK rpc {args[0]}: {done.stderr.strip().splitlines()[-1:]}")
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log_tail(self) -> str:
-        self._log.seek(0)
-        lines = self._log.read().strip().splitlines()
-        return lines[-1] if lines else f"exit status {self.proc.returncode}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
 
 class MdevTarget:
     """`nvme-mdev serve` as SPDK's client wants it: the socket `cntrl` in a directory,
@@ -253,7 +233,7 @@ class MdevTarget:
         self.device.stop()
 
 
-class DaemonTargets:
+class DaemonTargets(LoggedProcess):
     """`nvme-mdev daemon` with `count` controllers on null namespaces."""
 
     def __init__(self, plane: str, directory: Path, count: int, pin: bool = False) -> None:
@@ -295,20 +275,6 @@ class DaemonTargets:
         except BaseException:
             self.stop()
             raise
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
 
 
 def run_scaling(seconds: float, progress: Callable[[str], None]) -> list[str]:
