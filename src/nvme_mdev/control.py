@@ -201,6 +201,12 @@ class ControlServer:
         params = request.get("params", {})
         if not isinstance(method_name, str):
             return _error(rid, INVALID_REQUEST, "method must be a string")
+        reply = self._call(rid, method_name, params)
+        # A well-formed request without an id is a notification: it runs, and JSON-RPC
+        # 2.0 forbids any reply to it, an error included.
+        return None if "id" not in request else reply
+
+    def _call(self, rid: Any, method_name: str, params: Any) -> bytes:
         if not isinstance(params, dict):
             return _error(rid, INVALID_PARAMS, "params must be an object")
         method = self.methods.get(method_name)
@@ -215,8 +221,6 @@ class ControlServer:
         except Exception as exc:  # a bug: say so, keep serving
             log.exception("control method %s failed", method_name)
             return _error(rid, INTERNAL_ERROR, f"{method_name}: {exc}")
-        if "id" not in request:
-            return None
         return json.dumps({"jsonrpc": "2.0", "id": rid, "result": result}).encode()
 
 

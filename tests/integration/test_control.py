@@ -206,6 +206,23 @@ def test_bad_requests_get_json_rpc_errors(served: Served, line: bytes, code: int
     assert call(str(served.control), "stats")["queues"] == []  # and the socket still serves
 
 
+def test_notifications_get_no_reply_not_even_an_error(served: Served) -> None:
+    """JSON-RPC 2.0: a request without an id is a notification, and the server never
+    answers one, also when it fails; so the first reply is the one to the request."""
+    notifications = [
+        b'{"jsonrpc": "2.0", "method": "format_host_disk"}',
+        b'{"jsonrpc": "2.0", "method": "stats", "params": [1]}',
+        b'{"jsonrpc": "2.0", "method": "iothread", "params": {"cpus": ["x"]}}',
+        b'{"jsonrpc": "2.0", "method": "stats"}',
+    ]
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(served.control))
+        s.sendall(b"\n".join([*notifications, b'{"jsonrpc": "2.0", "id": 7, "method": "stats"}']))
+        s.sendall(b"\n")
+        reply = json.loads(s.makefile("rb").readline())
+    assert reply["id"] == 7 and "result" in reply
+
+
 def test_control_error_for_a_missing_socket(tmp_path: Path) -> None:
     with pytest.raises(ControlError, match="No such file"):
         call(str(tmp_path / "nothing.ctl"), "stats")
