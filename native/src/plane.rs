@@ -11,7 +11,7 @@
 //! and `notify`; Python code never calls back into a method that takes the lock.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
@@ -191,7 +191,7 @@ pub struct Shared {
     /// per SQ doorbell: a trapped tail not yet taken, + 1 (0: none)
     pub trapped: Vec<AtomicU32>,
     /// the thread parks on it; doorbells and control requests write it
-    pub wake_fd: RawFd,
+    pub wake_fd: OwnedFd,
     pub events: Mutex<VecDeque<Event>>,
     pub control: Mutex<Control>,
     pub control_cond: Condvar,
@@ -234,6 +234,8 @@ impl Shared {
         if wake_fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
+        // SAFETY: a fresh eventfd that nothing else owns; closed when the Shared drops.
+        let wake_fd = unsafe { OwnedFd::from_raw_fd(wake_fd) };
         let vectors = config.vectors;
         let queues = usize::from(config.max_io_queues) + 1;
         let config_namespaces = config.max_namespaces as usize;
@@ -302,19 +304,19 @@ impl Shared {
     pub fn wake(&self) {
         let one: u64 = 1;
         // SAFETY: writes 8 bytes we own to our own eventfd.
-        let _ = unsafe { libc::write(self.wake_fd, (&one as *const u64).cast(), 8) };
+        let _ = unsafe { libc::write(self.wake_fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
     }
 
     fn clear_wake(&self) {
         let mut value: u64 = 0;
         // SAFETY: reads 8 bytes into a u64 we own from our own (non-blocking) eventfd.
-        let _ = unsafe { libc::read(self.wake_fd, (&mut value as *mut u64).cast(), 8) };
+        let _ = unsafe { libc::read(self.wake_fd.as_raw_fd(), (&mut value as *mut u64).cast(), 8) };
     }
 
     /// Sleep until the eventfd is written.
     fn sleep(&self) {
         let mut pfd = libc::pollfd {
-            fd: self.wake_fd,
+            fd: self.wake_fd.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         };

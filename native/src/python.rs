@@ -216,6 +216,15 @@ pub struct PyPlane {
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
+impl Drop for PyPlane {
+    /// A plane dropped while its thread runs (its controller gone without a stop) ends
+    /// that thread: it holds the Shared, and with it the io_uring, eventfds and guest
+    /// memory views, for as long as it runs.
+    fn drop(&mut self) {
+        Python::attach(|py| self.stop(py));
+    }
+}
+
 #[pymethods]
 impl PyPlane {
     #[new]

@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -324,6 +325,7 @@ def serve(args: argparse.Namespace) -> int:
     line and the control socket beside the vfio-user socket."""
     from .daemon import ControllerSettings, Daemon, NamespaceRequest, SocketTaken, subsystem_nqn
 
+    _raise_fd_limit()
     stop = _stop_on_signals()
 
     if not 0 <= args.poll_timeout_ms <= MAX_POLL_TIMEOUT_MS:
@@ -376,6 +378,7 @@ def serve(args: argparse.Namespace) -> int:
 def run_daemon(args: argparse.Namespace) -> int:
     from .daemon import Daemon, load_config
 
+    _raise_fd_limit()
     stop = _stop_on_signals()
     # Check the whole file before anything is opened or bound.
     declared = load_config(args.config) if args.config else []
@@ -417,6 +420,16 @@ def _control_plane(
     except (OSError, ValueError) as exc:
         control.stop()
         raise ConfigError(f"--metrics {metrics_address}: {exc}") from exc
+
+
+def _raise_fd_limit() -> None:
+    """Lift the soft limit on open files to the hard one. Each VM costs the process
+    tens of fds (its socket, guest memory, interrupt eventfds, images), so the usual
+    soft limit of 1024 would cap a daemon at a few dozen VMs; nothing here uses
+    select(2), the reason that soft limit is low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _stop_on_signals() -> threading.Event:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import select
 import struct
 import time
 from collections.abc import Iterable
@@ -19,6 +18,7 @@ from .dataplane.fence import full_fence
 from .guest_memory import words32
 from .nvme.spec import CQE, DOORBELL_BASE, SQE, AdminOpcode, IoOpcode, Reg
 from .vfio_user.client import GuestRam, VfioUserClient
+from .vfio_user.framing import wait_readable
 
 PAGE = 4096
 BAR0 = 0
@@ -213,7 +213,7 @@ class HostQueuePair:
         if left <= 0:
             raise NvmeHostError(f"queue {self.qid}: {waiting_for}")
         fd = self.host.irq_fds[self.cq_pair.vector]
-        if select.select([fd], [], [], min(left, 0.05))[0]:
+        if wait_readable(fd, min(left, 0.05)):
             os.eventfd_read(fd)
         return []
 

@@ -172,7 +172,7 @@ class VirtualController:
         """Finish in-flight commands, make written data durable, release everything."""
         self.server.stop()
         self.admin_worker.stop()
-        self.data.stop()  # and every transfer in flight drained
+        self.data.close()  # and every transfer in flight drained
         self.engine.close()
         for ns in self.controller.namespaces.values():
             try:

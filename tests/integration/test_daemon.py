@@ -433,3 +433,60 @@ def test_sigterm_flushes_and_removes_every_socket(tmp_path: Path) -> None:
         assert d.stop() == 0
     assert disk.read_bytes()[100 * 512 : 100 * 512 + 4096] == b"\xa5" * 4096
     assert not list(tmp_path.glob("*.sock"))
+
+
+def open_fds_and_threads(pid: int) -> tuple[int, int]:
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    threads = len(os.listdir(f"/proc/{pid}/task"))
+    return fds, threads
+
+
+@pytest.mark.parametrize("plane", ["native", "python"])
+def test_deleted_controllers_leave_nothing_behind(
+    daemon: DaemonProcess, tmp_path: Path, plane: str
+) -> None:
+    """Controllers created, used by a guest and deleted, over and over: the daemon's
+    fds (sockets, eventfds, io_urings, images) and threads come back to where they
+    were. (A native plane referenced from its own callbacks once outlived its controller
+    with its thread, io_uring and eventfds: one control client could exhaust the fds of
+    every VM.)"""
+    disk = image(tmp_path, "d.img")
+
+    def round_trip(i: int) -> None:
+        sock = str(tmp_path / f"c{i}.sock")
+        daemon.ok("controller", "create", "c", "--socket", sock, "--ns", str(disk),
+                  "--data-plane", plane)  # fmt: skip
+        with NvmeHost(sock) as host:
+            host.enable()
+            assert write_read(host, 1, i, bytes([i]) * 512) == bytes([i]) * 512
+        daemon.ok("controller", "delete", "c")
+
+    round_trip(0)  # the first one starts what lives as long as the daemon
+    baseline = open_fds_and_threads(daemon.proc.pid)
+    for i in range(1, 9):
+        round_trip(i)
+    deadline = time.monotonic() + 30  # a client's connection thread ends on its own time
+    while open_fds_and_threads(daemon.proc.pid) != baseline and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert open_fds_and_threads(daemon.proc.pid) == baseline
+
+
+def test_the_daemon_lifts_its_soft_open_files_limit(tmp_path: Path) -> None:
+    """Started with the usual soft limit of 1024 open files, the daemon lifts it to the
+    hard limit: each VM costs it tens of fds, and 1024 would cap it at a few dozen."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard <= 1024:
+        pytest.skip(f"hard RLIMIT_NOFILE {hard}: nothing to lift to")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # inherited by the daemon
+    try:
+        d = DaemonProcess(tmp_path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        limits = Path(f"/proc/{d.proc.pid}/limits").read_text()
+        line = next(x for x in limits.splitlines() if x.startswith("Max open files"))
+        assert line.split()[3:5] == [str(hard), str(hard)], line
+    finally:
+        d.stop()

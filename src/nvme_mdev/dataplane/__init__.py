@@ -92,6 +92,11 @@ class DataPlane(Protocol):
         then end the thread. The backends stay open (the caller closes them)."""
         ...
 
+    def close(self) -> None:
+        """Stop, and release what the plane holds of its own (rings, eventfds): for a
+        controller going away. Nothing is called on a closed plane."""
+        ...
+
     def wake(self) -> None:
         """New work may be in an I/O queue."""
         ...

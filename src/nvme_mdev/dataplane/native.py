@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import inspect
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -31,6 +33,23 @@ from ..nvme.namespace import Namespace
 from ..statistics import ControllerStats
 from . import IoSettings, QueueState
 from .events import CommandFailed, DataPlaneEvent, Fatal, InvalidDoorbell, StorageFailed
+
+
+def _weakly(callback: Callable[..., Any]) -> Callable[..., Any]:
+    """`callback` as the crate keeps it: without keeping its object alive. What a native
+    object references is invisible to Python's cycle collector, so a bound method of the
+    plane's owner held there would make a cycle that is never collected: the plane, its
+    thread, io_uring and eventfds would outlive every controller deleted. Once the
+    object is gone the callback does nothing (the crate then treats the call as failed)."""
+    if not inspect.ismethod(callback):
+        return callback
+    method = weakref.WeakMethod(callback)
+
+    def call(*args: Any) -> Any:
+        bound = method()
+        return None if bound is None else bound(*args)
+
+    return call
 
 
 class NativeDataPlane:
@@ -77,9 +96,9 @@ class NativeDataPlane:
             routes,
             engine.name == "uring",
             doorbell_words.cast("B") if doorbell_words is not None else None,
-            notify,
-            self._slow,
-            memory,
+            _weakly(notify),
+            _weakly(self._slow),
+            weakref.proxy(memory),
         )
         self._poll_timeout = poll_timeout
         self._plane.set_poll_timeout_ns(round(poll_timeout * 1e9))
@@ -121,6 +140,12 @@ class NativeDataPlane:
 
     def stop(self) -> None:
         self._plane.stop()
+
+    def close(self) -> None:
+        self.stop()
+        # The last reference to the crate's plane: dropping it closes its io_uring and
+        # eventfd now, not whenever a cycle through the controller is collected.
+        del self._plane
 
     def wake(self) -> None:
         self._plane.wake()

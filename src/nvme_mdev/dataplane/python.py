@@ -122,6 +122,9 @@ class PythonDataPlane:
     def stop(self) -> None:
         self.thread.stop()
 
+    def close(self) -> None:
+        self.stop()  # the thread is all it holds; the engine is the caller's
+
     def wake(self) -> None:
         self.thread.wake()
 

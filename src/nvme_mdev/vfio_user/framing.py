@@ -17,6 +17,7 @@ from __future__ import annotations
 import array
 import contextlib
 import os
+import select
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,14 @@ class Message:
     def close_fds(self) -> None:
         fds, self.fds = self.fds, []
         close_fds(fds)
+
+
+def wait_readable(fd: int, timeout: float) -> bool:
+    """Whether `fd` becomes readable within `timeout` seconds. poll(2), not select(2):
+    a daemon serving many VMs holds fds numbered past select's limit of 1024."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0, round(timeout * 1000))))
 
 
 def close_fds(fds: Sequence[int]) -> None:

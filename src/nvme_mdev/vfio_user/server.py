@@ -36,7 +36,6 @@ import errno
 import logging
 import os
 import queue
-import select
 import socket
 import stat
 import threading
@@ -47,7 +46,7 @@ from typing import Final, TypeVar
 from ..guest_memory import DmaError
 from . import protocol as p
 from .device import Device, DeviceError, IrqAction, IrqSet
-from .framing import Message, MessageReader, send_message
+from .framing import Message, MessageReader, send_message, wait_readable
 from .memory import DmaMemory
 
 log = logging.getLogger(__name__)
@@ -285,10 +284,8 @@ class Session:
         """Read for the busy server thread until our reply is in (reader lock held)."""
         while not pending.done.is_set() and self._eof is None:
             self._check_wait(pending, command, access, deadline)
-            if not self.reader.buffered():
-                ready, _, _ = select.select([self.sock], [], [], _POLL)
-                if not ready:
-                    continue
+            if not self.reader.buffered() and not wait_readable(self.sock.fileno(), _POLL):
+                continue
             try:
                 message = self._receive_locked()
             except (OSError, p.ProtocolError):

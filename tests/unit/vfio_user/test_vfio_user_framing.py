@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nvme_mdev.vfio_user import protocol as p
-from nvme_mdev.vfio_user.framing import MessageReader, send_message
+from nvme_mdev.vfio_user.framing import MessageReader, send_message, wait_readable
 
 
 @pytest.fixture
@@ -158,3 +158,25 @@ def test_any_split_of_the_stream_reads_back_the_same(
             os.close(fd)
         a.close()
         b.close()
+
+
+def test_waiting_on_an_fd_numbered_past_select_limit(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """A daemon serving many VMs holds fds numbered past 1024, where select(2) fails
+    (ValueError): the server's and the host driver's waits must still work there."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 2048:
+        pytest.skip(f"hard RLIMIT_NOFILE {hard}: cannot open fd 2000")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    a, b = pair
+    high = os.dup2(b.fileno(), 2000)
+    try:
+        assert not wait_readable(high, 0)
+        a.sendall(b"x")
+        assert wait_readable(high, 5)
+    finally:
+        os.close(high)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
