@@ -15,7 +15,7 @@ One case per line, numbers in hex:
     P prp1 prp2 length ; WRITES ; RESULT
     S addr dlen ident length to_guest dword ; WRITES ; RESULT
     M errno writing past_end block_device store_size probe_errno ; ; FAILURE
-WRITES are `offset:bytes` into guest RAM (BASE, 16 pages, zero elsewhere); RESULT
+WRITES are `offset:bytes` into guest RAM (BASE, 2 MiB, zero elsewhere); RESULT
 is `ok` and the segments (`addr+len`, or `b+len` for a bit bucket) or `err STATUS`.
 A store's size probe fails with probe_errno unless it is 0; FAILURE is `fail STATUS`
 and the flags DNR, media, gone, read only as 0/1.
@@ -33,11 +33,11 @@ from nvme_mdev.guest_memory import DmaError
 from nvme_mdev.nvme import media_errors
 from nvme_mdev.nvme.errors import CommandError
 from nvme_mdev.nvme.prp import prp_segments
-from nvme_mdev.nvme.sgl import BIT_BUCKET, sgl_segments
+from nvme_mdev.nvme.sgl import BIT_BUCKET, MAX_DESCRIPTORS, sgl_segments
 
 BASE = 0x10_0000
 PAGE = 4096
-PAGES = 16
+PAGES = 512  # 2 MiB: room for a segment longer than the descriptor budget
 SIZE = PAGES * PAGE
 SEED = 20261203
 CASES = 900
@@ -81,48 +81,114 @@ def _length(rng: random.Random) -> int:
 
 
 def prp_case(rng: random.Random) -> tuple[str, Ram]:
+    """A PRP1/PRP2 pair over a PRP list that is mostly right: its entries page aligned,
+    chained to another list page when it reaches a page's last slot (a list placed
+    near the end of a page chains early), with one thing wrong now and then."""
     ram = Ram()
     length = _length(rng)
     prp1 = _address(rng, rng.choice([PAGE, 512, 4]))
-    list_addr = _address(rng, rng.choice([PAGE, 8, 8, 4]))
-    # A PRP list (which may run onto the next page, chaining) of mostly valid entries.
-    addr = list_addr
-    for _ in range(rng.randrange(0, 24)):
-        entry = _address(rng, PAGE) if rng.random() < 0.9 else _address(rng, 8)
-        if rng.random() < 0.1:  # jump: where the walker reads a chain pointer
-            addr = BASE + rng.randrange(PAGE - 16, SIZE, PAGE) + rng.choice([0, 8])
+    if rng.random() < 0.4:  # a list a few slots before its page ends
+        list_addr = BASE + rng.randrange(0, SIZE, PAGE) + PAGE - 8 * rng.randrange(1, 5)
+    else:
+        list_addr = _address(rng, rng.choice([PAGE, 8, 8, 4]))
+    addr, pages = list_addr, length // PAGE + 2
+    while pages > 0 and BASE <= addr < BASE + SIZE:
+        if (addr + 8) % PAGE == 0 and pages > 1:  # the last slot: chain to the next list
+            addr_next = BASE + rng.randrange(0, SIZE, PAGE) + rng.choice([0, 0, 0, 0, 8])
+            ram.put(addr, struct.pack("<Q", addr_next))
+            addr = addr_next
+            continue
+        entry = _address(rng, PAGE) if rng.random() < 0.95 else _address(rng, 8)
         ram.put(addr, struct.pack("<Q", entry))
-        addr += 8
-    prp2 = list_addr if rng.random() < 0.8 else _address(rng, PAGE)
+        addr, pages = addr + 8, pages - 1
+    prp2 = list_addr if rng.random() < 0.85 else _address(rng, PAGE)
     return f"P {prp1:x} {prp2:x} {length:x}", ram
 
 
-def _descriptor(rng: random.Random, segments: list[int]) -> bytes:
-    roll = rng.random()
-    if roll < 0.55:  # a data block
-        addr, dlen, ident = _address(rng, rng.choice([1, 4])), rng.randrange(0, 3 * PAGE), 0x00
-    elif roll < 0.65:
-        addr, dlen, ident = 0, rng.randrange(0, 2 * PAGE), 0x10  # a bit bucket
-    elif roll < 0.9:  # a segment or last segment, mostly to one of ours
-        addr = rng.choice(segments) if rng.random() < 0.85 else _address(rng, rng.choice([8, 4]))
-        dlen = 16 * rng.randrange(1, 6) if rng.random() < 0.9 else rng.randrange(0, 96)
-        ident = rng.choice([0x20, 0x30])
-    else:  # reserved types and sub types
-        addr, dlen = _address(rng, 16), rng.randrange(0, PAGE)
-        ident = rng.choice([0x40, 0x50, 0xF0, 0x01, 0x0A, 0x21, 0x31])
-    if rng.random() < 0.03:
-        dlen = 0xFFFF_FFFF
-    return struct.pack("<QIxxxB", addr, dlen, ident)
+def _pack(addr: int, dlen: int, ident: int) -> bytes:
+    return struct.pack("<QIxxxB", addr % (1 << 64), dlen % (1 << 32), ident)
+
+
+def _spot(rng: random.Random, count: int) -> int:
+    """Room for `count` descriptors in RAM, 16-byte aligned."""
+    return BASE + rng.randrange(0, SIZE - 16 * count, 16)
 
 
 def sgl_case(rng: random.Random) -> tuple[str, Ram]:
+    """SGL Entry 1 and the segments it leads to: a valid list of data blocks (and bit
+    buckets) for the transfer, spread over segments of 1 to 600 descriptors (so longer
+    than a read chunk of 256), then one thing made wrong more often than not."""
     ram = Ram()
     length = _length(rng)
-    segments = [BASE + rng.randrange(0, SIZE - 256, 16) for _ in range(rng.randrange(1, 5))]
-    for seg in segments:
-        ram.put(seg, b"".join(_descriptor(rng, segments) for _ in range(rng.randrange(1, 6))))
-    addr, dlen, ident = struct.unpack("<QIxxxB", _descriptor(rng, segments))
     to_guest, dword = rng.random() < 0.5, rng.random() < 0.3
+    # The data: blocks that add up to the length, a bucket now and then.
+    blocks: list[tuple[int, int, int]] = []
+    left = length + rng.choice([0, 0, 0, 512])  # a list may describe more than needed
+    while left > 0:
+        n = min(left, rng.choice([4, 512, PAGE, 3 * PAGE, rng.randrange(1, 2 * PAGE)]))
+        if rng.random() < 0.1:
+            blocks.append((0, n, 0x10))
+            left -= n if to_guest else 0
+        else:
+            blocks.append((BASE + rng.randrange(0, SIZE, rng.choice([4, 512, PAGE])), n, 0x00))
+            left -= n
+        if len(blocks) > 900:
+            break
+    # Segments: each but the last ends with a Segment descriptor to the next one.
+    groups: list[list[tuple[int, int, int]]] = []
+    while blocks:
+        k = rng.choice([1, 2, 3, 5, 300, 600]) if rng.random() < 0.9 else len(blocks)
+        groups.append(blocks[:k])
+        blocks = blocks[k:]
+    corruption = rng.random()
+    descs: list[list[tuple[int, int, int]]] = [list(g) for g in groups]
+    spots = [_spot(rng, len(g) + 1) for g in descs]
+    for i in range(len(descs) - 1):
+        last = i == len(descs) - 2
+        descs[i].append((spots[i + 1], 16 * len(descs[i + 1]), 0x30 if last else 0x20))
+    if descs and corruption < 0.6:
+        g = rng.randrange(len(descs))
+        d = rng.randrange(len(descs[g]))
+        a, n, ident = descs[g][d]
+        kind = rng.randrange(11)
+        if kind == 0:
+            ident = rng.choice([0x01, 0x0A, 0x40, 0x50, 0xF0, 0x21, 0x31, 0x11])
+        elif kind == 1:
+            a |= rng.choice([1, 2, 3])  # misaligned: a data block under dword granularity
+        elif kind == 2:
+            n = rng.choice([0, 8, 17, 0xFFFF_FFF0, 0xFFFF_FFFF])
+        elif kind == 3:
+            a = (1 << 64) - rng.choice([16, PAGE, 1])
+        elif kind == 4:  # unmapped: a segment read there fails
+            if g < len(descs) - 1:
+                d = len(descs[g]) - 1
+                a, n, ident = descs[g][d]
+            a = rng.choice([0, BASE - PAGE, BASE + SIZE - 16, 1 << 40])
+        elif kind == 5 and len(descs[g]) > 1:  # a segment descriptor mid-segment
+            descs[g][rng.randrange(len(descs[g]) - 1)] = (spots[g], 16, 0x20)
+        elif kind == 6:  # a loop: back to the first segment
+            descs[g][-1] = (spots[0], 16 * len(descs[0]), rng.choice([0x20, 0x30]))
+        elif kind == 7:  # a Last Segment descriptor inside the last segment
+            descs[-1][-1] = (spots[0], 16, 0x30)
+        elif kind == 8:  # endless zero-length data blocks: past the descriptor budget
+            zeros = BASE + SIZE - 16 * (MAX_DESCRIPTORS + 4096)
+            a, n, ident = zeros, 16 * (MAX_DESCRIPTORS + 4096) - 16, 0x20
+        elif kind == 9:
+            n = max(0, n - rng.choice([1, 512]))  # the list falls short
+        else:
+            ident = rng.choice([0x20, 0x30])  # a data block turned into a segment
+        descs[g][d] = (a, n, ident) if kind not in (5, 6, 7) else descs[g][d]
+    for spot, group in zip(spots[1:], descs[1:], strict=True):
+        ram.put(spot, b"".join(_pack(*x) for x in group))
+    # SGL Entry 1: the first segment's only descriptor, or a pointer to the segment.
+    if descs and len(descs[0]) == 1:
+        addr, dlen, ident = descs[0][0]
+    elif descs:
+        ram.put(spots[0], b"".join(_pack(*x) for x in descs[0]))
+        addr, dlen, ident = spots[0], 16 * len(descs[0]), rng.choice([0x20, 0x30])
+    else:
+        addr, dlen, ident = _address(rng, 4), 0, 0x00
+    addr, dlen = addr % (1 << 64), dlen % (1 << 32)
     return f"S {addr:x} {dlen:x} {ident:x} {length:x} {int(to_guest)} {int(dword)}", ram
 
 
@@ -142,6 +208,30 @@ def outcome(line: str, ram: Ram) -> str:
     return " ".join(
         ["ok"] + [f"b+{n:x}" if a == BIT_BUCKET else f"{a:x}+{n:x}" for a, n in segments]
     )
+
+
+def edge_cases() -> list[tuple[str, Ram]]:
+    """SGLs at the edges random ones rarely reach."""
+    cases = []
+    # Exactly the descriptor budget (65535 empty data blocks, then the data), and one more.
+    for extra in (0, 1):
+        ram = Ram()
+        count = MAX_DESCRIPTORS + extra
+        ram.put(BASE + 16 * (count - 1), _pack(BASE, 512, 0x00))
+        cases.append((f"S {BASE:x} {16 * count:x} 30 200 0 0", ram))
+    # A short segment that ends where RAM does (a walker reading past it would fail).
+    ram = Ram()
+    end = BASE + SIZE - 32
+    ram.put(end, _pack(BASE, 256, 0x00) + _pack(BASE + PAGE, 256, 0x00))
+    cases.append((f"S {end:x} 20 30 200 1 0", ram))
+    # Dword granularity: data blocks whose address and length are misaligned alike, or
+    # together make 3; as SGL Entry 1 and inside a segment.
+    for addr, dlen in ((BASE + 1, 1), (1, 2), (BASE + 2, 6)):
+        cases.append((f"S {addr:x} {dlen:x} 0 {dlen:x} 1 1", Ram()))
+        ram = Ram()
+        ram.put(BASE, _pack(addr, dlen, 0x00))
+        cases.append((f"S {BASE:x} 10 30 {dlen:x} 1 1", ram))
+    return cases
 
 
 class Store:
@@ -190,6 +280,9 @@ def vectors() -> str:
     lines = []
     for i in range(CASES):
         line, ram = (prp_case if i % 3 == 0 else sgl_case)(rng)
+        writes = " ".join(f"{offset:x}:{data.hex()}" for offset, data in ram.writes)
+        lines.append(f"{line} ; {writes} ; {outcome(line, ram)}")
+    for line, ram in edge_cases():
         writes = " ".join(f"{offset:x}:{data.hex()}" for offset, data in ram.writes)
         lines.append(f"{line} ; {writes} ; {outcome(line, ram)}")
     return "\n".join(lines + media_cases()) + "\n"

@@ -10,7 +10,7 @@ use nvme_mdev_native::prp::{prp_segments, CmdResult, Segment};
 use nvme_mdev_native::sgl::sgl_segments;
 
 const BASE: u64 = 0x10_0000;
-const SIZE: usize = 16 * 4096;
+const SIZE: usize = 512 * 4096;
 
 fn hex(field: &str) -> u64 {
     u64::from_str_radix(field, 16).unwrap_or_else(|e| panic!("{field}: {e}"))
