@@ -304,9 +304,10 @@ class Host:
         mapped_doorbells: bool = False,
         engine: str | IoEngine | None = None,
         plane: str | None = None,
+        memory_base: int = 0x100000,
     ) -> None:
         plane = plane or PLANE
-        self.memory = FakeGuestMemory(memory_size)
+        self.memory = FakeGuestMemory(memory_size, memory_base)
         self.interrupts = FakeInterrupts(plane=plane)
         INTERRUPTS.append(self.interrupts)
         config = config or ControllerConfig()

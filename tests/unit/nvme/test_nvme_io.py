@@ -133,6 +133,28 @@ def test_prp_list_scattered_pages(h: Host, zero_copy: bool) -> None:
     assert h.memory.read(dst, len(data)) == data
 
 
+def test_guest_memory_above_4_gib(file_ns: NamespaceFactory) -> None:
+    """Every address a command carries is 64 bits: the queues, the Identify buffer,
+    PRP1, PRP2 and the PRP list entries all lie above 4 GiB, where a lost upper dword
+    would move the data somewhere else."""
+    ns = file_ns()
+    h = Host([ns], memory_base=0x1_2340_0000)
+    h.enable()
+    c, data = h.identify(1)  # Identify Controller into a buffer above 4 GiB
+    assert c.status == 0 and data[24:64].strip() != b""  # serial, model present
+    h.create_io_queue_pair(1)
+    payload = pattern(3 * PAGE)
+    src, dst = h.alloc(3 * PAGE), h.alloc(3 * PAGE)
+    assert src >> 32 and dst >> 32
+    h.memory.write(src, payload)
+    prp1, prp2 = h.prps(src, len(payload))  # PRP2 points to a PRP list
+    assert h.io_cmd(1, rw(WRITE, 1, prp1, 4, 24, prp2=prp2)).status == 0
+    assert file_bytes(ns, 4 * 512, len(payload)) == payload
+    prp1, prp2 = h.prps(dst, 2 * PAGE)  # PRP2 is the second page itself
+    assert h.io_cmd(1, rw(READ, 1, prp1, 4, 16, prp2=prp2)).status == 0
+    assert h.memory.read(dst, 2 * PAGE) == payload[: 2 * PAGE]
+
+
 def test_prp_list_chained_from_the_last_slot(h: Host) -> None:
     """A PRP list starting in the last two slots of a page: one entry, then a pointer
     to the next list page (the last entry of a full list page chains)."""

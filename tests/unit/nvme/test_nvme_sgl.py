@@ -230,6 +230,18 @@ def test_bit_bucket_reads_nothing_into_guest(h: Host) -> None:
     assert h.memory.read(canary, PAGE) == b"\xa5" * PAGE
 
 
+@pytest.mark.parametrize("zero_copy", [True, False], ids=["zero-copy", "bounce"])
+def test_data_after_a_bit_bucket_larger_than_the_discard_buffer(h: Host, zero_copy: bool) -> None:
+    """A bit bucket of 64 KiB + 512 bytes (the discard buffer, then a piece of it) and a
+    data block after it: exactly the bucket's bytes are dropped, the block gets the rest."""
+    h.memory.zero_copy = zero_copy
+    expected = media(h, 0, 130)
+    block = h.alloc(PAGE)
+    sgl1 = last_segment(h, [desc(0, (64 << 10) + 512, BUCKET), desc(block, 512)])
+    assert h.io_cmd(1, sgl_cmd(READ, sgl1, 0, 130)).status == 0
+    assert h.memory.read(block, 512) == expected[-512:]
+
+
 def test_bit_bucket_in_write_counts_as_length_zero(h: Host) -> None:
     buf = h.alloc(PAGE)
     data = pattern(1024, seed=5)

@@ -302,3 +302,43 @@ def test_against_a_model(ops: list[tuple[str, int, int]]) -> None:
     finally:
         DmaMemory.release(memory.unmap_all())
         ram.close()
+
+
+def test_map_accepts_the_whole_address_space_and_no_more(memory: DmaMemory) -> None:
+    """The edges of [0, 2^64): a one-byte region, one that ends exactly at 2^64; not one
+    past it, nor a negative address."""
+    memory.map(0, 1, True, True, None, 0)
+    top = memory.map((1 << 64) - PAGE, PAGE, True, False, None, 0)
+    assert (top.iova, top.size) == ((1 << 64) - PAGE, PAGE)
+    for iova, size in (((1 << 64) - PAGE, PAGE + 1), ((1 << 64) - 1, 2), (-PAGE, 2 * PAGE)):
+        with pytest.raises(ProtocolError) as info:
+            memory.map(iova, size, True, True, None, 0)
+        assert info.value.errno == errno.EINVAL, (iova, size)
+
+
+def test_map_at_a_file_offset(memory: DmaMemory, ram: Ram) -> None:
+    """A region mapped from the middle of the client's file sees that part of it."""
+    ram.map[3 * PAGE : 3 * PAGE + 5] = b"third"
+    memory.map(0x40000, PAGE, True, False, ram.dup(), 3 * PAGE)
+    assert memory.read(0x40000, 5) == b"third"
+
+
+def test_memory_truncated_under_a_mapping_reads_as_zeroes_and_is_reported(
+    memory: DmaMemory,
+) -> None:
+    """A client truncates the file it mapped: touching it would raise SIGBUS and end the
+    daemon; guarded, the mapping turns to zeroes, the fault is counted, and the memory's
+    owner is told (on the watcher's thread) so that its controller can go fatal."""
+    ram = Ram(4 * PAGE)
+    try:
+        ram.map[:4] = b"data"
+        lost = threading.Event()
+        memory.on_lost(lost.set)
+        memory.map(0x20000, 4 * PAGE, True, True, ram.dup(), 0)
+        assert memory.read(0x20000, 4) == b"data"
+        os.ftruncate(ram.fd, 0)
+        assert memory.read(0x20000 + PAGE, 8) == bytes(8)  # not SIGBUS
+        assert memory.faults == 1
+        assert lost.wait(10)
+    finally:
+        ram.close()
