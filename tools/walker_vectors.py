@@ -224,6 +224,16 @@ def edge_cases() -> list[tuple[str, Ram]]:
     end = BASE + SIZE - 32
     ram.put(end, _pack(BASE, 256, 0x00) + _pack(BASE + PAGE, 256, 0x00))
     cases.append((f"S {end:x} 20 30 200 1 0", ram))
+    # A segment longer than a read chunk (256 descriptors) that ends where RAM does.
+    ram = Ram()
+    count = 300
+    long = BASE + SIZE - 16 * count
+    ram.put(long, b"".join(_pack(BASE + 16 * i, 16, 0x00) for i in range(count)))
+    cases.append((f"S {long:x} {16 * count:x} 30 {16 * count:x} 1 0", ram))
+    # Segments at the top of the address space: ending at 2^64, past it, and one whose
+    # address times its length (not plus) would pass 2^64.
+    for addr, dlen in (((1 << 64) - 16, 16), ((1 << 64) - 16, 32), (1 << 40, 0x200_0000)):
+        cases.append((f"S {addr:x} {dlen:x} 30 200 1 0", Ram()))
     # Dword granularity: data blocks whose address and length are misaligned alike, or
     # together make 3; as SGL Entry 1 and inside a segment.
     for addr, dlen in ((BASE + 1, 1), (1, 2), (BASE + 2, 6)):
