@@ -118,8 +118,8 @@ def ram_host(
     """An enabled controller (one 1 MiB namespace) whose guest RAM is a GuestRam."""
     made: list[GuestRam] = []
 
-    def guest_ram(size: int) -> GuestRam:
-        made.append(GuestRam(size))
+    def guest_ram(size: int, base: int) -> GuestRam:
+        made.append(GuestRam(size, base))
         return made[-1]
 
     with monkeypatch.context() as m:

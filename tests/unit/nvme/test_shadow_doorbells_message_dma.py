@@ -76,8 +76,8 @@ def msg_host(
 ) -> Iterator[tuple[Host, MessageRam]]:
     made: list[MessageRam] = []
 
-    def message_ram(size: int) -> MessageRam:
-        made.append(MessageRam(size))
+    def message_ram(size: int, base: int) -> MessageRam:
+        made.append(MessageRam(size, base))
         return made[-1]
 
     with monkeypatch.context() as m:
