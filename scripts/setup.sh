@@ -19,14 +19,20 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] ||
 fi
 # Debian packages, as root: fio for `nvme-mdev bench` (native rows; without it the bench
 # runs the device alone); fuse3 (libfuse3, fusermount3) for the crash-consistency tests
-# (tests/integration/test_durability.py mounts a FUSE filesystem; without it they skip).
+# (tests/integration/test_durability.py mounts a FUSE filesystem; without it they skip);
+# librbd1 for rbd: namespaces (Ceph RBD images), and ceph-mon, ceph-osd, ceph-common for
+# the tests that run a one-node Ceph cluster (tests/ceph_cluster.py; without them they skip).
 missing=()
 command -v fio >/dev/null 2>&1 || missing+=(fio)
 command -v fusermount3 >/dev/null 2>&1 || missing+=(fuse3)
+dpkg -s librbd1 >/dev/null 2>&1 || missing+=(librbd1)
+command -v ceph-mon >/dev/null 2>&1 || missing+=(ceph-mon)
+command -v ceph-osd >/dev/null 2>&1 || missing+=(ceph-osd)
+command -v rbd >/dev/null 2>&1 || missing+=(ceph-common)
 if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get install -y -q "${missing[@]}" >/dev/null 2>&1 ||
         { apt-get update -q >/dev/null && apt-get install -y -q "${missing[@]}" >/dev/null; } ||
         echo "setup: could not install ${missing[*]} (bench without native rows," \
-            "crash-consistency tests skipped)" >&2
+            "crash-consistency and Ceph tests skipped, no rbd: namespaces)" >&2
 fi

@@ -40,6 +40,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("nvme_mdev")
 
 
+RBD_HELP = (
+    "rbd:POOL/IMAGE is a Ceph RBD image (through librbd), whole; its options: "
+    "conf=FILE (default /etc/ceph/ceph.conf), id=CLIENT (default admin), keyring=FILE, "
+    "create=SIZE (make the image first), clone=POOL/IMAGE@SNAP (make it first as a "
+    "copy-on-write clone of that snapshot), break-lock (take the exclusive lock from a "
+    "holder that is dead: it is blocklisted). A writable one holds the image's "
+    "exclusive lock: another opener, on any host, is refused. rbd:POOL/IMAGE@SNAP, a "
+    "snapshot, is always read-only."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nvme-mdev",
@@ -56,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Append options with commas: PATH,ro (read-only), PATH,bs=4096 (4 KiB blocks), "
             "PATH,offset=1G,size=2G (a window), PATH,force (storage the host uses). "
             "nvme0:n1p3 is partition 3 of namespace 1 of host controller nvme0. "
-            "'null:SIZE' is a namespace with no storage, for benchmarks. Attach it to QEMU "
+            "'null:SIZE' is a namespace with no storage, for benchmarks. "
+            f"{RBD_HELP} Attach it to QEMU "
             'with -device \'{"driver":"vfio-user-pci","socket":{"type":"unix",'
             '"path":"SOCKET"}}\' and shared guest RAM (memory-backend-memfd,share=on).'
         ),
@@ -272,7 +284,7 @@ def add_daemon_parsers(commands: Any) -> None:
             "nvmeX:nYpZ (partition Z of namespace Y of host controller nvmeX), with options "
             "after commas: ro, bs=4096, offset=SIZE, size=SIZE (a window), force (share "
             "storage the host is using). No two writable namespaces of the daemon may "
-            "overlap."
+            f"overlap. {RBD_HELP}"
         ),
     )
     add.add_argument("controller", metavar="CONTROLLER")
@@ -510,11 +522,21 @@ def controller_create(args: argparse.Namespace) -> int:
 
 
 def _absolute_spec(spec: str) -> str:
-    """A relative path in a spec, made absolute: the daemon does not share our cwd."""
+    """A relative path in a spec, made absolute: the daemon does not share our cwd
+    (for an rbd: image, the files its conf= and keyring= name)."""
     path, sep, options = spec.partition(",")
+    if path.startswith("rbd:"):
+        return ",".join([path, *(_absolute_option(o) for o in options.split(",") if sep)])
     if path.startswith("null:") or ":" in path or os.path.isabs(path):
         return spec
     return os.path.abspath(path) + sep + options
+
+
+def _absolute_option(option: str) -> str:
+    key, _, value = option.partition("=")
+    if key in ("conf", "keyring") and value and not os.path.isabs(value):
+        return f"{key}={os.path.abspath(value)}"
+    return option
 
 
 def controller_delete(args: argparse.Namespace) -> int:

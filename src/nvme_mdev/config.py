@@ -12,16 +12,24 @@ A spec is a path with optional comma-separated options:
                           commands go to the host's controller (whole namespaces only;
                           the LBA format is the host's)
     nvme0:n1,passthrough  the same, named as above (so is /dev/nvme0n1,passthrough)
+    rbd:POOL/IMAGE        a Ceph RBD image (backends/rbd.py), with its exclusive lock;
+                          options: conf=FILE (default /etc/ceph/ceph.conf), id=CLIENT
+                          (admin), keyring=FILE, create=SIZE (make it first),
+                          clone=POOL/IMAGE@SNAP (make it a copy-on-write clone of that
+                          snapshot first), break-lock (take the lock from a dead holder)
+    rbd:POOL/IMAGE@SNAP   a snapshot of one: always read-only
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from .backends.base import Backend
 from .backends.file import BackendError, FileBackend, NullBackend
 from .backends.passthrough import PassthroughBackend
+from .backends.rbd import DEFAULT_CLIENT_ID, Connection, RbdBackend, RbdImage
 from .backends.window import WindowBackend
 from .nvme.namespace import SUPPORTED_BLOCK_SIZES, Namespace
 
@@ -87,6 +95,39 @@ def parse_cpu_list(text: str) -> set[int]:
     return cpus
 
 
+#: what an `rbd:` path starts with
+RBD_PREFIX = "rbd:"
+RBD_FORM = "rbd:POOL/IMAGE[@SNAP]"
+_RBD_KNOWN = (
+    "known for rbd: ro, bs=512|4096, conf=FILE, id=CLIENT, keyring=FILE, create=SIZE, "
+    "clone=POOL/IMAGE@SNAP, break-lock"
+)
+#: the options only an rbd: namespace takes
+_RBD_KEYS = frozenset(("conf", "id", "keyring", "create", "clone", "break-lock"))
+
+
+@dataclass(frozen=True)
+class RbdOptions:
+    """How an `rbd:` namespace reaches its cluster, and what it makes there first."""
+
+    #: ceph.conf (None: librados' search: $CEPH_CONF, /etc/ceph/ceph.conf, ...)
+    conf: str | None = None
+    #: the client id, 'admin' for client.admin (None: admin)
+    client_id: str | None = None
+    #: the client's keyring (None: the conf's, or /etc/ceph/ceph.client.ID.keyring)
+    keyring: str | None = None
+    #: make the image first, this many bytes (refused if it exists)
+    create: int | None = None
+    #: make the image first as a copy-on-write clone of this snapshot, POOL/IMAGE@SNAP
+    clone: str | None = None
+    #: take the exclusive lock from a holder that is dead (blocklisting it)
+    break_lock: bool = False
+
+    @property
+    def connection(self) -> Connection:
+        return Connection(self.conf, self.client_id or DEFAULT_CLIENT_ID, self.keyring)
+
+
 @dataclass(frozen=True)
 class NamespaceSpec:
     path: str
@@ -102,6 +143,8 @@ class NamespaceSpec:
     direct: bool | None = None
     #: NVMe passthrough to a whole host namespace (backends/passthrough.py)
     passthrough: bool = False
+    #: an `rbd:` namespace's cluster and what to make there (None: the defaults)
+    rbd: RbdOptions | None = None
 
     @classmethod
     def parse(cls, text: str, block_size: int = 512, readonly: bool = False) -> NamespaceSpec:
@@ -111,9 +154,17 @@ class NamespaceSpec:
         offset, size, force = 0, None, False
         direct: bool | None = None
         passthrough = bool(NG_DEVICE.match(path))
+        is_rbd = path.startswith(RBD_PREFIX)
+        rbd: dict[str, Any] = {}
+        if is_rbd and "@" in path:
+            readonly = True  # a snapshot
         for option in options:
             key, _, value = option.partition("=")
-            if key == "ro" and not value:
+            if key in _RBD_KEYS:
+                if not is_rbd:
+                    raise ConfigError(f"{text!r}: {key} is an option of {RBD_FORM} namespaces only")
+                rbd.update(_rbd_option(text, option, key, value))
+            elif key == "ro" and not value:
                 readonly = True
             elif key == "force" and not value:
                 force = True
@@ -134,12 +185,25 @@ class NamespaceSpec:
             elif key == "direct" and value in ("on", "off"):
                 direct = value == "on"
             else:
-                raise ConfigError(
-                    f"{text!r}: unknown option {option!r} "
-                    "(known: ro, bs=512|4096, offset=SIZE, size=SIZE, force, direct=on|off, "
-                    "passthrough)"
+                known = (
+                    _RBD_KNOWN
+                    if is_rbd
+                    else "known: ro, bs=512|4096, offset=SIZE, size=SIZE, force, direct=on|off, "
+                    f"passthrough; for {RBD_FORM}: conf=, id=, keyring=, create=, clone=, "
+                    "break-lock"
                 )
-        spec = cls(path, readonly, block_size, offset, size, force, direct, passthrough)
+                raise ConfigError(f"{text!r}: unknown option {option!r} ({known})")
+        spec = cls(
+            path,
+            readonly,
+            block_size,
+            offset,
+            size,
+            force,
+            direct,
+            passthrough,
+            RbdOptions(**rbd) if is_rbd else None,
+        )
         return spec.checked(text)
 
     def checked(self, text: str | None = None) -> NamespaceSpec:
@@ -165,7 +229,114 @@ class NamespaceSpec:
             raise ConfigError(
                 f"{name}: passthrough takes a whole host NVMe namespace, not a window"
             )
+        if self.is_rbd:
+            self._check_rbd(name)
+        elif self.rbd is not None:
+            raise ConfigError(
+                f"{name}: conf=, id=, keyring=, create=, clone= and break-lock "
+                f"are options of {RBD_FORM} namespaces only"
+            )
         return self
+
+    def _check_rbd(self, name: str) -> None:
+        image = self.rbd_image(name)
+        not_taken = [
+            what
+            for what, given in (
+                ("offset=/size=", self.windowed),
+                ("force", self.force),
+                ("direct=", self.direct is not None),
+                ("passthrough", self.passthrough),
+            )
+            if given
+        ]
+        if not_taken:
+            raise ConfigError(
+                f"{name}: an rbd namespace is a whole image; leave out {not_taken[0]} "
+                f"({_RBD_KNOWN})"
+            )
+        options = self.rbd_options
+        made = "create=" if options.create is not None else "clone=" if options.clone else None
+        if options.create is not None and options.clone:
+            raise ConfigError(f"{name}: give create=SIZE or clone=POOL/IMAGE@SNAP, not both")
+        if made and image.snapshot is not None:
+            raise ConfigError(f"{name}: {made} makes an image, not a snapshot (drop the @SNAP)")
+        if made and self.readonly:
+            raise ConfigError(f"{name}: {made} makes a new image to write; leave out ro")
+        if options.break_lock and self.readonly:
+            raise ConfigError(
+                f"{name}: break-lock takes the lock a writable namespace needs; a read-only "
+                "one takes none (leave out break-lock)"
+            )
+        if options.create is not None and options.create < self.block_size:
+            raise ConfigError(
+                f"{name}: create={options.create}: smaller than one {self.block_size}-byte block"
+            )
+        if options.clone:
+            self.rbd_clone(name)
+        for what, value in (
+            ("conf", options.conf),
+            ("id", options.client_id),
+            ("keyring", options.keyring),
+        ):
+            if value is not None and not value:
+                raise ConfigError(f"{name}: {what}= needs a value")
+
+    @property
+    def is_rbd(self) -> bool:
+        return self.path.startswith(RBD_PREFIX)
+
+    @property
+    def rbd_options(self) -> RbdOptions:
+        return self.rbd or RbdOptions()
+
+    def rbd_image(self, name: str | None = None) -> RbdImage:
+        """The image (or snapshot) an `rbd:` path names."""
+        try:
+            return RbdImage.parse(self.path[len(RBD_PREFIX) :])
+        except ValueError as exc:
+            raise ConfigError(f"{name or _clip(self.path)}: {exc} (write {RBD_FORM})") from None
+
+    def rbd_clone(self, name: str | None = None) -> RbdImage | None:
+        """The snapshot `clone=` names (None: no clone=)."""
+        text = self.rbd_options.clone
+        if not text:
+            return None
+        try:
+            parent = RbdImage.parse(text)
+        except ValueError as exc:
+            parent = None
+            why = str(exc)
+        else:
+            why = "a clone is made from a snapshot"
+        if parent is None or parent.snapshot is None:
+            raise ConfigError(
+                f"{name or _clip(self.path)}: clone={text}: {why} (write clone=POOL/IMAGE@SNAP)"
+            )
+        return parent
+
+    def open_rbd(self) -> RbdBackend:
+        """The `rbd:` namespace's image, opened (made first if create= or clone= says
+        so), its lock not yet taken (RbdBackend.lock)."""
+        options = self.rbd_options
+        try:
+            return RbdBackend(
+                self.rbd_image(),
+                options.connection,
+                readonly=self.readonly,
+                create=options.create,
+                clone=self.rbd_clone(),
+            )
+        except BackendError as exc:
+            raise ConfigError(str(exc)) from exc
+
+    def lock_rbd(self, backend: RbdBackend) -> None:
+        """Take a writable `rbd:` namespace's exclusive lock (closing it if it cannot)."""
+        try:
+            backend.lock(self.rbd_options.break_lock)
+        except BackendError as exc:
+            backend.close()
+            raise ConfigError(str(exc)) from exc
 
     @property
     def is_null(self) -> bool:
@@ -199,6 +370,19 @@ class NamespaceSpec:
             options = [o for o in options if not o.startswith("bs=")]  # the host's
             if not NG_DEVICE.match(self.path):
                 options.append("passthrough")
+        if self.rbd is not None:
+            rbd = self.rbd
+            for key, value in (
+                ("conf", rbd.conf),
+                ("id", rbd.client_id),
+                ("keyring", rbd.keyring),
+                ("create", size_text(rbd.create) if rbd.create is not None else None),
+                ("clone", rbd.clone),
+            ):
+                if value is not None:
+                    options.append(f"{key}={value}")
+            if rbd.break_lock:
+                options.append("break-lock")
         return ",".join([self.path, *options])
 
     def open(self, nsid: int) -> Namespace:
@@ -207,6 +391,10 @@ class NamespaceSpec:
         backend: Backend
         if self.is_null:
             backend = NullBackend(self.null_size())
+        elif self.is_rbd:
+            rbd = self.open_rbd()
+            self.lock_rbd(rbd)
+            backend = rbd
         elif self.passthrough:
             from .storage import resolve_passthrough  # (storage imports this module)
 
@@ -223,6 +411,25 @@ class NamespaceSpec:
             except BackendError as exc:
                 raise ConfigError(str(exc)) from exc
         return make_namespace(nsid, backend, self)
+
+
+def _rbd_option(text: str, option: str, key: str, value: str) -> dict[str, Any]:
+    """One rbd-only option of spec `text` as RbdOptions' field and value."""
+    if key == "break-lock":
+        if value:
+            raise ConfigError(f"{text!r}: {option!r}: break-lock takes no value")
+        return {"break_lock": True}
+    if not value:
+        hint = {"conf": "FILE", "id": "CLIENT", "keyring": "FILE", "create": "SIZE"}.get(
+            key, "POOL/IMAGE@SNAP"
+        )
+        raise ConfigError(f"{text!r}: {option!r}: give {key}={hint}")
+    if key == "create":
+        try:
+            return {"create": parse_size(value)}
+        except ConfigError as exc:
+            raise ConfigError(f"{text!r}: create={exc}") from None
+    return {{"id": "client_id"}.get(key, key): value}
 
 
 def window(backend: Backend, offset: int, size: int | None) -> Backend:

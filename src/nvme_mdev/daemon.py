@@ -26,7 +26,9 @@ The TOML file the daemon loads at start declares controllers with the same keys:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import queue
 import re
 import threading
 import tomllib
@@ -286,6 +288,11 @@ class Daemon:
         self.controllers: dict[str, ManagedController] = {}
         # Control connections run in parallel threads: one change at a time.
         self._lock = threading.RLock()
+        # Storage that tells of its own size changes (an RBD image resized on its
+        # cluster) puts (controller, nsid) here from its own threads; they are
+        # rescanned, as by `ns rescan`, on a thread of ours (started when needed).
+        self._changed: queue.SimpleQueue[tuple[str, int] | None] = queue.SimpleQueue()
+        self._rescanner: threading.Thread | None = None
 
     # --- controllers -----------------------------------------------------------
 
@@ -339,6 +346,8 @@ class Daemon:
                     ) from exc
             device.start()
             self.controllers[name] = managed
+            for nsid, ns in zip(nsids, namespaces, strict=True):
+                self._watch(name, nsid, ns.backend)
             log.info(
                 "controller %s on %s: %s",
                 name,
@@ -391,6 +400,35 @@ class Daemon:
         with self._lock:
             for name in list(self.controllers):
                 self._dispose(self.controllers.pop(name))
+            rescanner, self._rescanner = self._rescanner, None
+        if rescanner is not None:
+            self._changed.put(None)
+            rescanner.join()
+
+    # --- storage that changes by itself ----------------------------------------------
+
+    def _watch(self, controller: str, nsid: int, backend: object) -> None:
+        """Have `backend` tell of its own size changes, if it can (backends/rbd.py)."""
+        watch_size = getattr(backend, "watch_size", None)
+        if watch_size is None:
+            return
+        if self._rescanner is None:
+            self._rescanner = threading.Thread(
+                target=self._rescan_changed, name="storage-events", daemon=True
+            )
+            self._rescanner.start()
+        # (called on the storage's own thread: a put, and nothing else)
+        watch_size(functools.partial(self._changed.put, (controller, nsid)))
+
+    def _rescan_changed(self) -> None:
+        while (changed := self._changed.get()) is not None:
+            controller, nsid = changed
+            try:
+                self.rescan_namespaces(controller, nsid)
+            except ConfigError:
+                pass  # removed meanwhile: nothing to tell
+            except Exception:
+                log.exception("controller %s nsid %d: rescan after a change", controller, nsid)
 
     def _controller(self, name: str | None) -> ManagedController:
         if name is None:
@@ -432,6 +470,7 @@ class Daemon:
                     raise ConfigError(f"controller {name}: {exc}") from exc
                 raise
             managed.namespaces[nsid] = _Attached(req.spec, lease)
+            self._watch(name, nsid, ns.backend)
             log.info("controller %s: nsid %d attached (%s)", name, nsid, lease.path)
             return self.describe_namespace(managed, nsid)
 

@@ -14,6 +14,9 @@ rules for sharing them among namespaces, controllers and the host itself.
 - Across processes (two daemons, or `serve`s, on one image file): a writable
   namespace of a file holds an open-file-description lock on its bytes (see
   `WriterLock`), so a second process's writable namespace over them is refused.
+- A Ceph RBD image (`rbd:POOL/IMAGE`) is a store of its own, known by its cluster,
+  pool and image ids however it is named; across processes and hosts a writable one
+  holds the image's exclusive lock (backends/rbd.py).
 """
 
 from __future__ import annotations
@@ -246,9 +249,10 @@ def _unescape(text: str) -> str:
 
 @dataclass(frozen=True)
 class Extent:
-    """Bytes [start, end) of one store: ('file', st_dev, st_ino) or ('disk', rdev)."""
+    """Bytes [start, end) of one store: ('file', st_dev, st_ino), ('disk', major, minor)
+    or ('rbd', fsid, pool id, image id)."""
 
-    store: tuple[str, int, int]
+    store: tuple[str | int, ...]
     name: str  # the store, for messages
     start: int
     end: int
@@ -409,6 +413,8 @@ class HostStorage:
             return spec.open(nsid), Lease(self, spec.path, None, None, None)
         if spec.passthrough:
             return self._open_passthrough(spec, nsid, owner)
+        if spec.is_rbd:
+            return self._open_rbd(spec, nsid, owner)
         path = resolve_host_nvme(spec.path, self.sysfs, self.dev)
         label = spec.path if path == spec.path else f"{spec.path} ({path})"
         try:
@@ -498,6 +504,23 @@ class HostStorage:
         use = _Use(extent, writable, owner)
         self._uses.append(use)
         return ns, Lease(self, ng, extent, use, hold)
+
+    def _open_rbd(self, spec: NamespaceSpec, nsid: int, owner: str) -> tuple[Namespace, Lease]:
+        """An RBD image, whole. Within this process the sharing rule is every store's (the
+        image is compared by its ids, so two spellings of one image meet); across
+        processes and hosts, a writable one takes the image's exclusive lock."""
+        backend = spec.open_rbd()
+        try:
+            extent = Extent(backend.store_key(), backend.description, 0, backend.size)
+            self.check_overlap(spec.path, extent, not backend.readonly)
+        except ConfigError:
+            backend.close()
+            raise
+        spec.lock_rbd(backend)  # (closes it if it fails)
+        ns = make_namespace(nsid, backend, spec)
+        use = _Use(extent, not backend.readonly, owner)
+        self._uses.append(use)
+        return ns, Lease(self, backend.description, extent, use, None)
 
     def locate(
         self, path: str, st: os.stat_result, offset: int, size: int

@@ -8,11 +8,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from nvme_mdev.backends.rbd import Connection, RbdImage
 from nvme_mdev.config import (
     MAX_BYTES,
     MAX_CPU,
     ConfigError,
     NamespaceSpec,
+    RbdOptions,
     parse_cpu_list,
     parse_size,
 )
@@ -182,3 +184,105 @@ def test_cpu_lists_are_bounded(text: str) -> None:
     with pytest.raises(ConfigError, match=r"CPUs are numbered 0\.\.8191"):
         parse_cpu_list(text)
     assert parse_cpu_list("8191") == {MAX_CPU}
+
+
+# --- Ceph RBD images (backends/rbd.py; tests/integration/test_rbd_namespace.py opens them)
+
+
+@pytest.mark.parametrize(
+    ("text", "written"),
+    [
+        ("rbd:rbd/vm1", "rbd:rbd/vm1"),
+        ("rbd:rbd/vm1,ro", "rbd:rbd/vm1,ro"),
+        ("rbd:rbd/vm1@gold", "rbd:rbd/vm1@gold,ro"),  # a snapshot is always read-only
+        (
+            "rbd:pool/img,conf=/etc/ceph/other.conf,id=vm,keyring=/k,bs=4096,create=10G",
+            "rbd:pool/img,bs=4096,conf=/etc/ceph/other.conf,id=vm,keyring=/k,create=10G",
+        ),
+        (
+            "rbd:p/vm7,clone=base/debian@v12,break-lock",
+            "rbd:p/vm7,clone=base/debian@v12,break-lock",
+        ),
+    ],
+)
+def test_rbd_specs_round_trip(text: str, written: str) -> None:
+    spec = NamespaceSpec.parse(text)
+    assert spec.is_rbd and spec.text() == written
+    assert NamespaceSpec.parse(spec.text()) == spec
+
+
+def test_rbd_spec_fields() -> None:
+    spec = NamespaceSpec.parse("rbd:p/img,conf=c.conf,id=client.vm,keyring=k,create=1G,break-lock")
+    assert str(spec.rbd_image()) == "p/img" and spec.rbd_image().snapshot is None
+    options = spec.rbd_options
+    assert (options.create, options.break_lock, spec.readonly) == (1 << 30, True, False)
+    assert options.connection == Connection("c.conf", "client.vm", "k")
+    # The defaults: librados' search for ceph.conf, client.admin, the conf's keyring
+    assert NamespaceSpec.parse("rbd:p/i").rbd_options.connection == Connection(None, "admin")
+    snap = NamespaceSpec.parse("rbd:p/img@s1")
+    assert (snap.readonly, snap.rbd_image().snapshot) == (True, "s1")
+    clone = NamespaceSpec.parse("rbd:p/vm,clone=q/base@gold")
+    assert clone.rbd_clone() == RbdImage("q", "base", "gold")
+    assert NamespaceSpec.parse("a.img").rbd is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("rbd:pool", r"'rbd:pool': expected POOL/IMAGE .*write rbd:POOL/IMAGE\[@SNAP\]"),
+        ("rbd:/img", "expected POOL/IMAGE"),
+        ("rbd:p/", "expected POOL/IMAGE"),
+        ("rbd:p/i@", "an empty snapshot name"),
+        ("rbd:p/i/x", "no '/' or '@'"),
+        ("rbd:p/i,offset=1G", "an rbd namespace is a whole image; leave out offset=/size="),
+        ("rbd:p/i,size=1G", "leave out offset=/size="),
+        ("rbd:p/i,force", "leave out force"),
+        ("rbd:p/i,direct=on", "leave out direct="),
+        ("rbd:p/i,passthrough", "leave out passthrough"),
+        ("rbd:p/i,create=1G,clone=p/b@s", "create=SIZE or clone=POOL/IMAGE@SNAP, not both"),
+        ("rbd:p/i@s,create=1G", "makes an image, not a snapshot"),
+        ("rbd:p/i,ro,clone=p/b@s", "clone= makes a new image to write; leave out ro"),
+        ("rbd:p/i,ro,break-lock", "a read-only one takes none"),
+        ("rbd:p/i@s,break-lock", "a read-only one takes none"),
+        ("rbd:p/i,clone=p/b", r"clone=p/b: a clone is made from a snapshot \(write clone=POOL"),
+        ("rbd:p/i,clone=b@s", "clone=b@s: expected POOL/IMAGE"),
+        ("rbd:p/i,create=100", "create=100: smaller than one 512-byte block"),
+        ("rbd:p/i,create=1X", "create='1X': not a size"),
+        ("rbd:p/i,create=9000000T", "too large"),
+        ("rbd:p/i,conf=", "give conf=FILE"),
+        ("rbd:p/i,id=", "give id=CLIENT"),
+        ("rbd:p/i,break-lock=yes", "break-lock takes no value"),
+        ("rbd:p/i,offset", r"unknown option 'offset' \(known for rbd: ro, bs=512\|4096, conf="),
+        ("a.img,conf=ceph.conf", r"conf is an option of rbd:POOL/IMAGE\[@SNAP\] namespaces only"),
+        ("/dev/sdb,break-lock", "break-lock is an option of rbd:"),
+        ("a.img,creat=1G", "unknown option 'creat=1G'.*for rbd:POOL/IMAGE.*create="),
+    ],
+)
+def test_rbd_spec_errors(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as caught:
+        NamespaceSpec.parse(text)
+    assert "\n" not in str(caught.value)
+
+
+def test_rbd_options_on_another_spec_are_refused() -> None:
+    with pytest.raises(ConfigError, match="options of rbd:POOL/IMAGE"):
+        NamespaceSpec("a.img", rbd=RbdOptions(conf="x")).checked()
+
+
+def test_without_librbd_an_rbd_namespace_is_a_one_line_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The package does not need librbd: it is loaded when an rbd: namespace opens."""
+    from nvme_mdev.backends import rbd
+    from nvme_mdev.storage import HostStorage
+
+    monkeypatch.setattr(rbd, "_libraries", None)
+    monkeypatch.setattr(rbd, "LIBRARIES", {"rados": "libnot-rados.so.0", "rbd": "libnot-rbd.so.0"})
+    monkeypatch.setattr(rbd.ctypes.util, "find_library", lambda name: None)
+    expected = "rbd:p/i: librbd is not installed (Debian: apt-get install librbd1)"
+    with pytest.raises(ConfigError) as caught:
+        NamespaceSpec.parse("rbd:p/i").open(1)
+    assert str(caught.value) == expected
+    with pytest.raises(ConfigError) as caught:
+        HostStorage().open(NamespaceSpec.parse("rbd:p/i,ro"), 1, "test")
+    assert str(caught.value) == expected

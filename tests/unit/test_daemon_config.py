@@ -215,3 +215,47 @@ def test_a_config_file_with_a_namespace_too_large_is_refused(tmp_path: Path) -> 
     )
     with pytest.raises(ConfigError, match=r"big.toml: .*too large; give at most 8388607T"):
         load_config(str(path))
+
+
+def test_rbd_namespaces_in_a_config_file(tmp_path: Path) -> None:
+    """An rbd: image is a spec like any other: in a TOML file, over the control socket."""
+    path = tmp_path / "rbd.toml"
+    path.write_text(
+        '[[controller]]\nname = "vm1"\nsocket = "/run/vm1.sock"\n'
+        "[[controller.namespace]]\n"
+        'spec = "rbd:vms/vm1,conf=/etc/ceph/ceph.conf,id=nvme,keyring=/etc/ceph/k"\n'
+        "[[controller.namespace]]\n"
+        'spec = "rbd:images/debian@v12"\n'
+        "bs = 4096\n"
+    )
+    (vm1,) = load_config(str(path))
+    disk, base = (n.spec for n in vm1.namespaces)
+    assert (disk.rbd_options.client_id, disk.readonly) == ("nvme", False)
+    assert (base.readonly, base.block_size, base.text()) == (
+        True,
+        4096,
+        "rbd:images/debian@v12,ro,bs=4096",
+    )
+    ro = NamespaceRequest.from_params({"spec": "rbd:vms/vm1", "ro": True}, "ns").spec
+    assert ro.readonly and ro.text() == "rbd:vms/vm1,ro"
+    with pytest.raises(ConfigError, match="an rbd namespace is a whole image"):
+        NamespaceRequest.from_params({"spec": "rbd:vms/vm1", "size": "1G"}, "ns")
+    with pytest.raises(ConfigError, match="a read-only one takes none"):
+        NamespaceRequest.from_params({"spec": "rbd:vms/vm1,break-lock", "ro": True}, "ns")
+
+
+def test_the_cli_sends_the_daemon_absolute_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon does not share the client's working directory: relative files in a
+    spec (an image; an rbd: image's conf= and keyring=) are made absolute first."""
+    from nvme_mdev.cli import _absolute_spec
+
+    monkeypatch.chdir(tmp_path)
+    assert _absolute_spec("a.img,ro") == f"{tmp_path}/a.img,ro"
+    assert _absolute_spec("null:1G") == "null:1G"
+    assert _absolute_spec("rbd:p/i") == "rbd:p/i"
+    assert _absolute_spec("rbd:p/i,conf=c.conf,id=vm,keyring=k/key,ro") == (
+        f"rbd:p/i,conf={tmp_path}/c.conf,id=vm,keyring={tmp_path}/k/key,ro"
+    )
+    assert _absolute_spec("rbd:p/i,conf=/etc/ceph/ceph.conf") == "rbd:p/i,conf=/etc/ceph/ceph.conf"

@@ -20,6 +20,12 @@ ENODEV, ENXIO, ESTALE, ENOTCONN, ESHUTDOWN, Namespace Not Ready 0/82            
   now 0 (a deleted disk)                                                             at once; SMART
                                                                                      warning bit 2,
                                                                                      its event
+a network store (a Ceph RBD image) out of   Namespace Not Ready 0/82            no   (the namespace
+  reach: ETIMEDOUT (its operation timeout),                                          stays; later
+  ESHUTDOWN (EBLOCKLISTED), ENOTCONN,                                                commands try
+  ECONNREFUSED, ECONNRESET, ECONNABORTED,                                            the store
+  EHOSTUNREACH, ENETUNREACH, ENETDOWN,                                               again)
+  EHOSTDOWN
 
 Every one of them is an Error Information log entry (with the command's first LBA).
 
@@ -31,6 +37,15 @@ BLK_STS_TARGET, instead of retrying a dead disk for minutes). A device that went
 away is not always an errno of its own: the block layer fails I/O to a deleted disk
 with EIO, and writes past a device's end with ENOSPC; so for EIO and ENOSPC the
 store is asked its size before the status is chosen.
+
+A network store is another matter: a cluster that does not answer (an operation that
+timed out, a connection that is down) is usually a cluster that will be back, and the
+storage itself is intact. Its commands fail with Namespace Not Ready *without* Do Not
+Retry — Linux retries them, up to nvme_max_retries times — and the namespace is not
+marked gone: the next command tries the cluster again. A backend says it is one with a
+true `network` attribute (backends/rbd.py); files and block devices keep the table
+above as it is (and so does the native data plane's copy, native/src/media_errors.rs,
+which never sees a network store: their commands take the Python path).
 
 A file that was unlinked is not gone: the namespace keeps its inode and I/O keeps
 working (failing it would lose what the guest could still save); `ns rescan` says so.
@@ -52,6 +67,22 @@ GONE_ERRNOS = frozenset(
 NO_SPACE_ERRNOS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EFBIG))
 DENIED_ERRNOS = frozenset((errno.EACCES, errno.EPERM))
 INTERRUPTED_ERRNOS = frozenset((errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.EBUSY))
+#: a network store (a backend whose `network` is true) that cannot be reached, for now
+#: (EBLOCKLISTED, Ceph's "this client was fenced off", is ESHUTDOWN on Linux)
+UNREACHABLE_ERRNOS = frozenset(
+    (
+        errno.ETIMEDOUT,
+        errno.ESHUTDOWN,
+        errno.ENOTCONN,
+        errno.ECONNREFUSED,
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.ENETDOWN,
+        errno.EHOSTDOWN,
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -69,6 +100,8 @@ class HostFailure:
 
 
 GONE = HostFailure(Status.NAMESPACE_NOT_READY, dnr=True, gone=True)
+#: a network store out of reach: not ready now, and worth retrying
+UNREACHABLE = HostFailure(Status.NAMESPACE_NOT_READY, dnr=False)
 PAST_END = HostFailure(Status.LBA_OUT_OF_RANGE, dnr=True)
 NO_SPACE = HostFailure(Status.CAPACITY_EXCEEDED, dnr=True)
 READ_ONLY = HostFailure(Status.NAMESPACE_WRITE_PROTECTED, dnr=True, read_only=True)
@@ -81,6 +114,8 @@ WRITE_MEDIA_ERROR = HostFailure(Status.WRITE_FAULT, dnr=False, media=True)
 def classify(exc: OSError, writing: bool, backend: Backend) -> HostFailure:
     """The failure `exc` (raised by `backend` while reading, or `writing`) stands for."""
     code = exc.errno
+    if code in UNREACHABLE_ERRNOS and getattr(backend, "network", False):
+        return UNREACHABLE
     if code in GONE_ERRNOS:
         return GONE
     is_block_device = bool(getattr(backend, "is_block_device", False))

@@ -146,6 +146,62 @@ def test_a_failed_size_probe_says_gone_or_media() -> None:
     assert not media.gone and media.status == Status.WRITE_FAULT and media.media
 
 
+NETWORK_DOWN = (
+    errno.ETIMEDOUT,  # its operation timeout (backends/rbd.py OP_TIMEOUT_S)
+    errno.ESHUTDOWN,  # EBLOCKLISTED
+    errno.ENOTCONN,
+    errno.ECONNREFUSED,
+    errno.EHOSTUNREACH,
+)
+
+
+@pytest.mark.parametrize("code", NETWORK_DOWN)
+@pytest.mark.parametrize("opcode", [READ, WRITE, FLUSH])
+def test_a_network_store_out_of_reach_is_not_ready_and_worth_retrying(
+    file_ns: NamespaceFactory, code: int, opcode: int
+) -> None:
+    """A cluster that does not answer (an RBD image): Namespace Not Ready without Do Not
+    Retry; the namespace stays (not gone, not read-only), and serves again once the
+    cluster is back."""
+    ns, spy = spied(file_ns)
+    spy.network = True  # type: ignore[attr-defined]
+    h = setup(ns)
+    buf = h.alloc(PAGE)
+    spy.fail = {"readv": error(code), "writev": error(code), "flush": error(code)}
+    c = h.io_cmd(1, command(opcode, buf))
+    assert c.status == Status.NAMESPACE_NOT_READY  # no DNR
+    assert (ns.failure, ns.readonly) == (None, False)
+    data = smart(h)
+    assert data[0] == 0  # no critical warning
+    assert u128(data, 160) == 0  # not a media error
+    spy.fail = {}
+    assert h.io_cmd(1, command(opcode, buf)).status == 0
+
+
+@pytest.mark.parametrize("code", NETWORK_DOWN)
+def test_the_network_errnos_from_a_file_keep_their_status(code: int) -> None:
+    """Only a backend that says it is a network store is treated as one: for files and
+    block devices the table (and the native data plane's copy of it) is unchanged."""
+
+    class Store(SpyBackend):
+        def __init__(self, network: bool) -> None:
+            self.network = network
+            self.is_block_device = False
+
+        def store_size(self) -> int:
+            return 1 << 20
+
+    network = classify(error(code), True, Store(True))
+    assert (network.status, network.dnr, network.gone) == (Status.NAMESPACE_NOT_READY, False, False)
+    local = classify(error(code), True, Store(False))
+    if code == errno.ETIMEDOUT:
+        assert local.status == Status.COMMAND_INTERRUPTED and not local.dnr
+    elif code in (errno.ESHUTDOWN, errno.ENOTCONN):
+        assert local.gone and local.dnr
+    else:
+        assert local.status == Status.WRITE_FAULT and local.media
+
+
 def test_a_read_past_the_end_of_a_shrunk_file(tmp_path: Path) -> None:
     """Truncated under a namespace not yet rescanned: the blocks past the end are out of
     range (the host wrote them? it reads LBA Out of Range, not made-up zeroes)."""
