@@ -1,9 +1,10 @@
-"""Fixtures of the integration tests.
+"""Fixtures shared by the test directories (the integration and e2e tests).
 
 `ceph_cluster`: a real one-node Ceph cluster (tests/ceph_cluster.py), one monitor and
 one OSD under a scratch directory, shared by every test of the session that asks for
-it (it takes some 10 s to start). Tests that use it are skipped where Ceph is not
-installed (Debian: apt-get install ceph-mon ceph-osd ceph-common).
+it, whichever directory it is in (it takes some 10 s to start). Tests that use it are
+skipped where Ceph is not installed (Debian: apt-get install ceph-mon ceph-osd
+ceph-common).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-_TESTS = Path(__file__).resolve().parent.parent
+_TESTS = Path(__file__).resolve().parent
 if str(_TESTS) not in sys.path:
     sys.path.append(str(_TESTS))
 
