@@ -21,7 +21,8 @@ fi
 # runs the device alone); fuse3 (libfuse3, fusermount3) for the crash-consistency tests
 # (tests/integration/test_durability.py mounts a FUSE filesystem; without it they skip);
 # librbd1 for rbd: namespaces (Ceph RBD images), and ceph-mon, ceph-osd, ceph-common for
-# the tests that run a one-node Ceph cluster (tests/ceph_cluster.py; without them they skip).
+# the tests and scripts/bench-rbd.sh, which run a one-node Ceph cluster
+# (tools/ceph_cluster.py; without them the tests skip).
 missing=()
 command -v fio >/dev/null 2>&1 || missing+=(fio)
 command -v fusermount3 >/dev/null 2>&1 || missing+=(fuse3)

@@ -12,6 +12,17 @@ read) and each backend (a page-cache file, and a null namespace with no storage)
   and uring where the kernel has io_uring), side by side; the null namespace has
   no storage to queue I/O to, so it is measured once.
 
+With `--rbd POOL/IMAGE`, a Ceph RBD image (backend rbd), on one image in one run:
+
+- fio-rbd: fio's rbd ioengine (librbd in fio's process), straight on the image, with
+  librbd's cache off as the device has it;
+- nvme-mdev: the device serving the image as `rbd:POOL/IMAGE`, driven as above. The
+  device keeps the image's exclusive lock while it runs, which fio's writes would need:
+  each device cell has a device of its own, started for it and stopped after it.
+
+The image's first --size bytes are written once (by fio) before the cells: a never
+written RBD object reads as zeroes without touching the disk.
+
 The device runs as a separate process, never in this one: in-process it would
 share the client's GIL, and its CPU time could not be told apart from the client's.
 """
@@ -39,6 +50,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .backends import uring
+from .backends.rbd import DEFAULT_CLIENT_ID, RbdImage
 from .config import ConfigError, parse_size
 from .nvme_host import PAGE, HostQueuePair, NvmeHost, NvmeHostError
 from .vfio_user.client import ClientError
@@ -51,8 +63,18 @@ WRITE_PATTERN = b"nvme-mdev bench\n" * (BLOCK // 16)
 FIO_URING = "fio-io_uring"
 FIO_PSYNC = "fio-psync"
 FIO_NULL = "fio-null"
+FIO_RBD = "fio-rbd"
 DEVICE = "nvme-mdev"
+#: the backends measured by default; rbd is measured on an image `--rbd` names
 BACKENDS = ("file", "null")
+RBD = "rbd"
+#: each backend's native rows; the first is the reference, which the others' ratios are to
+NATIVES = {"file": (FIO_URING, FIO_PSYNC), "null": (FIO_NULL,), RBD: (FIO_RBD,)}
+REFERENCES = {backend: targets[0] for backend, targets in NATIVES.items()}
+#: what fio writes to an RBD image (--buffer_pattern), as WRITE_PATTERN is the device's
+FIO_WRITE_PATTERN = b"fio: rbd engine\n" * (BLOCK // 16)
+#: the block size of fio's fill of an RBD image (one RBD object, by default)
+RBD_FILL_BLOCK = 4 << 20
 
 QUICK_SECONDS = 0.25
 QUICK_SIZE = 16 << 20
@@ -69,6 +91,49 @@ _READ, _WRITE, _GET_LOG_PAGE, _SMART_LOG = 0x02, 0x01, 0x02, 0x02
 
 class BenchError(Exception):
     """The benchmark cannot go on; the message says why, on one line."""
+
+
+@dataclass(frozen=True)
+class RbdTarget:
+    """The RBD image of the rbd rows and how to reach its cluster, as an `rbd:`
+    namespace spec says it: a ceph.conf (None: librados' search: $CEPH_CONF,
+    /etc/ceph/ceph.conf, ...), a client id, a keyring (None: the conf's)."""
+
+    image: RbdImage
+    conf: Path | None = None
+    client_id: str = DEFAULT_CLIENT_ID
+    keyring: Path | None = None
+
+    def spec(self) -> str:
+        """The device's namespace spec: the whole image, 4 KiB blocks."""
+        options = [f"bs={BLOCK}"]
+        if self.conf is not None:
+            options.append(f"conf={self.conf.resolve()}")
+        options.append(f"id={self.client_id}")
+        if self.keyring is not None:
+            options.append(f"keyring={self.keyring.resolve()}")
+        return ",".join([f"rbd:{self.image}", *options])
+
+    def fio_args(self) -> list[str]:
+        return [
+            "--ioengine=rbd",
+            f"--pool={self.image.pool}",
+            f"--rbdname={self.image.image}",
+            f"--clientname={self.client_id.removeprefix('client.')}",
+        ]
+
+    def fio_env(self) -> dict[str, str]:
+        """fio's environment: its rbd engine reads the conf librados finds ($CEPH_CONF
+        first) and takes a keyring from $CEPH_KEYRING; $CEPH_ARGS turns librbd's cache
+        off, as the device does (with it on, a write is acknowledged before it reaches
+        the OSD)."""
+        env = dict(os.environ)
+        if self.conf is not None:
+            env["CEPH_CONF"] = str(self.conf.resolve())
+        if self.keyring is not None:
+            env["CEPH_KEYRING"] = str(self.keyring.resolve())
+        env["CEPH_ARGS"] = f"{env.get('CEPH_ARGS', '')} --rbd_cache=false".strip()
+        return env
 
 
 @dataclass(frozen=True)
@@ -148,6 +213,8 @@ class Options:
     engines: tuple[str, ...] = ("sync", "uring")
     #: drop the host's page cache before every cell: file rows then measure the storage
     cold: bool = False
+    #: the image of the rbd backend (`--rbd`)
+    rbd: RbdTarget | None = None
 
 
 # --- CPU time -------------------------------------------------------------------------
@@ -181,17 +248,39 @@ def process_cpu_ns(pid: int) -> int:
 class Fio:
     """fio, run once per cell; its CPU comes from its rusage, less its start-up."""
 
-    def __init__(self, path: str, workdir: Path) -> None:
+    def __init__(self, path: str, workdir: Path, rbd: RbdTarget | None = None) -> None:
+        """`rbd`: the image of the fio-rbd cells."""
         self.path = path
         self.workdir = workdir
+        self.rbd = rbd
         version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30)
         self.version = version.stdout.strip() or "fio"
         self._startup: dict[tuple[str, int, str], tuple[float, float]] = {}
 
     @classmethod
-    def find(cls, name: str, workdir: Path) -> Fio | None:
+    def find(cls, name: str, workdir: Path, rbd: RbdTarget | None = None) -> Fio | None:
         path = shutil.which(name)
-        return cls(path, workdir) if path else None
+        return cls(path, workdir, rbd) if path else None
+
+    def fill_rbd(self, size: int) -> None:
+        """Write the RBD image's first `size` bytes once, whole objects at a time."""
+        if self.rbd is None:
+            raise BenchError("no --rbd image")
+        check = subprocess.run(
+            [self.path, "--enghelp=rbd"], capture_output=True, text=True, timeout=30
+        )
+        if check.returncode != 0:
+            raise BenchError(f"{self.path} has no rbd ioengine (a fio built without librbd)")
+        out = self.workdir / "fill.json"
+        args = [self.path, "--name=fill", "--rw=write", f"--bs={RBD_FILL_BLOCK}"]
+        args += [f"--size={size}", "--iodepth=8", *self.rbd.fio_args()]
+        args += ["--output-format=json", f"--output={out}"]
+        _, _, error = self._spawn(args, 600, FIO_RBD)
+        if error:
+            raise BenchError(
+                f"filling rbd:{self.rbd.image} with fio: {error} "
+                f"(an image of at least --size, {size} bytes, reachable with these options?)"
+            )
 
     def _args(
         self, w: Workload, target: str, filename: str, size: int, runtime_ms: int, out: Path
@@ -216,6 +305,12 @@ class Fio:
         ]
         if target == FIO_NULL:
             return [*args, "--ioengine=null", f"--iodepth={w.depth}"]
+        if target == FIO_RBD:
+            assert self.rbd is not None
+            args += [*self.rbd.fio_args(), f"--iodepth={w.depth}"]
+            if w.writes:  # found on the image, it came through fio
+                args.append(f"--buffer_pattern=0x{FIO_WRITE_PATTERN[:16].hex()}")
+            return args
         if target == FIO_URING:
             return [*args, "--ioengine=io_uring", f"--iodepth={w.depth}", f"--filename={filename}"]
         # psync has no queue: depth N is N threads, each with one I/O in flight.
@@ -227,11 +322,18 @@ class Fio:
             f"--filename={filename}",
         ]
 
-    def _spawn(self, args: list[str], timeout: float) -> tuple[float, float, str]:
+    def _spawn(self, args: list[str], timeout: float, target: str) -> tuple[float, float, str]:
         """Run fio; (user s, system s, error text or "")."""
+        env, cwd = None, None
+        if target == FIO_RBD and self.rbd is not None:
+            # in the work directory: asked for more than the image has, fio lays out a
+            # file of the job's name in its current directory
+            env, cwd = self.rbd.fio_env(), self.workdir
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         try:
-            proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(
+                args, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd
+            )
         except subprocess.TimeoutExpired:
             return 0.0, 0.0, f"fio ran past {timeout:.0f} s"
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -249,11 +351,12 @@ class Fio:
         key = (target, w.depth, backend)
         if key not in self._startup:
             # What fio costs with no time to run: start-up, file open, thread creation.
-            user, system, _ = self._spawn(self._args(w, target, filename, size, 1, out), 60)
+            args = self._args(w, target, filename, size, 1, out)
+            user, system, _ = self._spawn(args, 60, target)
             self._startup[key] = (user, system)
         runtime_ms = max(1, round(seconds * 1000))
         user, system, error = self._spawn(
-            self._args(w, target, filename, size, runtime_ms, out), seconds + 120
+            self._args(w, target, filename, size, runtime_ms, out), seconds + 120, target
         )
         if error:
             result.error = error
@@ -550,9 +653,9 @@ def _device_cell(
     blocks: int,
     seconds: float,
     seed: int,
-    engine: str,
+    target: str,
 ) -> Result:
-    result = Result(w.name, backend, device_target(engine))
+    result = Result(w.name, backend, target)
     commands_before = driver.smart_commands()
     me = os.getpid()
     run = driver.run(w, nsid, blocks, seconds, seed, lambda: (device.cpu_ns(), process_cpu_ns(me)))
@@ -621,11 +724,12 @@ def _machine() -> dict[str, Any]:
 
 
 def _with_ratios(results: list[Result]) -> None:
-    """Each row against its reference: fio-io_uring on the file, fio-null on null."""
+    """Each row against its reference (REFERENCES): fio-io_uring on the file, fio-null
+    on null, fio-rbd on the RBD image."""
     refs = {
         (r.workload, r.backend): r
         for r in results
-        if r.ok and r.target == (FIO_URING if r.backend == "file" else FIO_NULL)
+        if r.ok and r.target == REFERENCES.get(r.backend)
     }
     for r in results:
         ref = refs.get((r.workload, r.backend))
@@ -652,9 +756,16 @@ def run_bench(opts: Options, progress: Callable[[str], None] | None = None) -> R
         },
         fio=None,
     )
+    if opts.rbd is not None:
+        report.settings["rbd"] = str(opts.rbd.image)
     with contextlib.ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nvme-mdev-bench-")))
-        fio = Fio.find(opts.fio, work)
+        fio = Fio.find(opts.fio, work, opts.rbd)
+        if RBD in opts.backends:
+            if fio is None or opts.rbd is None:
+                raise BenchError(f"--rbd: needs fio ({opts.fio!r} not found), with its rbd engine")
+            say(f"filling the first {opts.size >> 20} MiB of rbd:{opts.rbd.image} (fio)")
+            fio.fill_rbd(opts.size)
         if fio is None:
             report.notes.append(
                 f"fio: {opts.fio!r} not found: no native rows (install fio; "
@@ -680,8 +791,25 @@ def run_bench(opts: Options, progress: Callable[[str], None] | None = None) -> R
             nsids["null"] = len(specs)
         max_depth = max(w.depth for w in opts.workloads)
         max_block = max(w.block_size for w in opts.workloads)
+
+        def connect(device: DeviceProcess) -> GuestDriver:
+            """The guest, on `device` (stopped if the guest cannot connect)."""
+            try:
+                return GuestDriver(
+                    device.socket_path,
+                    max_depth,
+                    max_block,
+                    opts.shadow_doorbells,
+                    opts.poll_completions,
+                )
+            except (OSError, NvmeHostError) as exc:
+                why = device.log_tail()
+                device.stop()
+                raise BenchError(f"connecting to the device: {exc} ({why})") from exc
+
         devices: dict[str, tuple[DeviceProcess, GuestDriver]] = {}
-        for i, engine in enumerate(opts.engines):
+        # file and null: one device per engine, for every cell
+        for i, engine in enumerate(opts.engines if specs else ()):
             engine_specs = specs
             if path and i:
                 # Two processes may not write one file's bytes (storage.WriterLock): every
@@ -695,32 +823,42 @@ def run_bench(opts: Options, progress: Callable[[str], None] | None = None) -> R
                 work / f"{engine}.sock", engine_specs, opts.poll_timeout_ms, engine
             )
             stack.callback(device.stop)
-            try:
-                driver = GuestDriver(
-                    device.socket_path,
-                    max_depth,
-                    max_block,
-                    opts.shadow_doorbells,
-                    opts.poll_completions,
-                )
-            except (OSError, NvmeHostError) as exc:
-                raise BenchError(f"connecting to the device: {exc} ({device.log_tail()})") from exc
+            driver = connect(device)
             stack.callback(driver.close)
             devices[engine] = (device, driver)
         report.settings["device_pid"] = ",".join(str(d.pid) for d, _ in devices.values())
         blocks = opts.size // BLOCK
         for backend in opts.backends:
-            natives = (FIO_URING, FIO_PSYNC) if backend == "file" else (FIO_NULL,)
-            # null: no storage, nothing any engine could queue: one device is enough
+            # null: no storage, nothing any engine could queue: one device is enough; an
+            # RBD image is not served through an I/O engine: one device, named so
             engines = opts.engines if backend == "file" else opts.engines[:1]
+            targets = [DEVICE] if backend == RBD else list(map(device_target, engines))
             for w in opts.workloads:
-                cells = [*natives] if fio is not None else []
-                for target in [*cells, *map(device_target, engines)]:
+                cells = [*NATIVES[backend]] if fio is not None else []
+                for target in [*cells, *targets]:
                     if opts.cold and backend == "file":
                         drop_page_cache()
-                    if target.startswith(DEVICE):
-                        engine = target.partition("/")[2]
-                        device, driver = devices[engine]
+                    if target == DEVICE:  # rbd: a device for this cell alone
+                        assert opts.rbd is not None
+                        with contextlib.ExitStack() as cell:
+                            sock, spec = work / f"rbd-{w.name}.sock", opts.rbd.spec()
+                            device = DeviceProcess(sock, [spec], opts.poll_timeout_ms)
+                            cell.callback(device.stop)  # and with it the image's exclusive lock
+                            driver = connect(device)
+                            cell.callback(driver.close)
+                            result = _device_cell(
+                                driver,
+                                device,
+                                w,
+                                backend,
+                                1,
+                                blocks,
+                                opts.seconds,
+                                opts.seed,
+                                target,
+                            )
+                    elif target.startswith(DEVICE):
+                        device, driver = devices[target.partition("/")[2]]
                         result = _device_cell(
                             driver,
                             device,
@@ -730,7 +868,7 @@ def run_bench(opts: Options, progress: Callable[[str], None] | None = None) -> R
                             blocks,
                             opts.seconds,
                             opts.seed,
-                            engine,
+                            target,
                         )
                         # Let the I/O thread park before the next fio cell, so that its
                         # polling does not take a core from fio.
@@ -855,18 +993,30 @@ def table_rows(report: Report) -> list[list[str]]:
 
 def format_report(report: Report) -> str:
     m, s = report.machine, report.settings
+    backends = s.get("backends", BACKENDS)
+    mib = s["size"] >> 20
+    storage, devices = [], []
+    if "file" in backends:
+        cache = "page cache dropped before every cell" if s.get("cold") else "page cache"
+        storage.append(f"{mib} MiB file ({cache})")
+    if "null" in backends:
+        storage.append("null namespace")
+    if {"file", "null"} & set(backends):
+        devices.append(
+            f"nvme-mdev serve, I/O engines {', '.join(s.get('io_engines', []))}, "
+            f"pid {s.get('device_pid', '?')}"
+        )
+    if RBD in backends:
+        storage.append(f"RBD image {s.get('rbd')} (its first {mib} MiB, written first)")
+        devices.append(f"nvme-mdev serve on rbd:{s.get('rbd')}, one per cell")
     head = [
         f"nvme-mdev bench: {s['seconds_per_cell']:g} s per cell, "
-        f"{s['size'] >> 20} MiB file "
-        f"({'page cache dropped before every cell' if s.get('cold') else 'page cache'}) "
-        "and null namespace; "
-        f"{report.fio or 'no fio'}",
+        f"{' and '.join(storage)}; {report.fio or 'no fio'}",
         f"machine: {m['cpu']}, {m['cpus']} CPUs, Linux {m['kernel']}, Python {m['python']}; "
         f"load average {' '.join(map(str, m['load_start']))} at start, "
         f"{' '.join(map(str, m.get('load_end', [])))} at end",
         f"guest: nvme_host in this process, {s['doorbells']} doorbells, "
-        f"{s['completions']} completions; device: nvme-mdev serve, "
-        f"I/O engines {', '.join(s.get('io_engines', []))}, pid {s.get('device_pid', '?')}",
+        f"{s['completions']} completions; device: {'; '.join(devices)}",
         "",
     ]
     rows = [list(COLUMNS), *table_rows(report)]
@@ -891,12 +1041,26 @@ def format_report(report: Report) -> str:
         "client: nvme-mdev: CPU time of this Python process (the guest driver); "
         "fio: fio's user time (fio's rusage less that of a 1 ms run: its start-up).",
         f"*: the client used >= {CLIENT_BOUND:.0%} of a core: the Python guest limits the row.",
-        "vs native: IOPS / fio-io_uring's on the same file and workload; null rows: "
-        "/ fio's null ioengine (fio alone, no I/O). +mean: mean latency over that reference's.",
-        "fio-psync has no queue: depth N is N threads. Latency is submission to completion "
-        "seen by the client.",
-        *report.notes,
     ]
+    references = {
+        "file": "IOPS / fio-io_uring's on the same file and workload",
+        "null": "null rows: / fio's null ioengine (fio alone, no I/O)",
+        RBD: "rbd rows: / fio-rbd's (fio's rbd ioengine, librbd's cache off as the device "
+        "has it) on the same image and workload",
+    }
+    notes.append(
+        f"vs native: {'; '.join(references[b] for b in backends if b in references)}. "
+        "+mean: mean latency over that reference's."
+    )
+    if "file" in backends:
+        notes.append("fio-psync has no queue: depth N is N threads.")
+    notes.append("Latency is submission to completion seen by the client.")
+    if RBD in backends:
+        notes.append(
+            "fio-rbd: librbd runs in fio's process, so its CPU is fio's user time (client), "
+            "as the device's librbd is in dev; the Ceph daemons' CPU is in neither."
+        )
+    notes += report.notes
     return "\n".join(head + lines + notes)
 
 
@@ -917,7 +1081,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a short smoke run: 0.25 s per cell, 16 MiB, device parks after 50 ms",
     )
     parser.add_argument(
-        "--size", default=None, help="size of the file and the null namespace (default 256M)"
+        "--size",
+        default=None,
+        help="size of the file and the null namespace, and how much of --rbd's image the "
+        "cells span (default 256M)",
     )
     parser.add_argument(
         "--file",
@@ -936,7 +1103,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(w.name for w in WORKLOADS),
         help="comma-separated (default: all: %(default)s)",
     )
-    parser.add_argument("--backends", default=",".join(BACKENDS), help="file, null or both")
+    parser.add_argument(
+        "--backends",
+        default=None,
+        help="some of file, null, rbd (default: file,null; with --rbd: rbd)",
+    )
+    parser.add_argument(
+        "--rbd",
+        default=None,
+        metavar="POOL/IMAGE",
+        help="measure this Ceph RBD image too: the device serving it as a namespace against "
+        "fio's rbd ioengine on it (an existing image of at least --size; the bench "
+        "overwrites its first --size bytes)",
+    )
+    parser.add_argument(
+        "--rbd-conf",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="with --rbd: the cluster's ceph.conf (default: librados' search, as conf= of "
+        "an rbd: namespace)",
+    )
+    parser.add_argument(
+        "--rbd-id",
+        default=DEFAULT_CLIENT_ID,
+        metavar="CLIENT",
+        help="with --rbd: the client id (default %(default)s)",
+    )
+    parser.add_argument(
+        "--rbd-keyring",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="with --rbd: the client's keyring (default: the conf's)",
+    )
     parser.add_argument("--fio", default="fio", help="fio binary (default: fio on PATH)")
     parser.add_argument(
         "--doorbells",
@@ -983,9 +1183,22 @@ def options_from_args(args: argparse.Namespace) -> Options:
     unknown = [n for n in names if n not in by_name]
     if unknown or not names:
         raise ConfigError(f"--workloads: unknown {unknown} (known: {', '.join(by_name)})")
-    backends = [b for b in args.backends.split(",") if b]
-    if not backends or any(b not in BACKENDS for b in backends):
-        raise ConfigError(f"--backends {args.backends!r}: use file, null or file,null")
+    rbd = None
+    if args.rbd is not None:
+        try:
+            image = RbdImage.parse(args.rbd)
+        except ValueError as exc:
+            raise ConfigError(f"--rbd {args.rbd!r}: {exc}") from None
+        if image.snapshot is not None:
+            raise ConfigError(f"--rbd {args.rbd!r}: a snapshot is read-only; the bench writes")
+        rbd = RbdTarget(image, args.rbd_conf, args.rbd_id, args.rbd_keyring)
+    given = args.backends or (RBD if rbd else ",".join(BACKENDS))
+    backends = [b for b in given.split(",") if b]
+    known = (*BACKENDS, RBD)
+    if not backends or any(b not in known for b in backends):
+        raise ConfigError(f"--backends {given!r}: some of {', '.join(known)}")
+    if RBD in backends and rbd is None:
+        raise ConfigError("--backends rbd: give the image, --rbd POOL/IMAGE")
     seconds = args.seconds if args.seconds is not None else QUICK_SECONDS if args.quick else 5.0
     if not seconds > 0:
         raise ConfigError("--seconds: must be more than 0")
@@ -1013,13 +1226,14 @@ def options_from_args(args: argparse.Namespace) -> Options:
         directory=args.dir,
         fio=args.fio,
         workloads=tuple(by_name[n] for n in names),
-        backends=tuple(b for b in BACKENDS if b in backends),
+        backends=tuple(b for b in known if b in backends),
         shadow_doorbells=args.doorbells == "shadow",
         poll_completions=args.completions == "poll",
         poll_timeout_ms=poll_ms,
         seed=args.seed,
         engines=tuple(engines),
         cold=args.cold,
+        rbd=rbd,
     )
 
 
@@ -1041,10 +1255,12 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 
 __all__ = [
+    "FIO_WRITE_PATTERN",
     "WORKLOADS",
     "WRITE_PATTERN",
     "BenchError",
     "Options",
+    "RbdTarget",
     "Report",
     "Result",
     "Workload",

@@ -514,6 +514,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
+    if args.rbd is not None:
+        raise ConfigError("--rbd: not with --spdk or --scaling (nvme-mdev bench --rbd alone)")
     seconds = args.seconds if args.seconds is not None else 5.0
     if args.scaling:
         try:
@@ -527,9 +529,10 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
     targets = [t for t in args.targets.split(",") if t]
     if not targets or any(t not in TARGETS for t in targets):
         raise ConfigError(f"--targets {args.targets!r}: some of {', '.join(TARGETS)}")
-    backends = [b for b in args.backends.split(",") if b]
+    backend_names = args.backends or ",".join(BACKENDS)
+    backends = [b for b in backend_names.split(",") if b]
     if not backends or any(b not in BACKENDS for b in backends):
-        raise ConfigError(f"--backends {args.backends!r}: file, null or file,null")
+        raise ConfigError(f"--backends {backend_names!r}: file, null or file,null")
     by_name = {w.name: w for w in WORKLOADS}
     given = args.workloads != DEFAULT_BENCH_WORKLOADS
     names = [n for n in args.workloads.split(",") if n] if given else list(by_name)

@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Run fio on the host (io_uring, psync) and the device (nvme-mdev serve, driven "
             "by the project's own NVMe host driver as the guest) with the same workloads, "
-            "on a page-cache file and a null namespace, and print a table with the ratios."
+            "on a page-cache file and a null namespace (with --rbd: on a Ceph RBD image, "
+            "against fio's rbd ioengine), and print a table with the ratios."
         ),
     )
     add_bench_arguments(bench)

@@ -1,24 +1,33 @@
 """`nvme-mdev bench` in its quick mode: every row is there, and the device really did
-the I/O (its own counters agree with the client, and its writes are on the file).
-Nothing here asserts a speed."""
+the I/O (its own counters agree with the client, and its writes are on the file); with
+--rbd, on an RBD image of the session's one-node Ceph cluster, as scripts/bench-rbd.sh
+runs it. Nothing here asserts a speed."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
 import shutil
 import time
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import pytest
 
 from nvme_mdev import bench, cli
 from nvme_mdev.backends import uring
-from nvme_mdev.bench import BACKENDS, WORKLOADS, WRITE_PATTERN
+from nvme_mdev.bench import BACKENDS, BLOCK, FIO_WRITE_PATTERN, WORKLOADS, WRITE_PATTERN
 from nvme_mdev.config import NamespaceSpec
 from nvme_mdev.nvme_host import NvmeHost, need_event, read_write
 from nvme_mdev.virtual_controller import VirtualController
+
+if TYPE_CHECKING:
+    from ceph_cluster import CephCluster
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _rows(table: str) -> dict[tuple[str, str, str], dict[str, str]]:
@@ -110,6 +119,54 @@ def test_without_fio_the_bench_says_so_and_runs_the_device(
     assert sum("not found" in line for line in table.splitlines()) == 1
     engine = "sync"  # the first of the default engines
     assert list(_rows(table)) == [("randread-4k-qd32", "null", f"nvme-mdev/{engine}")]
+
+
+def _bench_rbd() -> ModuleType:
+    """tools/bench_rbd.py (scripts/bench-rbd.sh), loaded from its path: tools/ is no
+    package."""
+    spec = importlib.util.spec_from_file_location("bench_rbd", ROOT / "tools" / "bench_rbd.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(shutil.which("fio") is None, reason="the rbd rows need fio")
+def test_rbd_bench_runs_the_device_and_fio_on_one_image(
+    ceph_cluster: CephCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image, size = "bench-rbd", 8 << 20
+    report_path = tmp_path / "rbd.json"
+    argv = ["--quick", "--seconds", "0.2", "--size", str(size), "--json", str(report_path)]
+    assert _bench_rbd().bench_on(ceph_cluster, argv, image) == 0
+    table = capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+    name = f"{ceph_cluster.pool}/{image}"
+    assert report["settings"]["rbd"] == name and f"RBD image {name}" in table
+    results = {(r["workload"], r["backend"], r["target"]): r for r in report["results"]}
+    rows = _rows(table)
+    # Each workload, both sides, and nothing else: rbd alone, as --rbd asks by default.
+    expected = {(w.name, "rbd", t) for w in WORKLOADS for t in ("fio-rbd", "nvme-mdev")}
+    assert set(results) == set(rows) == expected
+    for w in WORKLOADS:
+        for target in ("fio-rbd", "nvme-mdev"):
+            r = results[(w.name, "rbd", target)]
+            assert r["error"] is None and r["ios"] > 0 and r["iops"] > 0 and r["mean_us"] > 0
+            assert rows[(w.name, "rbd", target)]["IOPS"].replace(",", "").isdigit()
+        ours = results[(w.name, "rbd", "nvme-mdev")]
+        assert ours["device_commands"] == ours["ios"]  # the device's SMART count agrees
+        assert ours["ratio"] > 0  # ours / fio-rbd's
+        assert rows[(w.name, "rbd", "nvme-mdev")]["vs native"].endswith("x")
+    # One image, both sides: the cluster's copy has the blocks fio's rbd engine wrote and
+    # those the device wrote (each side's own pattern), and no block of the span the
+    # rows ran over is left unwritten (fio's fill).
+    data = ceph_cluster.run_bytes("rbd", "export", name, "-", timeout=120)
+    blocks = [data[off : off + BLOCK] for off in range(0, size, BLOCK)]
+    assert blocks.count(FIO_WRITE_PATTERN) > 0
+    assert blocks.count(WRITE_PATTERN) > 0
+    assert bytes(BLOCK) not in blocks
+    # Every device cell stopped its device, and the image's lock went with it.
+    assert ceph_cluster.run_json("rbd", "lock", "ls", name) == []
 
 
 def test_bench_refuses_an_existing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

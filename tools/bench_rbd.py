@@ -1,0 +1,90 @@
+"""`nvme-mdev bench --rbd` on a throwaway one-node Ceph cluster: the device serving a
+Ceph RBD image against fio's rbd ioengine on the same image, self-contained.
+
+    scripts/bench-rbd.sh                                  # 5 s per row, 256 MiB
+    scripts/bench-rbd.sh --seconds 3 --json rbd.json      # any bench option but --rbd*
+    scripts/bench-rbd.sh --workloads randread-4k-qd1,randwrite-4k-qd1
+
+Starts the cluster of tools/ceph_cluster.py (one monitor, one BlueStore OSD on a sparse
+file, cephx) in a scratch directory, creates an image of the bench's --size, runs
+`nvme-mdev bench --rbd` on it with the other options as given, and removes the cluster
+and its directory, also on an error or ^C. Needs ceph-mon, ceph-osd, ceph-common,
+librbd1 and fio with its rbd ioengine (scripts/setup.sh installs them, as root).
+
+The cluster's daemons share this machine's CPUs with both sides of every row: the rows
+compare the two on one cluster, in one run; they say nothing of a real cluster's speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+from ceph_cluster import CephCluster, CephClusterError
+from nvme_mdev import bench
+from nvme_mdev.cli import build_parser
+from nvme_mdev.config import ConfigError
+
+IMAGE = "nvme-mdev-bench"
+MIB = 1 << 20
+
+
+def bench_on(
+    cluster: CephCluster, argv: Sequence[str], image: str = IMAGE, out: TextIO | None = None
+) -> int:
+    """Create `image` in the cluster's pool, of the bench's --size, and run `nvme-mdev
+    bench` with `argv` on it (its table to `out`); the bench's exit status. The image
+    stays."""
+    args = build_parser().parse_args(["bench", *argv])
+    if args.rbd is not None or args.spdk is not None or args.scaling:
+        raise ConfigError("--rbd, --spdk, --scaling: not here (the image is the cluster's)")
+    args.rbd = f"{cluster.pool}/{image}"
+    args.rbd_conf, args.rbd_id = cluster.conf_path, cluster.client_id
+    args.rbd_keyring = cluster.keyring_path
+    opts = bench.options_from_args(args)
+    size_mib = -(-opts.size // MIB)  # the image: whole MiB, at least --size
+    cluster.run("rbd", "create", "--size", f"{size_mib}M", args.rbd)
+    return bench.main(args, out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        epilog="Every other option goes to nvme-mdev bench (nvme-mdev bench --help).",
+    )
+    parser.add_argument(
+        "--cluster-dir",
+        type=Path,
+        default=Path("/var/tmp"),
+        help="where the scratch cluster's directory goes (default %(default)s; the OSD's "
+        "block file there is sparse, 2 GiB at most)",
+    )
+    ours, rest = parser.parse_known_args(argv)
+    missing = CephCluster.missing()
+    if missing:
+        print(
+            f"bench-rbd: Ceph is not installed (no {', '.join(missing)}; "
+            "Debian: apt-get install ceph-mon ceph-osd ceph-common)",
+            file=sys.stderr,
+        )
+        return 1
+    root = Path(tempfile.mkdtemp(prefix="nvme-mdev-bench-rbd-", dir=ours.cluster_dir))
+    try:
+        cluster = CephCluster(root)
+        print(f"bench-rbd: starting a one-node Ceph cluster in {root}", file=sys.stderr)
+        with cluster:
+            return bench_on(cluster, rest)
+    except (CephClusterError, ConfigError) as exc:
+        print(f"bench-rbd: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
