@@ -342,3 +342,29 @@ def test_memory_truncated_under_a_mapping_reads_as_zeroes_and_is_reported(
         assert lost.wait(10)
     finally:
         ram.close()
+
+
+def test_an_access_across_three_regions_away_from_address_zero(memory: DmaMemory) -> None:
+    """Reads and writes that span three adjacent regions (two mapped from files, one in
+    the middle reached by messages) land at the right offset of each; data given as a
+    memoryview of another format is taken as its bytes; a negative address is refused."""
+    first, last = Ram(PAGE), Ram(PAGE)
+    try:
+        base = 0x7_0000_0000
+        memory.map(base, PAGE, True, True, first.dup(), 0)
+        memory.map(base + PAGE, PAGE, True, True, None, 0)
+        memory.map(base + 2 * PAGE, PAGE, True, True, last.dup(), 0)
+        middle = FakeTransport(base + PAGE, PAGE)
+        memory.attach(middle)
+        data = (bytes(range(251)) * (PAGE // 251 + 1))[: PAGE + 24]
+        words = memoryview(bytearray(data)).cast("I")  # a format other than "B"
+        memory.write(base + PAGE - 12, words)
+        assert first.map[PAGE - 12 :] == data[:12]
+        assert middle.data == bytearray(data[12 : 12 + PAGE])
+        assert last.map[:12] == data[12 + PAGE :]
+        assert memory.read(base + PAGE - 12, len(data)) == data
+        with pytest.raises(DmaError):
+            memory.read(-PAGE, 16)
+    finally:
+        first.close()
+        last.close()
