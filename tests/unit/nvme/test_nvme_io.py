@@ -20,6 +20,7 @@ from harness import (
     SpyBackend,
     eio,
     enospc,
+    prp,
     rw,
     u128,
     with_dnr,
@@ -28,7 +29,7 @@ from harness import (
 from nvme_mdev.backends.file import FileBackend
 from nvme_mdev.nvme.identity import ControllerConfig
 from nvme_mdev.nvme.namespace import Namespace
-from nvme_mdev.nvme.spec import IoOpcode, LogPage, Status
+from nvme_mdev.nvme.spec import AdminOpcode, FeatureId, IoOpcode, LogPage, Status
 
 #: every test here runs with the synchronous and the io_uring engine
 pytestmark = pytest.mark.usefixtures("io_engine")
@@ -142,6 +143,17 @@ def test_guest_memory_above_4_gib(file_ns: NamespaceFactory) -> None:
     h.enable()
     c, data = h.identify(1)  # Identify Controller into a buffer above 4 GiB
     assert c.status == 0 and data[24:64].strip() != b""  # serial, model present
+    # Set Features (Timestamp) takes its data from a buffer up there too.
+    stamp = 0x1234_5678_9A
+    buf = h.alloc(PAGE)
+    h.memory.write(buf, stamp.to_bytes(8, "little"))
+    set_ts = [AdminOpcode.SET_FEATURES, 0, 0, 0, 0, 0, *prp(buf), 0, 0, FeatureId.TIMESTAMP]
+    assert h.admin_cmd(set_ts).status == 0
+    h.memory.write(buf, bytes(8))
+    get_ts = [AdminOpcode.GET_FEATURES, 0, 0, 0, 0, 0, *prp(buf), 0, 0, FeatureId.TIMESTAMP]
+    assert h.admin_cmd(get_ts).status == 0
+    got = int.from_bytes(h.memory.read(buf, 6), "little")
+    assert stamp <= got < stamp + 3_600_000  # it ran on from the value set (ms)
     h.create_io_queue_pair(1)
     payload = pattern(3 * PAGE)
     src, dst = h.alloc(3 * PAGE), h.alloc(3 * PAGE)
