@@ -30,16 +30,23 @@ impl Ram {
         let mut bytes = vec![0u8; RAM_SIZE];
         let n = contents.len().min(RAM_SIZE);
         bytes[..n].copy_from_slice(&contents[..n]);
-        let mut memory = GuestMemory::default();
-        memory.set(vec![Region {
-            iova: RAM_BASE,
-            len: RAM_SIZE as u64,
-            host: bytes.as_mut_ptr() as usize,
-            readable: true,
-            writable: true,
-        }]);
+        let memory = memory_over(RAM_BASE, &mut bytes);
         Ram { bytes, memory }
     }
+}
+
+/// Guest memory of one readable and writable region at `iova`: `ram` (for fuzz targets
+/// and tests; the caller keeps `ram` alive, and in place, as long as the memory is used).
+pub fn memory_over(iova: u64, ram: &mut [u8]) -> GuestMemory {
+    let mut memory = GuestMemory::default();
+    memory.set(vec![Region {
+        iova,
+        len: ram.len() as u64,
+        host: ram.as_mut_ptr() as usize,
+        readable: true,
+        writable: true,
+    }]);
+    memory
 }
 
 fn u64_at(data: &[u8], at: usize) -> u64 {

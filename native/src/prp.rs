@@ -143,18 +143,10 @@ pub fn prp_segments(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::{NoFallback, Region};
+    use crate::memory::NoFallback;
 
     fn memory(ram: &mut [u8]) -> GuestMemory {
-        let mut m = GuestMemory::default();
-        m.set(vec![Region {
-            iova: 0x10_0000,
-            len: ram.len() as u64,
-            host: ram.as_mut_ptr() as usize,
-            readable: true,
-            writable: true,
-        }]);
-        m
+        crate::fuzzing::memory_over(0x10_0000, ram)
     }
 
     #[test]

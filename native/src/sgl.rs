@@ -254,7 +254,7 @@ impl Walk<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::{NoFallback, Region};
+    use crate::memory::NoFallback;
 
     fn desc(addr: u64, len: u32, ident: u8) -> [u8; 16] {
         let mut d = [0u8; 16];
@@ -268,17 +268,7 @@ mod tests {
     fn segments_buckets_and_loops() {
         let base = 0x10_0000u64;
         let mut ram = vec![0u8; 4 * 4096];
-        let m = {
-            let mut m = GuestMemory::default();
-            m.set(vec![Region {
-                iova: base,
-                len: ram.len() as u64,
-                host: ram.as_mut_ptr() as usize,
-                readable: true,
-                writable: true,
-            }]);
-            m
-        };
+        let m = crate::fuzzing::memory_over(base, &mut ram);
         // A last segment of a data block, a bit bucket and another data block.
         for (i, d) in [
             desc(base + 0x2000, 100, 0),

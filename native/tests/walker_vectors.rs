@@ -4,8 +4,9 @@
 //! tools/walker_vectors.py (the format is described there). Every segment, status and
 //! flag must match, case by case.
 
+use nvme_mdev_native::fuzzing::memory_over;
 use nvme_mdev_native::media_errors::{classify, HostFailure, StoreSize};
-use nvme_mdev_native::memory::{GuestMemory, NoFallback, Region};
+use nvme_mdev_native::memory::NoFallback;
 use nvme_mdev_native::prp::{prp_segments, CmdResult, Segment};
 use nvme_mdev_native::sgl::sgl_segments;
 
@@ -80,14 +81,7 @@ fn the_walkers_answer_as_the_reference_does() {
             let data = bytes(data);
             ram[offset..offset + data.len()].copy_from_slice(&data);
         }
-        let mut memory = GuestMemory::default();
-        memory.set(vec![Region {
-            iova: BASE,
-            len: SIZE as u64,
-            host: ram.as_mut_ptr() as usize,
-            readable: true,
-            writable: true,
-        }]);
+        let memory = memory_over(BASE, &mut ram);
         let f: Vec<&str> = parts[0].split_whitespace().collect();
         if f[0] == "M" {
             assert_eq!(
