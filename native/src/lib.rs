@@ -5,8 +5,9 @@
 //! reference it is tested against.
 //!
 //! `unsafe` lives at two boundaries only: guest memory and the mapped doorbell page
-//! (memory.rs, queues.rs), and the kernel (storage.rs, engine.rs: iovecs handed to
-//! preadv2/pwritev2 and io_uring; eventfds). Each block says why it is sound.
+//! (memory.rs, queues.rs), and the kernel and librbd (storage.rs, engine.rs, rbd.rs:
+//! iovecs handed to preadv2/pwritev2, io_uring and librbd; eventfds). Each block says
+//! why it is sound.
 
 pub mod engine;
 pub mod fuzzing;
@@ -17,6 +18,7 @@ pub mod plane;
 pub mod prp;
 mod python;
 pub mod queues;
+pub mod rbd;
 pub mod sgl;
 pub mod sigbus;
 pub mod spec;

@@ -62,6 +62,43 @@ pub enum StoreSize {
     Failed(i32),
 }
 
+/// Errnos that say a network store (a Ceph RBD image) cannot be reached for now:
+/// nvme/media_errors.py UNREACHABLE_ERRNOS (EBLOCKLISTED is ESHUTDOWN on Linux).
+pub fn is_unreachable(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::ETIMEDOUT
+            | libc::ESHUTDOWN
+            | libc::ENOTCONN
+            | libc::ECONNREFUSED
+            | libc::ECONNRESET
+            | libc::ECONNABORTED
+            | libc::EHOSTUNREACH
+            | libc::ENETUNREACH
+            | libc::ENETDOWN
+            | libc::EHOSTDOWN
+    )
+}
+
+/// a network store out of reach: not ready now, and worth retrying
+pub const UNREACHABLE: HostFailure = failure(status::NAMESPACE_NOT_READY, false);
+
+/// `classify` for any store: a `network` one out of reach fails retryably, and is not
+/// gone (nvme/media_errors.py classify with the backend's `network`).
+pub fn classify_store(
+    errno: i32,
+    writing: bool,
+    past_end: bool,
+    network: bool,
+    block_device: bool,
+    store_size: impl FnOnce() -> StoreSize,
+) -> HostFailure {
+    if network && is_unreachable(errno) {
+        return UNREACHABLE;
+    }
+    classify(errno, writing, past_end, block_device, store_size)
+}
+
 /// The failure `errno` (from a read, or a write with `writing`) stands for. `past_end`:
 /// a read met the end of the store (a short read of nothing); `block_device` and
 /// `store_size` describe the storage, asked only for EIO and ENOSPC.

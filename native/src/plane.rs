@@ -22,13 +22,14 @@ use crate::media_errors::{self, StoreSize};
 use crate::memory::{DmaError, Fallback, GuestMemory, View};
 use crate::prp::{prp_segments, CmdError, CmdResult, Segment};
 use crate::queues::{CompletionQueue, Doorbell, DoorbellPage, Slots, SubmissionQueue};
+use crate::rbd::{Op, RbdEngine};
 use crate::sgl::sgl_segments;
 use crate::spec::{
     opcode, status, with_dnr, Sqe, BROADCAST_NSID, CDW0_FUSE, CDW0_FUSE_OR_PSDT, CDW0_PSDT, DEAC,
     DNR, PAGE_MASK, PAGE_SIZE,
 };
 use crate::stats::{bump, Stats};
-use crate::storage::{CachedReads, FileStore, IoFailure, Namespace, Store};
+use crate::storage::{CachedReads, IoFailure, Namespace, Store, IOV_MAX};
 use crate::table::IdTable;
 
 /// A command that is done: the completion to post.
@@ -159,6 +160,8 @@ pub struct State {
     /// attach order (a broadcast Flush goes through them in it, as Python's dict)
     order: Vec<u32>,
     pub engine: Engine<Inflight>,
+    /// operations on RBD images, in librbd
+    pub rbd: RbdEngine,
     /// vector -> (completions held, deadline ns)
     coalesced: HashMap<u16, (u32, u64)>,
     touched: Vec<u16>,
@@ -236,6 +239,7 @@ impl Shared {
         }
         // SAFETY: a fresh eventfd that nothing else owns; closed when the Shared drops.
         let wake_fd = unsafe { OwnedFd::from_raw_fd(wake_fd) };
+        let rbd = RbdEngine::new(wake_fd.try_clone()?);
         let vectors = config.vectors;
         let queues = usize::from(config.max_io_queues) + 1;
         let config_namespaces = config.max_namespaces as usize;
@@ -259,6 +263,7 @@ impl Shared {
             namespaces: IdTable::new(config_namespaces + 1),
             order: Vec::new(),
             engine,
+            rbd,
             coalesced: HashMap::new(),
             touched: Vec::new(),
             enabled: false,
@@ -311,6 +316,26 @@ impl Shared {
         let mut value: u64 = 0;
         // SAFETY: reads 8 bytes into a u64 we own from our own (non-blocking) eventfd.
         let _ = unsafe { libc::read(self.wake_fd.as_raw_fd(), (&mut value as *mut u64).cast(), 8) };
+    }
+
+    /// Wait until the eventfd is written, `timeout_ns` at most (None: for good), and
+    /// take what was written: the caller looks at everything it could have meant.
+    fn wait_woken(&self, timeout_ns: Option<u64>) {
+        let mut pfd = libc::pollfd {
+            fd: self.wake_fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ts = timeout_ns.map(|ns| libc::timespec {
+            tv_sec: (ns / 1_000_000_000) as libc::time_t,
+            tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+        });
+        let ts_ptr = ts
+            .as_ref()
+            .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+        // SAFETY: one pollfd and an optional timespec that we own.
+        let _ = unsafe { libc::ppoll(&mut pfd, 1, ts_ptr, std::ptr::null()) };
+        self.clear_wake();
     }
 
     /// Sleep until the eventfd is written.
@@ -780,6 +805,9 @@ impl State {
             self.engine.submit(); // the whole pass in one system call
             self.finish_reaped(sh, true)?;
         }
+        if self.rbd.in_flight > 0 {
+            self.finish_rbd(sh, true)?;
+        }
         Ok(done)
     }
 
@@ -860,6 +888,112 @@ impl State {
         unreachable.map_or(Ok(()), Err)
     }
 
+    /// Complete the commands whose librbd operations ended; a write with FUA whose
+    /// write ended well goes on to its flush first.
+    fn finish_rbd(&mut self, sh: &Shared, post: bool) -> Result<(), DmaError> {
+        let mut reaped = std::mem::take(&mut self.reaped);
+        reaped.clear();
+        self.rbd.reap(&mut reaped);
+        let mut unreachable = None;
+        for &index in &reaped {
+            let slot = &self.rbd.slots[index as usize];
+            let ctx = slot.ctx;
+            let c = match self.rbd_outcome(sh, index) {
+                Some(c) => c,
+                None => continue, // its flush is in flight now
+            };
+            self.rbd.release(index);
+            if let Some(cq) = self
+                .sqs
+                .get(u32::from(ctx.sqid))
+                .and_then(|sq| self.cqs.get_mut(u32::from(sq.cqid)))
+            {
+                cq.reserved -= 1;
+            }
+            if post {
+                if let Err(e) = self.complete(sh, ctx.sqid, &ctx.sqe, c, ctx.seen) {
+                    unreachable = Some(e);
+                }
+            }
+        }
+        self.reaped = reaped;
+        unreachable.map_or(Ok(()), Err)
+    }
+
+    /// What a librbd operation that ended completes its command with; None when a FUA
+    /// write goes on to its flush.
+    fn rbd_outcome(&mut self, sh: &Shared, index: u32) -> Option<Completion> {
+        let slot = &self.rbd.slots[index as usize];
+        let (result, op, offset, length, fua, flushing, nsid) = (
+            slot.result,
+            slot.op,
+            slot.offset,
+            slot.length,
+            slot.fua,
+            slot.flushing,
+            slot.ctx.sqe.nsid(),
+        );
+        let failure = if result < 0 {
+            let errno = (-result) as i32;
+            // A read or write across the image's end (it shrank on the cluster): librbd
+            // refuses it (EINVAL); a read that meets the end is short.
+            let past_end = errno == libc::EINVAL
+                && !flushing
+                && op != Op::Flush
+                && slot
+                    .store
+                    .as_ref()
+                    .and_then(|s| s.size().ok())
+                    .is_some_and(|size| offset + length > size);
+            Some(IoFailure {
+                errno: if past_end { libc::EIO } else { errno },
+                past_end,
+            })
+        } else if op == Op::Read && (result as u64) < length {
+            Some(IoFailure {
+                errno: libc::EIO,
+                past_end: true,
+            })
+        } else {
+            None
+        };
+        let writing = op != Op::Read;
+        if let Some(e) = failure {
+            let error = match self.namespaces.get(nsid) {
+                Some(ns) => host_error(sh, ns, e, writing, offset),
+                None => CmdError::new(
+                    if writing {
+                        status::WRITE_FAULT
+                    } else {
+                        status::UNRECOVERED_READ_ERROR
+                    },
+                    "storage error",
+                ),
+            };
+            return Some(failed(&error));
+        }
+        if fua && !flushing {
+            return match self.rbd.follow_with_flush(index) {
+                Ok(()) => None,
+                Err(errno) => {
+                    let e = IoFailure {
+                        errno,
+                        past_end: false,
+                    };
+                    Some(match self.namespaces.get(nsid) {
+                        Some(ns) => failed(&host_error(sh, ns, e, true, offset)),
+                        None => failed(&CmdError::new(status::WRITE_FAULT, "storage error")),
+                    })
+                }
+            };
+        }
+        match op {
+            Op::Read | Op::Write => count_transfer(sh, op == Op::Write, length),
+            Op::WriteZeroes | Op::Flush => {}
+        }
+        Some(Completion::SUCCESS)
+    }
+
     /// The completion of a transfer the engine ran (nvme/io.py finish()): a short one
     /// is finished here, errors become NVMe statuses, the SMART counters count it.
     fn finish(&mut self, sh: &Shared, index: u32) -> Completion {
@@ -918,6 +1052,14 @@ impl State {
                 self.fatal(sh, format!("I/O queue memory: {}", e.0));
             }
         }
+        // librbd ends every operation, in time: an unreachable cluster fails it after
+        // the connection's operation timeout (backends/rbd.py OP_TIMEOUT_S).
+        while self.rbd.in_flight > 0 {
+            sh.wait_woken(None);
+            if let Err(e) = self.finish_rbd(sh, post) {
+                self.fatal(sh, format!("I/O queue memory: {}", e.0));
+            }
+        }
         self.signal_touched(sh);
     }
 
@@ -969,18 +1111,10 @@ impl State {
             opcode::READ | opcode::WRITE => {
                 self.read_write(sh, sqid, sqe, seen, op == opcode::WRITE)
             }
-            opcode::FLUSH => self
-                .flush(sh, sqe)
-                .map(|()| Outcome::Done(Completion::SUCCESS)),
-            _ => self
-                .write_zeroes(sh, sqe)
-                .map(|()| Outcome::Done(Completion::SUCCESS)),
+            opcode::FLUSH => self.flush(sh, sqid, sqe, seen),
+            _ => self.write_zeroes(sh, sqid, sqe, seen),
         };
         result.unwrap_or_else(|e| Outcome::Done(failed(&e)))
-    }
-
-    fn namespace(&self, nsid: u32) -> CmdResult<&Namespace> {
-        lookup(&self.namespaces, self.config.max_namespaces, nsid)
     }
 
     fn read_write(
@@ -998,6 +1132,7 @@ impl State {
             config,
             settings,
             engine,
+            rbd,
             segments,
             iov,
             discard,
@@ -1041,11 +1176,26 @@ impl State {
             return Ok(Outcome::Slow); // (the Python side copies through messages)
         }
         iovecs(memory, segments, to_guest, discard, iov);
+        let ctx = Inflight {
+            sqid,
+            sqe: *sqe,
+            seen,
+        };
         let store = match &ns.store {
             Store::File(f) => f,
             Store::Null => {
                 count_transfer(sh, write, length);
                 return Ok(Outcome::Done(Completion::SUCCESS));
+            }
+            Store::Rbd(r) => {
+                if iov.len() > IOV_MAX {
+                    return Ok(Outcome::Slow); // (librbd takes IOV_MAX a call; Python splits)
+                }
+                let op = if write { Op::Write } else { Op::Read };
+                return match rbd.submit(r, op, offset, length, iov, fua, ctx) {
+                    Ok(_) => Ok(Outcome::Submitted),
+                    Err(errno) => Err(host_error(sh, ns, refused(errno), write, offset)),
+                };
             }
             Store::Python => return Ok(Outcome::Slow),
         };
@@ -1074,11 +1224,6 @@ impl State {
                 };
             }
         }
-        let ctx = Inflight {
-            sqid,
-            sqe: *sqe,
-            seen,
-        };
         let direct = engine.direct;
         if engine
             .try_submit(store, offset, iov, length, write, fua, ctx)
@@ -1098,11 +1243,26 @@ impl State {
         }
     }
 
-    fn flush(&self, sh: &Shared, sqe: &Sqe) -> CmdResult<()> {
+    fn flush(&mut self, sh: &Shared, sqid: u16, sqe: &Sqe, seen: u64) -> CmdResult<Outcome> {
         let nsid = sqe.nsid();
         if nsid != BROADCAST_NSID {
-            let ns = self.namespace(nsid)?;
-            return flush_store(ns).map_err(|e| host_error(sh, ns, e, true, 0));
+            let ns = lookup(&self.namespaces, self.config.max_namespaces, nsid)?;
+            if let Store::Rbd(r) = &ns.store {
+                if !r.readonly {
+                    let ctx = Inflight {
+                        sqid,
+                        sqe: *sqe,
+                        seen,
+                    };
+                    return match self.rbd.submit(r, Op::Flush, 0, 0, &[], false, ctx) {
+                        Ok(_) => Ok(Outcome::Submitted),
+                        Err(errno) => Err(host_error(sh, ns, refused(errno), true, 0)),
+                    };
+                }
+            }
+            return flush_store(ns)
+                .map(|()| Outcome::Done(Completion::SUCCESS))
+                .map_err(|e| host_error(sh, ns, e, true, 0));
         }
         // Every namespace is flushed, even past one that fails; the first failure is
         // what the command reports. A namespace whose storage is gone cannot be made
@@ -1126,11 +1286,11 @@ impl State {
                 error.get_or_insert(err);
             }
         }
-        error.map_or(Ok(()), Err)
+        error.map_or(Ok(Outcome::Done(Completion::SUCCESS)), Err)
     }
 
-    fn write_zeroes(&self, sh: &Shared, sqe: &Sqe) -> CmdResult<()> {
-        let ns = self.namespace(sqe.nsid())?;
+    fn write_zeroes(&mut self, sh: &Shared, sqid: u16, sqe: &Sqe, seen: u64) -> CmdResult<Outcome> {
+        let ns = lookup(&self.namespaces, self.config.max_namespaces, sqe.nsid())?;
         let (offset, length) = ns
             .byte_range(sqe.slba(), sqe.nlb())
             .ok_or_else(|| CmdError::new(status::LBA_OUT_OF_RANGE, "LBA out of range"))?;
@@ -1141,17 +1301,36 @@ impl State {
             ));
         }
         let deallocate = sqe.dw[12] & DEAC != 0;
+        let fua = sqe.fua() || !self.settings.write_cache;
         let result = match &ns.store {
             Store::File(f) => f.write_zeroes(offset, length, deallocate).and_then(|()| {
-                if sqe.fua() || !self.settings.write_cache {
+                if fua {
                     f.flush()
                 } else {
                     Ok(())
                 }
             }),
+            Store::Rbd(r) => {
+                // librbd's write-zeroes frees whole objects and zeroes the rest: the
+                // blocks read as zeroes either way, deallocated or not.
+                let ctx = Inflight {
+                    sqid,
+                    sqe: *sqe,
+                    seen,
+                };
+                return match self
+                    .rbd
+                    .submit(r, Op::WriteZeroes, offset, length, &[], fua, ctx)
+                {
+                    Ok(_) => Ok(Outcome::Submitted),
+                    Err(errno) => Err(host_error(sh, ns, refused(errno), true, offset)),
+                };
+            }
             _ => Ok(()),
         };
-        result.map_err(|e| host_error(sh, ns, e, true, offset))
+        result
+            .map(|()| Outcome::Done(Completion::SUCCESS))
+            .map_err(|e| host_error(sh, ns, e, true, offset))
     }
 
     // --- interrupts -----------------------------------------------------------------------
@@ -1429,9 +1608,18 @@ fn count_transfer(sh: &Shared, write: bool, length: u64) {
     }
 }
 
+/// A failure with no more to it than its errno (librbd refused an operation).
+fn refused(errno: i32) -> IoFailure {
+    IoFailure {
+        errno,
+        past_end: false,
+    }
+}
+
 fn flush_store(ns: &Namespace) -> Result<(), IoFailure> {
     match &ns.store {
         Store::File(f) => f.flush(),
+        Store::Rbd(r) => r.flush().map_err(refused),
         _ => Ok(()),
     }
 }
@@ -1439,14 +1627,16 @@ fn flush_store(ns: &Namespace) -> Result<(), IoFailure> {
 /// The completion for a backend's failure at byte `offset` of `ns`, counted, and the
 /// namespace's new state told to the control side (nvme/io.py _host_error).
 fn host_error(sh: &Shared, ns: &Namespace, e: IoFailure, writing: bool, offset: u64) -> CmdError {
-    let store: Option<&FileStore> = match &ns.store {
-        Store::File(f) => Some(f),
-        _ => None,
-    };
-    let block_device = store.is_some_and(|f| f.block_device);
-    let failure = media_errors::classify(e.errno, writing, e.past_end, block_device, || {
-        store.map_or(StoreSize::Bytes(u64::MAX), FileStore::store_size)
-    });
+    let block_device = matches!(&ns.store, Store::File(f) if f.block_device);
+    let network = matches!(ns.store, Store::Rbd(_));
+    let failure =
+        media_errors::classify_store(e.errno, writing, e.past_end, network, block_device, || {
+            match &ns.store {
+                Store::File(f) => f.store_size(),
+                Store::Rbd(r) => r.size().map_or_else(StoreSize::Failed, StoreSize::Bytes),
+                _ => StoreSize::Bytes(u64::MAX),
+            }
+        });
     let c = &sh.stats.counters;
     bump(&c.host_errors, 1);
     if failure.media {
@@ -1562,12 +1752,13 @@ pub fn run(sh: Arc<Shared>) {
             }
             continue;
         }
-        let (worked, in_flight, forever, doorbells, halted) = {
+        let (worked, in_flight, rbd_in_flight, forever, doorbells, halted) = {
             let mut st = sh.state.lock().unwrap_or_else(|e| e.into_inner());
             let n = st.process_pass(&sh);
             (
                 n,
                 st.engine.in_flight,
+                st.rbd.in_flight,
                 st.polls_forever(),
                 st.polls_doorbells(),
                 st.halted,
@@ -1586,6 +1777,12 @@ pub fn run(sh: Arc<Shared>) {
                 .unwrap_or_else(|e| e.into_inner())
                 .engine
                 .wait(Some(IN_FLIGHT_WAIT_NS));
+            last_work = now_ns();
+            continue;
+        }
+        if rbd_in_flight > 0 && !halted {
+            // librbd's completions write the wake eventfd: sleep on it, as briefly.
+            sh.wait_woken(Some(IN_FLIGHT_WAIT_NS));
             last_work = now_ns();
             continue;
         }
@@ -1643,8 +1840,9 @@ fn park(sh: &Shared) -> bool {
     sh.clear_wake();
     {
         let mut st = sh.state.lock().unwrap_or_else(|e| e.into_inner());
-        // (A fatal controller asks the guest for nothing: it sleeps until reset.)
-        let waiting = !st.halted && st.enable_notifications(sh);
+        // (A fatal controller asks the guest for nothing: it sleeps until reset.) A
+        // librbd completion queued before the eventfd was cleared is work too.
+        let waiting = !st.halted && (st.enable_notifications(sh) || st.rbd.has_finished());
         if waiting || sh.pause_requested() || !sh.running() {
             st.suppress_notifications(sh);
             return false;

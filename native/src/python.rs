@@ -456,9 +456,11 @@ impl PyPlane {
 
     // --- namespaces, memory, settings -----------------------------------------------------
 
-    /// `store`: "file" (with the descriptors), "null", or "python".
+    /// `store`: "file" (with the descriptors), "null", "rbd" (with the open
+    /// `rbd_image_t`, which the backend keeps open while the namespace is attached), or
+    /// "python".
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (nsid, store, fd, direct_fd, direct_align, base, block_device, backend_readonly, lba_shift, blocks, readonly, failure, passthrough, description))]
+    #[pyo3(signature = (nsid, store, fd, direct_fd, direct_align, base, block_device, backend_readonly, lba_shift, blocks, readonly, failure, passthrough, description, rbd_image=0))]
     fn attach_namespace(
         &self,
         py: Python<'_>,
@@ -476,8 +478,16 @@ impl PyPlane {
         failure: Option<String>,
         passthrough: bool,
         description: String,
+        rbd_image: usize,
     ) -> PyResult<()> {
         let store = match store {
+            "rbd" => {
+                crate::rbd::available().map_err(PyOSError::new_err)?;
+                Store::Rbd(crate::rbd::RbdStore {
+                    image: rbd_image,
+                    readonly: backend_readonly,
+                })
+            }
             "file" => Store::File(FileStore {
                 fd,
                 direct_fd,
@@ -686,7 +696,7 @@ impl PyPlane {
 /// that holds it to nvme/media_errors.py: (status, dnr, media, gone, read_only).
 /// `store_size` is what the store says when asked, or `probe_errno` if asking fails.
 #[pyfunction]
-#[pyo3(signature = (errno, writing, past_end, block_device, store_size, probe_errno=None))]
+#[pyo3(signature = (errno, writing, past_end, block_device, store_size, probe_errno=None, network=false))]
 fn classify_host_error(
     errno: i32,
     writing: bool,
@@ -694,18 +704,19 @@ fn classify_host_error(
     block_device: bool,
     store_size: u64,
     probe_errno: Option<i32>,
+    network: bool,
 ) -> (u16, bool, bool, bool, bool) {
-    let f =
-        crate::media_errors::classify(
-            errno,
-            writing,
-            past_end,
-            block_device,
-            || match probe_errno {
-                Some(e) => crate::media_errors::StoreSize::Failed(e),
-                None => crate::media_errors::StoreSize::Bytes(store_size),
-            },
-        );
+    let f = crate::media_errors::classify_store(
+        errno,
+        writing,
+        past_end,
+        network,
+        block_device,
+        || match probe_errno {
+            Some(e) => crate::media_errors::StoreSize::Failed(e),
+            None => crate::media_errors::StoreSize::Bytes(store_size),
+        },
+    );
     (f.status, f.dnr, f.media, f.gone, f.read_only)
 }
 

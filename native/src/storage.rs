@@ -1,6 +1,7 @@
 //! Namespaces and the storage under them, as the native engines reach it: regular
 //! files, block devices and windows of either (backends/file.py, window.py), the null
-//! store, and the rest (passthrough, anything else), which the Python side serves.
+//! store, Ceph RBD images (backends/rbd.py, rbd.rs), and the rest (passthrough,
+//! anything else), which the Python side serves.
 //!
 //! The descriptors belong to the Python backends, which opened (and claimed, and
 //! locked) them; they stay open while a namespace that names them is attached here:
@@ -74,6 +75,8 @@ pub enum Store {
     File(FileStore),
     /// No storage: reads leave the guest's buffer as it is, writes are dropped.
     Null,
+    /// A Ceph RBD image, through librbd's asynchronous calls (rbd.rs).
+    Rbd(crate::rbd::RbdStore),
     /// Served by the Python side: every command for it goes the slow way.
     Python,
 }

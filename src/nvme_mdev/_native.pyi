@@ -73,6 +73,7 @@ class DataPlane:
         failure: str | None,
         passthrough: bool,
         description: str,
+        rbd_image: int = 0,
     ) -> None: ...
     def detach_namespace(self, nsid: int) -> None: ...
     def update_namespace(
@@ -101,6 +102,7 @@ def classify_host_error(
     block_device: bool,
     store_size: int,
     probe_errno: int | None = None,
+    network: bool = False,
 ) -> tuple[int, bool, bool, bool, bool]: ...
 def status_with_dnr(status: int) -> int: ...
 

@@ -18,8 +18,9 @@ class Store:
     """A backend as media_errors.classify asks it: a block device or not, and what it
     says when asked its size."""
 
-    def __init__(self, block_device: bool, size: int, probe: int | None) -> None:
+    def __init__(self, block_device: bool, size: int, probe: int | None, network: bool) -> None:
         self.is_block_device = block_device
+        self.network = network
         self._size, self._probe = size, probe
 
     def store_size(self) -> int:
@@ -28,22 +29,27 @@ class Store:
         return self._size
 
 
-@pytest.mark.parametrize("block_device", [False, True])
+@pytest.mark.parametrize(
+    ("block_device", "network"), [(False, False), (True, False), (False, True)]
+)
 @pytest.mark.parametrize("writing", [False, True])
 @pytest.mark.parametrize(
     ("size", "probe"), [(1 << 20, None), (0, None), (0, errno.ENXIO), (0, errno.EIO)]
 )
 def test_every_errno_maps_as_in_python(
-    block_device: bool, writing: bool, size: int, probe: int | None
+    block_device: bool, network: bool, writing: bool, size: int, probe: int | None
 ) -> None:
-    store = Store(block_device, size, probe)
+    """... for files, block devices and network stores (an RBD image)."""
+    store = Store(block_device, size, probe, network)
     for code in [*range(1, 134), 512]:
         for past_end in (False, True):
             exc = EndOfStorage(0) if past_end else OSError(code, "x")
             if past_end and code != errno.EIO:
                 continue  # a short read of nothing is EIO, always
             f = media_errors.classify(exc, writing, store)  # type: ignore[arg-type]
-            native = _native.classify_host_error(code, writing, past_end, block_device, size, probe)
+            native = _native.classify_host_error(
+                code, writing, past_end, block_device, size, probe, network
+            )
             python = (f.status, f.dnr, f.media, f.gone, f.read_only)
             assert native == python, (errno.errorcode.get(code, code), past_end)
 

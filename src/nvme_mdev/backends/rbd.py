@@ -6,9 +6,12 @@ ceph.conf, a client id and a keyring, as the `rbd` command makes one. The librar
 loaded when the first such namespace is opened: the package works without them.
 
 Reads and writes go straight between the cluster and the guest's buffers (librbd's
-vectored AIO calls, given the buffers' addresses; a read-only mapping of guest memory
-is copied first), one command at a time on the thread that runs it, which waits for
-librbd without holding Python's GIL.
+vectored AIO calls, given the buffers' addresses). The native data plane makes those
+calls itself (native/src/rbd.rs), many in flight, completed on librbd's threads into the
+I/O thread's wake-up; what it leaves to Python (Dataset Management, Compare, Verify,
+Copy) and the whole Python data plane come here: one command at a time on the thread
+that runs it, which waits for librbd without holding Python's GIL (a read-only mapping
+of guest memory is copied first).
 
 Safety across hosts: a writable namespace takes the image's exclusive lock (the
 `exclusive-lock` feature, on by default) explicitly, and keeps it: librbd then refuses
@@ -693,7 +696,15 @@ class RbdBackend:
         self.write_zeroes(offset, length, True)
 
     def io_target(self) -> IoTarget | None:
-        return None  # no file descriptor: the data planes call readv/writev
+        return None  # no file descriptor: librbd's calls instead
+
+    def image_handle(self) -> int:
+        """The open `rbd_image_t`, for the native data plane, which makes librbd's
+        asynchronous calls on it itself (native/src/rbd.rs); valid until close(), and
+        the namespace is detached from the plane before that."""
+        if self._image is None:
+            raise BackendError(f"{self.description}: the image is closed")
+        return self._image
 
     # --- closing ----------------------------------------------------------------------
 

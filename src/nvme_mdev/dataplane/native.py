@@ -24,6 +24,7 @@ from typing import Any
 from .. import _native
 from ..backends.file import FileBackend, NullBackend
 from ..backends.io_engine import IoEngine, SyncEngine
+from ..backends.rbd import RbdBackend
 from ..backends.window import WindowBackend
 from ..guest_memory import GuestMemory, MemoryChange
 from ..nvme.identity import ControllerConfig
@@ -75,6 +76,8 @@ class NativeDataPlane:
         self._notify = notify
         # The slow path: the Python command set, synchronously on the native thread.
         self._slow_counters = IoCounters()
+        #: I/O commands the plane handed to the slow path (`stats`: slow_commands)
+        self._slow_commands = 0
         self.io = IoCommandSet(
             memory,
             namespaces,
@@ -111,6 +114,7 @@ class NativeDataPlane:
     # --- the slow path (the native thread, with the GIL) -------------------------------------
 
     def _slow(self, sqid: int, dw: tuple[int, ...]) -> tuple[int, int, int]:
+        self._slow_commands += 1
         outcome = self.io.execute(dw)
         if not isinstance(outcome, Completed):  # (a synchronous engine: never)
             raise RuntimeError("the slow path's engine submitted a transfer")
@@ -238,10 +242,12 @@ class NativeDataPlane:
 
     def _attach(self, ns: Namespace) -> None:
         backend: Any = ns.backend
-        store, fd, direct_fd, align, base = "python", -1, -1, 1, 0
+        store, fd, direct_fd, align, base, rbd_image = "python", -1, -1, 1, 0, 0
         inner = backend.inner if isinstance(backend, WindowBackend) else backend
         if isinstance(inner, NullBackend):
             store = "null"
+        elif isinstance(backend, RbdBackend):
+            store, rbd_image = "rbd", backend.image_handle()
         elif isinstance(inner, FileBackend) and not ns.passthrough:
             target = backend.io_target()
             if target is not None:
@@ -269,6 +275,7 @@ class NativeDataPlane:
             ns.failure,
             ns.passthrough,
             backend.description,
+            rbd_image,
         )
 
     def attach_namespace(self, ns: Namespace) -> None:
@@ -356,4 +363,5 @@ class NativeDataPlane:
         snapshot = stats.snapshot(raw["polling_ns"], raw["parked_ns"], self.counters().host_errors)
         snapshot["data_plane"] = self.kind
         snapshot["direct_transfers"] = raw["direct_transfers"]
+        snapshot["slow_commands"] = self._slow_commands
         return snapshot

@@ -346,6 +346,7 @@ class PythonDataPlane:
         snapshot = self.stats.snapshot(polling_ns, parked_ns, self._counters.host_errors)
         snapshot["data_plane"] = self.kind
         snapshot["direct_transfers"] = getattr(self.engine, "direct", 0)
+        snapshot["slow_commands"] = 0  # (it is the slow path: the native plane's count)
         return snapshot
 
     # --- one pass (the I/O thread) ----------------------------------------------------------

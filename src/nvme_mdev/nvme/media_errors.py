@@ -44,8 +44,8 @@ storage itself is intact. Its commands fail with Namespace Not Ready *without* D
 Retry — Linux retries them, up to nvme_max_retries times — and the namespace is not
 marked gone: the next command tries the cluster again. A backend says it is one with a
 true `network` attribute (backends/rbd.py); files and block devices keep the table
-above as it is (and so does the native data plane's copy, native/src/media_errors.rs,
-which never sees a network store: their commands take the Python path).
+above as it is. The native data plane's copy (native/src/media_errors.rs) has the same
+rule for its RBD namespaces (classify_store).
 
 A file that was unlinked is not gone: the namespace keeps its inode and I/O keeps
 working (failing it would lose what the guest could still save); `ns rescan` says so.
