@@ -63,12 +63,12 @@ pub enum StoreSize {
 }
 
 /// Errnos that say a network store (a Ceph RBD image) cannot be reached for now:
-/// nvme/media_errors.py UNREACHABLE_ERRNOS (EBLOCKLISTED is ESHUTDOWN on Linux).
+/// nvme/media_errors.py UNREACHABLE_ERRNOS. (Not EBLOCKLISTED, ESHUTDOWN on Linux: a
+/// client the cluster fenced off never writes again; the store is gone.)
 pub fn is_unreachable(errno: i32) -> bool {
     matches!(
         errno,
         libc::ETIMEDOUT
-            | libc::ESHUTDOWN
             | libc::ENOTCONN
             | libc::ECONNREFUSED
             | libc::ECONNRESET

@@ -46,6 +46,7 @@ READ, WRITE = 0x02, 0x01
 NS_ATTRIBUTE_CHANGED = 0x2 | (0x04 << 16)
 #: Namespace Not Ready, Do Not Retry clear: the guest may retry
 NOT_READY = 0x0082
+DNR = 0x4000
 WRITE_PROTECTED_DNR = 0x4020
 #: a cluster operation's timeout in the conf of the outage tests (seconds; the
 #: default, backends/rbd.py OP_TIMEOUT_S, is 10)
@@ -270,10 +271,14 @@ def test_many_commands_in_flight(
             prp1, prp2 = host.prps(buf, chunk)
             lba = slot * chunk // 512
             commands.append(nvm_command(WRITE, 1, lba, chunk // 512, prp1, prp2, fua=i % 4 == 0))
+        before = librbd_counters(ceph_cluster, daemon.proc.pid)
         cids = q.submit_batch(commands)
         done = q.wait(len(cids), timeout=PATIENCE)
         assert sorted(c.cid for c in done) == sorted(cids)
         assert all(c.status == 0 for c in done)
+        # one librbd write each, and a flush for each of the 16 with FUA only
+        after = librbd_counters(ceph_cluster, daemon.proc.pid)
+        assert (after["wr"] - before["wr"], after["flush"] - before["flush"]) == (64, 16)
         for buf in bufs.values():
             host.ram.write(buf, bytes(chunk))
         commands = []
@@ -440,8 +445,8 @@ def test_break_lock_takes_the_image_from_a_hung_or_dead_holder(
 ) -> None:
     """A holder that hangs (stopped), or was killed a moment ago: the cluster still sees
     it watch the image, so it keeps its lock until break-lock, which blocklists it. The
-    hung one, woken, fails its commands retryably (its controller stays) and can no
-    longer write."""
+    hung one, woken, can no longer write: its namespace is gone (Namespace Not Ready
+    with Do Not Retry, every later command too), its controller stays."""
     name = image_name("break")
     ceph_cluster.run("rbd", "create", "--size", "8M", f"{ceph_cluster.pool}/{name}")
     conf = fast_conf(ceph_cluster, tmp_path)
@@ -464,8 +469,11 @@ def test_break_lock_takes_the_image_from_a_hung_or_dead_holder(
         with NvmeHost(str(tmp_path / "a.sock")) as host:
             host.enable()
             status = write(host, 1, 0, b"\xc3" * 4096)
-            assert status == NOT_READY, hex(status)  # blocklisted: not DNR, not fatal
+            assert status == NOT_READY | DNR, hex(status)  # blocklisted: gone, not fatal
             assert not host.reg32(0x1C) & 2  # CSTS.CFS
+            assert read(host, 1, 0, 4096)[0] == NOT_READY | DNR
+        (gone,) = a.ok("list")["controllers"][0]["namespaces"]
+        assert os.strerror(errno.ESHUTDOWN) in gone["failure"], gone  # (EBLOCKLISTED)
         assert a.stop() == 0
     assert export(ceph_cluster, tmp_path, name)[:4096] == b"\x3c" * 4096
     # Killed outright, and reopened at once (before its watch expires)

@@ -17,15 +17,14 @@ EACCES, EPERM                               Access Denied 2/86                  
 EAGAIN, EINTR, ETIMEDOUT, EBUSY             Command Interrupted 0/21            no
 ENODEV, ENXIO, ESTALE, ENOTCONN, ESHUTDOWN, Namespace Not Ready 0/82            yes  every later
   EBADF; a block device whose capacity is                                            command fails
-  now 0 (a deleted disk)                                                             at once; SMART
-                                                                                     warning bit 2,
-                                                                                     its event
+  now 0 (a deleted disk); a network store                                            at once; SMART
+  that fenced this client off (Ceph's                                                warning bit 2,
+  EBLOCKLISTED is ESHUTDOWN)                                                         its event
 a network store (a Ceph RBD image) out of   Namespace Not Ready 0/82            no   (the namespace
   reach: ETIMEDOUT (its operation timeout),                                          stays; later
-  ESHUTDOWN (EBLOCKLISTED), ENOTCONN,                                                commands try
-  ECONNREFUSED, ECONNRESET, ECONNABORTED,                                            the store
-  EHOSTUNREACH, ENETUNREACH, ENETDOWN,                                               again)
-  EHOSTDOWN
+  ENOTCONN, ECONNREFUSED, ECONNRESET,                                                commands try
+  ECONNABORTED, EHOSTUNREACH, ENETUNREACH,                                           the store
+  ENETDOWN, EHOSTDOWN                                                                again)
 
 Every one of them is an Error Information log entry (with the command's first LBA).
 
@@ -67,12 +66,12 @@ GONE_ERRNOS = frozenset(
 NO_SPACE_ERRNOS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EFBIG))
 DENIED_ERRNOS = frozenset((errno.EACCES, errno.EPERM))
 INTERRUPTED_ERRNOS = frozenset((errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.EBUSY))
-#: a network store (a backend whose `network` is true) that cannot be reached, for now
-#: (EBLOCKLISTED, Ceph's "this client was fenced off", is ESHUTDOWN on Linux)
+#: a network store (a backend whose `network` is true) that cannot be reached, for now.
+#: Not EBLOCKLISTED (ESHUTDOWN on Linux): a client the cluster fenced off (someone broke
+#: its lock) can never write again, and the namespace is gone for good.
 UNREACHABLE_ERRNOS = frozenset(
     (
         errno.ETIMEDOUT,
-        errno.ESHUTDOWN,
         errno.ENOTCONN,
         errno.ECONNREFUSED,
         errno.ECONNRESET,

@@ -38,7 +38,7 @@ from nvme_mdev.nvme.admin.events import (
 from nvme_mdev.nvme.controller import Controller
 from nvme_mdev.nvme.media_errors import classify
 from nvme_mdev.nvme.namespace import Namespace
-from nvme_mdev.nvme.spec import AdminOpcode, Cns, IoOpcode, LogPage, Status
+from nvme_mdev.nvme.spec import DNR, AdminOpcode, Cns, IoOpcode, LogPage, Status
 
 READ, WRITE, FLUSH = IoOpcode.READ, IoOpcode.WRITE, IoOpcode.FLUSH
 SMART_EVENT = 0x1 | (0x00 << 8) | (LogPage.SMART_HEALTH << 16)
@@ -148,7 +148,6 @@ def test_a_failed_size_probe_says_gone_or_media() -> None:
 
 NETWORK_DOWN = (
     errno.ETIMEDOUT,  # its operation timeout (backends/rbd.py OP_TIMEOUT_S)
-    errno.ESHUTDOWN,  # EBLOCKLISTED
     errno.ENOTCONN,
     errno.ECONNREFUSED,
     errno.EHOSTUNREACH,
@@ -178,6 +177,22 @@ def test_a_network_store_out_of_reach_is_not_ready_and_worth_retrying(
     assert h.io_cmd(1, command(opcode, buf)).status == 0
 
 
+def test_a_network_store_that_fenced_this_client_off_is_gone(file_ns: NamespaceFactory) -> None:
+    """EBLOCKLISTED (ESHUTDOWN): someone broke this client's lock on the image and the
+    cluster fenced it off; it never writes again, so retrying cannot help: the
+    namespace is gone (Namespace Not Ready, DNR, every later command too)."""
+    ns, spy = spied(file_ns)
+    spy.network = True  # type: ignore[attr-defined]
+    h = setup(ns)
+    buf = h.alloc(PAGE)
+    spy.fail = {"writev": error(errno.ESHUTDOWN)}
+    c = h.io_cmd(1, command(WRITE, buf))
+    assert c.status == Status.NAMESPACE_NOT_READY | DNR
+    assert ns.failure is not None
+    spy.fail = {}
+    assert h.io_cmd(1, command(READ, buf)).status == Status.NAMESPACE_NOT_READY | DNR
+
+
 @pytest.mark.parametrize("code", NETWORK_DOWN)
 def test_the_network_errnos_from_a_file_keep_their_status(code: int) -> None:
     """Only a backend that says it is a network store is treated as one: for files and
@@ -196,7 +211,7 @@ def test_the_network_errnos_from_a_file_keep_their_status(code: int) -> None:
     local = classify(error(code), True, Store(False))
     if code == errno.ETIMEDOUT:
         assert local.status == Status.COMMAND_INTERRUPTED and not local.dnr
-    elif code in (errno.ESHUTDOWN, errno.ENOTCONN):
+    elif code == errno.ENOTCONN:
         assert local.gone and local.dnr
     else:
         assert local.status == Status.WRITE_FAULT and local.media
