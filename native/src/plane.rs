@@ -22,7 +22,7 @@ use crate::media_errors::{self, StoreSize};
 use crate::memory::{DmaError, Fallback, GuestMemory, View};
 use crate::prp::{prp_segments, CmdError, CmdResult, Segment};
 use crate::queues::{CompletionQueue, Doorbell, DoorbellPage, Slots, SubmissionQueue};
-use crate::rbd::{Op, RbdEngine};
+use crate::rbd::{Finished, Op, RbdEngine};
 use crate::sgl::sgl_segments;
 use crate::spec::{
     opcode, status, with_dnr, Sqe, BROADCAST_NSID, CDW0_FUSE, CDW0_FUSE_OR_PSDT, CDW0_PSDT, DEAC,
@@ -195,6 +195,8 @@ pub struct Shared {
     pub trapped: Vec<AtomicU32>,
     /// the thread parks on it; doorbells and control requests write it
     pub wake_fd: OwnedFd,
+    /// where librbd's threads leave the RBD operations that ended (State::rbd's)
+    pub rbd_finished: Arc<Finished>,
     pub events: Mutex<VecDeque<Event>>,
     pub control: Mutex<Control>,
     pub control_cond: Condvar,
@@ -239,7 +241,8 @@ impl Shared {
         }
         // SAFETY: a fresh eventfd that nothing else owns; closed when the Shared drops.
         let wake_fd = unsafe { OwnedFd::from_raw_fd(wake_fd) };
-        let rbd = RbdEngine::new(wake_fd.try_clone()?);
+        let rbd_finished = Finished::new(wake_fd.try_clone()?);
+        let rbd = RbdEngine::new(rbd_finished.clone());
         let vectors = config.vectors;
         let queues = usize::from(config.max_io_queues) + 1;
         let config_namespaces = config.max_namespaces as usize;
@@ -280,6 +283,7 @@ impl Shared {
             sizes: (0..doorbells).map(|_| AtomicU32::new(0)).collect(),
             trapped: (0..doorbells).map(|_| AtomicU32::new(0)).collect(),
             wake_fd,
+            rbd_finished,
             events: Mutex::new(VecDeque::new()),
             control: Mutex::new(Control {
                 pause_requests: 0,
@@ -1055,7 +1059,8 @@ impl State {
         // librbd ends every operation, in time: an unreachable cluster fails it after
         // the connection's operation timeout (backends/rbd.py OP_TIMEOUT_S).
         while self.rbd.in_flight > 0 {
-            sh.wait_woken(None);
+            sh.rbd_finished
+                .sleep_unless_finished(|| sh.wait_woken(None));
             if let Err(e) = self.finish_rbd(sh, post) {
                 self.fatal(sh, format!("I/O queue memory: {}", e.0));
             }
@@ -1782,7 +1787,8 @@ pub fn run(sh: Arc<Shared>) {
         }
         if rbd_in_flight > 0 && !halted {
             // librbd's completions write the wake eventfd: sleep on it, as briefly.
-            sh.wait_woken(Some(IN_FLIGHT_WAIT_NS));
+            sh.rbd_finished
+                .sleep_unless_finished(|| sh.wait_woken(Some(IN_FLIGHT_WAIT_NS)));
             last_work = now_ns();
             continue;
         }

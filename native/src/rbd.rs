@@ -11,6 +11,7 @@
 
 use std::ffi::c_void;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::plane::Inflight;
@@ -160,11 +161,44 @@ impl Default for Slot {
 }
 
 /// Where librbd's threads leave finished operations for the I/O thread.
-struct Finished {
+pub struct Finished {
     done: Mutex<Vec<(u32, isize)>>,
     /// a duplicate of the plane's wake eventfd: open for as long as an operation is
     /// (a ticket holds this), whatever happens to the plane
     wake: OwnedFd,
+    /// the I/O thread sleeps on the eventfd: only then does a completion write it (an
+    /// awake thread finds it in `done` at its next pass, without the system calls)
+    sleeping: AtomicBool,
+}
+
+impl Finished {
+    /// `wake`: a duplicate of the plane's wake eventfd.
+    pub fn new(wake: OwnedFd) -> Arc<Finished> {
+        Arc::new(Finished {
+            done: Mutex::new(Vec::new()),
+            wake,
+            sleeping: AtomicBool::new(false),
+        })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.done
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
+    /// Run `sleep` (a wait on the wake eventfd) unless an operation has finished
+    /// already; one that finishes meanwhile writes the eventfd. (Both sides store, then
+    /// look at the other's store, sequentially consistent; the queue's mutex orders
+    /// the rest: either the callback sees `sleeping`, or this sees its entry.)
+    pub fn sleep_unless_finished(&self, sleep: impl FnOnce()) {
+        self.sleeping.store(true, Ordering::SeqCst);
+        if self.is_empty() {
+            sleep();
+        }
+        self.sleeping.store(false, Ordering::SeqCst);
+    }
 }
 
 /// The callback argument of one operation: freed by the callback.
@@ -187,12 +221,15 @@ unsafe extern "C" fn on_complete(completion: RbdCompletion, arg: *mut c_void) {
         // SAFETY: as above; nothing else holds the completion.
         unsafe { (api.release)(completion) };
     }
-    ticket
-        .finished
+    let finished = &ticket.finished;
+    finished
         .done
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .push((ticket.slot, result));
+    if !finished.sleeping.load(Ordering::SeqCst) {
+        return;
+    }
     let one: u64 = 1;
     // SAFETY: 8 bytes we own to the eventfd the ticket keeps open.
     let _ = unsafe {
@@ -215,16 +252,13 @@ pub struct RbdEngine {
 }
 
 impl RbdEngine {
-    /// `wake`: a duplicate of the plane's wake eventfd.
-    pub fn new(wake: OwnedFd) -> RbdEngine {
+    /// `finished`: where the plane's operations end (Shared::rbd_finished).
+    pub fn new(finished: Arc<Finished>) -> RbdEngine {
         RbdEngine {
             slots: Vec::new(),
             free: Vec::new(),
             in_flight: 0,
-            finished: Arc::new(Finished {
-                done: Mutex::new(Vec::new()),
-                wake,
-            }),
+            finished,
             reaped: Vec::new(),
         }
     }
@@ -344,12 +378,7 @@ impl RbdEngine {
 
     /// Whether librbd has ended operations that reap() has not taken yet.
     pub fn has_finished(&self) -> bool {
-        !self
-            .finished
-            .done
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty()
+        !self.finished.is_empty()
     }
 
     /// The slot is finished with.
