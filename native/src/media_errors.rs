@@ -169,4 +169,33 @@ mod tests {
             GONE
         );
     }
+
+    #[test]
+    fn a_network_store_out_of_reach_is_retryable_and_only_it() {
+        let size = || StoreSize::Bytes(1 << 20);
+        for errno in [
+            libc::ETIMEDOUT,
+            libc::ENOTCONN,
+            libc::ECONNREFUSED,
+            libc::EHOSTDOWN,
+        ] {
+            assert_eq!(
+                classify_store(errno, true, false, true, false, size),
+                UNREACHABLE
+            );
+            assert_ne!(
+                classify_store(errno, true, false, false, false, size),
+                UNREACHABLE
+            );
+        }
+        // fenced off (EBLOCKLISTED), or any other failure: the table as for a file
+        assert_eq!(
+            classify_store(libc::ESHUTDOWN, true, false, true, false, size),
+            GONE
+        );
+        assert_eq!(
+            classify_store(libc::EIO, false, false, true, false, size),
+            READ_MEDIA_ERROR
+        );
+    }
 }
