@@ -4,9 +4,9 @@
 //! backends/rbd.py opens the image (its cluster connection, its exclusive lock, its
 //! size watch) and hands the plane the `rbd_image_t`; the plane submits, librbd
 //! completes each operation on a thread of its own, and the completion callback here
-//! (no Python, no GIL) queues (slot, result) and writes the plane's wake eventfd: the
-//! I/O thread wakes as it does for a doorbell and posts the completion itself, so a CQ
-//! still has one writer. librbd is loaded with the first RBD namespace (dlopen of the
+//! (no Python, no GIL) queues (slot, result) and, if the I/O thread sleeps, writes the
+//! plane's wake eventfd: the thread wakes as it does for a doorbell and posts the
+//! completion itself, so a CQ still has one writer. librbd is loaded with the first RBD namespace (dlopen of the
 //! soname Debian's librbd1 ships, as the Python side does): the crate works without it.
 
 use std::ffi::c_void;
