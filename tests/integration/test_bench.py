@@ -239,3 +239,48 @@ def test_batched_submission_with_shadow_doorbells(tmp_path: Path) -> None:
 )
 def test_need_event_is_linux_rule(event_idx: int, new: int, old: int, ring: bool) -> None:
     assert need_event(event_idx, new, old) is ring
+
+
+def test_rbd_bench_parts_the_cpus_of_the_cluster_and_the_rest(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--cluster-cpus and --bench-cpus: the cluster's daemons start on the first set and
+    inherit it, fio, the device and its guest run on the second; the bench's own CPUs are
+    back afterwards. A CPU list that is not one is refused before any cluster starts."""
+    module = _bench_rbd()
+    seen: dict[str, set[int]] = {}
+
+    class Cluster:
+        @staticmethod
+        def missing() -> list[str]:
+            return []
+
+        def __init__(self, root: Path) -> None:
+            self.root = root
+
+        def __enter__(self) -> Cluster:
+            seen["cluster"] = os.sched_getaffinity(0)
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    def bench_on(cluster: Cluster, argv: list[str]) -> int:
+        seen["bench"] = os.sched_getaffinity(0)
+        return 0
+
+    monkeypatch.setattr(module, "CephCluster", Cluster)
+    monkeypatch.setattr(module, "bench_on", bench_on)
+    before = os.sched_getaffinity(0)
+    first, last = min(before), max(before)
+    argv = ["--cluster-dir", str(tmp_path), "--cluster-cpus", str(last)]
+    assert module.main([*argv, "--bench-cpus", str(first), "--quick"]) == 0
+    assert seen == {"cluster": {last}, "bench": {first}}
+    assert os.sched_getaffinity(0) == before
+    assert module.main(["--cluster-dir", str(tmp_path)]) == 0  # by default: every CPU
+    assert seen == {"cluster": before, "bench": before}
+    seen.clear()
+    assert module.main([*argv, "--bench-cpus", "one"]) == 2
+    assert seen == {}
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == "bench-rbd: error: 'one': expected CPUs like 3, 2,5 or 0-3"
