@@ -875,21 +875,34 @@ impl State {
             let ctx = slot.ctx;
             let c = self.finish(sh, index);
             self.engine.release(index);
-            if let Some(cq) = self
-                .sqs
-                .get(u32::from(ctx.sqid))
-                .and_then(|sq| self.cqs.get_mut(u32::from(sq.cqid)))
-            {
-                cq.reserved -= 1;
-            }
-            if post {
-                if let Err(e) = self.complete(sh, ctx.sqid, &ctx.sqe, c, ctx.seen) {
-                    unreachable = Some(e); // the CQ's memory: fatal, once all are released
-                }
+            if let Err(e) = self.retire(sh, &ctx, c, post) {
+                unreachable = Some(e); // the CQ's memory: fatal, once all are released
             }
         }
         self.reaped = reaped;
         unreachable.map_or(Ok(()), Err)
+    }
+
+    /// A command whose transfer the engine or librbd ended: its CQ slot is no longer
+    /// held for it, and (`post`) its completion is written.
+    fn retire(
+        &mut self,
+        sh: &Shared,
+        ctx: &Inflight,
+        c: Completion,
+        post: bool,
+    ) -> Result<(), DmaError> {
+        if let Some(cq) = self
+            .sqs
+            .get(u32::from(ctx.sqid))
+            .and_then(|sq| self.cqs.get_mut(u32::from(sq.cqid)))
+        {
+            cq.reserved -= 1;
+        }
+        if post {
+            self.complete(sh, ctx.sqid, &ctx.sqe, c, ctx.seen)?;
+        }
+        Ok(())
     }
 
     /// Complete the commands whose librbd operations ended; a write with FUA whose
@@ -907,17 +920,8 @@ impl State {
                 None => continue, // its flush is in flight now
             };
             self.rbd.release(index);
-            if let Some(cq) = self
-                .sqs
-                .get(u32::from(ctx.sqid))
-                .and_then(|sq| self.cqs.get_mut(u32::from(sq.cqid)))
-            {
-                cq.reserved -= 1;
-            }
-            if post {
-                if let Err(e) = self.complete(sh, ctx.sqid, &ctx.sqe, c, ctx.seen) {
-                    unreachable = Some(e);
-                }
+            if let Err(e) = self.retire(sh, &ctx, c, post) {
+                unreachable = Some(e);
             }
         }
         self.reaped = reaped;
@@ -963,32 +967,12 @@ impl State {
         };
         let writing = op != Op::Read;
         if let Some(e) = failure {
-            let error = match self.namespaces.get(nsid) {
-                Some(ns) => host_error(sh, ns, e, writing, offset),
-                None => CmdError::new(
-                    if writing {
-                        status::WRITE_FAULT
-                    } else {
-                        status::UNRECOVERED_READ_ERROR
-                    },
-                    "storage error",
-                ),
-            };
-            return Some(failed(&error));
+            return Some(self.storage_failure(sh, nsid, e, writing, offset));
         }
         if fua && !flushing {
             return match self.rbd.follow_with_flush(index) {
                 Ok(()) => None,
-                Err(errno) => {
-                    let e = IoFailure {
-                        errno,
-                        past_end: false,
-                    };
-                    Some(match self.namespaces.get(nsid) {
-                        Some(ns) => failed(&host_error(sh, ns, e, true, offset)),
-                        None => failed(&CmdError::new(status::WRITE_FAULT, "storage error")),
-                    })
-                }
+                Err(errno) => Some(self.storage_failure(sh, nsid, refused(errno), true, offset)),
             };
         }
         match op {
@@ -1029,18 +1013,32 @@ impl State {
                 count_transfer(sh, write, length);
                 Completion::SUCCESS
             }
-            Err(e) => match self.namespaces.get(nsid) {
-                Some(ns) => failed(&host_error(sh, ns, e, write, offset)),
-                None => {
-                    let st = if write {
-                        status::WRITE_FAULT
-                    } else {
-                        status::UNRECOVERED_READ_ERROR
-                    };
-                    failed(&CmdError::new(st, "storage error"))
-                }
-            },
+            Err(e) => self.storage_failure(sh, nsid, e, write, offset),
         }
+    }
+
+    /// The completion of a command whose storage access failed: the namespace's error
+    /// table, or (the namespace went meanwhile) a plain read or write error.
+    fn storage_failure(
+        &self,
+        sh: &Shared,
+        nsid: u32,
+        e: IoFailure,
+        writing: bool,
+        offset: u64,
+    ) -> Completion {
+        let error = match self.namespaces.get(nsid) {
+            Some(ns) => host_error(sh, ns, e, writing, offset),
+            None => {
+                let st = if writing {
+                    status::WRITE_FAULT
+                } else {
+                    status::UNRECOVERED_READ_ERROR
+                };
+                CmdError::new(st, "storage error")
+            }
+        };
+        failed(&error)
     }
 
     /// Wait for every transfer in flight and complete its command.

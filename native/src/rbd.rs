@@ -326,20 +326,20 @@ impl RbdEngine {
         // names stay mapped while anything is in flight (a DMA_UNMAP drains first).
         let rc = unsafe {
             match op {
-                Op::Read => (api.readv)(
-                    image,
-                    slot.iov.as_ptr(),
-                    slot.iov.len() as i32,
-                    slot.offset,
-                    completion,
-                ),
-                Op::Write => (api.writev)(
-                    image,
-                    slot.iov.as_ptr(),
-                    slot.iov.len() as i32,
-                    slot.offset,
-                    completion,
-                ),
+                Op::Read | Op::Write => {
+                    let vectored = if op == Op::Read {
+                        api.readv
+                    } else {
+                        api.writev
+                    };
+                    vectored(
+                        image,
+                        slot.iov.as_ptr(),
+                        slot.iov.len() as i32,
+                        slot.offset,
+                        completion,
+                    )
+                }
                 Op::WriteZeroes => {
                     (api.write_zeroes)(image, slot.offset, slot.length as usize, completion, 0, 0)
                 }
