@@ -153,6 +153,9 @@ pub struct State {
     active: Vec<u16>,
     shadow_pages: Option<(u64, u64)>,
     page: Option<DoorbellPage>,
+    /// queues are being restored from a predecessor process: their doorbells hold the
+    /// guest's latest values, which attaching must not overwrite
+    pub keep_doorbells: bool,
     admin_words: (u32, u32),
     aborts: HashSet<(u16, u16)>,
     /// by NSID, 1..=max_namespaces
@@ -261,6 +264,7 @@ impl Shared {
             active: Vec::new(),
             shadow_pages: None,
             page,
+            keep_doorbells: false,
             admin_words: (0, 0),
             aborts: HashSet::new(),
             namespaces: IdTable::new(config_namespaces + 1),
@@ -531,7 +535,9 @@ impl State {
     ) -> Result<Doorbell, DmaError> {
         let index = 2 * usize::from(qid) + usize::from(is_cq);
         if let Some(page) = self.page {
-            page.store(index, 0); // a new queue's doorbell starts at 0, whatever was there
+            if !self.keep_doorbells {
+                page.store(index, 0); // a new queue's doorbell starts at 0, whatever was there
+            }
             return Ok(Doorbell::Mapped { index });
         }
         let Some((shadow_page, eventidx_page)) = self.shadow_pages else {
@@ -543,6 +549,9 @@ impl State {
         // Python checks both slots exist (ShadowDoorbell builds views of them).
         self.memory.view(shadow, 4, true, fb)?;
         self.memory.view(eventidx, 4, true, fb)?;
+        if self.keep_doorbells {
+            return Ok(Doorbell::Shadow { shadow, eventidx });
+        }
         self.memory.store_u32(shadow, index_now, fb)?;
         let event = if is_cq && sh.routes.enabled() {
             // With MSI-X the guest's CQ head matters only when a CQ is full, and then we
@@ -670,6 +679,56 @@ impl State {
         self.cqs
             .values()
             .any(|cq| cq.interrupts_enabled && cq.head != cq.tail)
+    }
+
+    /// (qid, is_cq, head, tail, phase) of every queue, for a successor process to go on
+    /// from: an SQ's tail includes a trapped doorbell value the thread has not taken.
+    pub fn positions(&self, sh: &Shared) -> Vec<(u16, bool, u32, u32, u32)> {
+        let mut out: Vec<(u16, bool, u32, u32, u32)> = self
+            .sqs
+            .values()
+            .map(|q| {
+                let trapped = sh.trapped[2 * usize::from(q.qid)].load(Ordering::SeqCst);
+                let tail = if trapped == 0 { q.tail } else { trapped - 1 };
+                (q.qid, false, q.head, tail, 0)
+            })
+            .collect();
+        out.extend(
+            self.cqs
+                .values()
+                .map(|q| (q.qid, true, q.head, q.tail, q.phase)),
+        );
+        out.sort();
+        out
+    }
+
+    /// Put a restored queue where its predecessor left it; false if there is no such
+    /// queue or a position is out of range.
+    pub fn restore_position(
+        &mut self,
+        qid: u16,
+        is_cq: bool,
+        head: u32,
+        tail: u32,
+        phase: u32,
+    ) -> bool {
+        if is_cq {
+            match self.cqs.get_mut(u32::from(qid)) {
+                Some(cq) if head < cq.size && tail < cq.size && phase <= 1 => {
+                    (cq.head, cq.tail, cq.phase) = (head, tail, phase);
+                    true
+                }
+                _ => false,
+            }
+        } else {
+            match self.sqs.get_mut(u32::from(qid)) {
+                Some(sq) if head < sq.size && tail < sq.size => {
+                    (sq.head, sq.tail) = (head, tail);
+                    true
+                }
+                _ => false,
+            }
+        }
     }
 
     pub fn queues(&self) -> Vec<(u16, bool, u32, u32, u32)> {

@@ -449,6 +449,31 @@ impl PyPlane {
         py.detach(|| self.shared.lock().suppress_notifications(&self.shared));
     }
 
+    /// (qid, is_cq, head, tail, phase) of every queue (State::positions).
+    fn positions(&self, py: Python<'_>) -> Vec<(u16, bool, u32, u32, u32)> {
+        py.detach(|| self.shared.lock().positions(&self.shared))
+    }
+
+    fn restore_position(
+        &self,
+        py: Python<'_>,
+        qid: u16,
+        is_cq: bool,
+        head: u32,
+        tail: u32,
+        phase: u32,
+    ) -> bool {
+        py.detach(|| {
+            self.shared
+                .lock()
+                .restore_position(qid, is_cq, head, tail, phase)
+        })
+    }
+
+    fn keep_doorbells(&self, py: Python<'_>, on: bool) {
+        py.detach(|| self.shared.lock().keep_doorbells = on);
+    }
+
     /// (qid, is_cq, size, head, tail) of every queue.
     fn queues(&self, py: Python<'_>) -> Vec<(u16, bool, u32, u32, u32)> {
         py.detach(|| self.shared.lock().queues())

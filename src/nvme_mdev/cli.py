@@ -30,6 +30,9 @@ from .config import (
 from .control import ControlError, ControlServer, call, default_control_path
 from .dataplane import DATA_PLANES
 from .engine.poller import DEFAULT_POLL_TIMEOUT
+from .handover import upgrade as handover
+from .handover.document import HandoverError
+from .handover.upgrade import Served
 from .metrics import MetricsServer
 from .nvme.identity import ControllerConfig
 
@@ -241,6 +244,29 @@ def add_daemon_parsers(commands: Any) -> None:
         "--log-level", default="info", choices=("debug", "info", "warning", "error")
     )
 
+    upgrade = commands.add_parser(
+        "upgrade",
+        help="hand every controller to a new process (of the installed nvme-mdev), VMs running",
+        description=(
+            "Start a new nvme-mdev process (the version installed now) that takes over every "
+            "controller of the daemon (or serve) while its VMs run: the guests see a pause, "
+            "no reset and no I/O error. If the new process cannot take over, the old one "
+            "keeps serving and this prints why. SIGHUP to the daemon does the same."
+        ),
+    )
+    add_client_arguments(upgrade)
+    upgrade.add_argument(
+        "--successor",
+        metavar="PROGRAM",
+        help="the nvme-mdev program of another installation to hand over to (default: the "
+        "daemon's own Python and the nvme-mdev installed there now)",
+    )
+    takeover = commands.add_parser("takeover")  # (the new process of an upgrade)
+    takeover.add_argument("--fd", type=int, required=True)
+    takeover.add_argument(
+        "--log-level", default="info", choices=("debug", "info", "warning", "error")
+    )
+
     controller = commands.add_parser(
         "controller", help="create, delete or list a daemon's controllers"
     )
@@ -385,7 +411,7 @@ def serve(args: argparse.Namespace) -> int:
     except ConfigError:
         daemon.stop()
         raise
-    return _run_until_signal(daemon, control, metrics, stop)
+    return _run_until_signal(Served(daemon, control, metrics), stop)
 
 
 def run_daemon(args: argparse.Namespace) -> int:
@@ -414,7 +440,24 @@ def run_daemon(args: argparse.Namespace) -> int:
         len(declared),
         f" from {args.config}" if args.config else "",
     )
-    return _run_until_signal(daemon, control, metrics, stop)
+    return _run_until_signal(Served(daemon, control, metrics), stop)
+
+
+def take_over(args: argparse.Namespace) -> int:
+    """The new process of an upgrade (handover/upgrade.py)."""
+    stop = _stop_on_signals()
+    return handover.take_over(args.fd, lambda served: _run_until_signal(served, stop))
+
+
+def upgrade(args: argparse.Namespace) -> int:
+    params = {"executable": os.path.abspath(args.successor)} if args.successor else {}
+    result = call(args.control, "upgrade", params, timeout=handover.START_TIMEOUT * 3)
+    _print(
+        args,
+        result,
+        f"upgraded: pid {result['pid']} serves now (guests paused {result['paused_ms']:.1f} ms)",
+    )
+    return 0
 
 
 def _control_plane(
@@ -458,16 +501,52 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
-def _run_until_signal(
-    daemon: Daemon, control: ControlServer, metrics: MetricsServer | None, stop: threading.Event
-) -> int:
-    """Serve until SIGINT or SIGTERM, then finish in-flight commands, flush, exit 0."""
+def _run_until_signal(served: Served, stop: threading.Event) -> int:
+    """Serve until SIGINT or SIGTERM, then finish in-flight commands, flush, exit 0.
+    SIGHUP, or the control method 'upgrade', hands everything to a new process."""
+    daemon, control, metrics = served.daemon, served.control, served.metrics
+    hangup = threading.Event()
+
+    def on_hangup(signum: int, frame: object) -> None:
+        hangup.set()
+        stop.set()
+
+    signal.signal(signal.SIGHUP, on_hangup)
+
+    def upgrade_method(params: dict[str, Any]) -> Any:
+        executable = params.get("executable")
+        if executable is not None and not (
+            isinstance(executable, str)
+            and os.path.isabs(executable)
+            and os.access(executable, os.X_OK)
+        ):
+            raise ControlError(f"executable {executable!r}: not an absolute path to a program")
+        try:
+            handed = handover.upgrade(served, _successor_command(executable))
+        except HandoverError as exc:
+            log.error("upgrade refused: %s", exc)
+            raise ControlError(f"upgrade failed, still serving: {exc}") from None
+        control.exit_after_reply(handover.exit_now)
+        return {"pid": handed.pid, "paused_ms": round(handed.paused_ms, 1)}
+
+    control.methods["upgrade"] = upgrade_method
     control.start()
     if metrics is not None:
         metrics.start()
-    _sd_notify("READY=1")
-    while not stop.wait(1.0):
-        pass
+    _sd_notify(f"MAINPID={os.getpid()}\nREADY=1")
+    while True:
+        stop.wait()
+        if not hangup.is_set():
+            break
+        hangup.clear()
+        stop.clear()
+        try:
+            handover.upgrade(served, _successor_command())
+        except HandoverError as exc:
+            log.error("SIGHUP: upgrade refused, still serving: %s", exc)
+            continue
+        handover.exit_now()
+        return 0  # (not reached)
     _sd_notify("STOPPING=1")
     log.info("stopping: finishing in-flight commands and flushing")
     if metrics is not None:
@@ -475,6 +554,16 @@ def _run_until_signal(
     control.stop()
     daemon.stop()
     return 0
+
+
+def _successor_command(executable: str | None = None) -> list[str]:
+    """The new process: this Python's nvme_mdev (the version installed now), or the
+    `nvme-mdev` program of another installation."""
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
+    if level not in ("debug", "info", "warning", "error"):
+        level = "info"
+    program = [executable] if executable else [sys.executable, "-m", "nvme_mdev.cli"]
+    return [*program, "takeover", "--log-level", level, "--fd"]
 
 
 def _sd_notify(state: str) -> None:
@@ -726,6 +815,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return set_iothread(args)
         if args.command == "daemon":
             return run_daemon(args)
+        if args.command == "takeover":
+            return take_over(args)
+        if args.command == "upgrade":
+            return upgrade(args)
         if args.command == "list":
             return list_controllers(args)
         if args.command == "controller":

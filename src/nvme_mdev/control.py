@@ -76,17 +76,29 @@ class ControlServer:
         *,
         max_connections: int = MAX_CONNECTIONS,
         request_timeout: float = REQUEST_TIMEOUT,
+        listener: socket.socket | None = None,
     ) -> None:
+        """`listener`: the socket a predecessor process listened on (upgrade in place)."""
         self.path = path
         self.methods = methods
         self.max_connections = max_connections
         self.request_timeout = request_timeout
         # SocketInUse if it is taken; the backlog lets a burst of CLI calls queue.
-        self._listener = listen_unix(path, backlog=MAX_CONNECTIONS)
+        self._listener = listener or listen_unix(path, backlog=MAX_CONNECTIONS)
+        #: (thread, action): run once that thread's connection has sent its reply
+        self._after_reply: tuple[int, Callable[[], None]] | None = None
         self._running = False
         self._thread = threading.Thread(target=self._accept_loop, name="control", daemon=True)
         self._connections = 0
         self._connections_lock = threading.Lock()
+
+    @property
+    def listener(self) -> socket.socket:
+        return self._listener
+
+    def exit_after_reply(self, action: Callable[[], None]) -> None:
+        """Called by a method: run `action` once its reply has been sent."""
+        self._after_reply = (threading.get_ident(), action)
 
     def start(self) -> None:
         self._running = True
@@ -163,6 +175,9 @@ class ControlServer:
                 reply = self._handle_guarded(line)
             if reply is not None and not self._send(conn, reply):
                 return
+            after = self._after_reply
+            if after is not None and after[0] == threading.get_ident():
+                after[1]()
 
     def _send(self, conn: socket.socket, reply: bytes) -> bool:
         """The reply sent; False if the client is gone or does not take it in time."""

@@ -32,7 +32,7 @@ import queue
 import re
 import threading
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -296,7 +296,14 @@ class Daemon:
 
     # --- controllers -----------------------------------------------------------
 
-    def create_controller(self, settings: ControllerSettings) -> dict[str, Any]:
+    def create_controller(
+        self,
+        settings: ControllerSettings,
+        predecessor: tuple[dict[str, Any], Sequence[int]] | None = None,
+    ) -> dict[str, Any]:
+        """`predecessor`: the controller's state from a predecessor process and the fds
+        that came with it (upgrade in place): it goes on from there, and is started by
+        start_restored() once the predecessor has let go."""
         from .vfio_user.server import SocketInUse
 
         name = settings.name
@@ -325,6 +332,7 @@ class Daemon:
                     mmap_doorbells=settings.mmap_doorbells,
                     io_engine=settings.io_engine,
                     data_plane=settings.data_plane,
+                    predecessor=predecessor,
                 )
             except (ConfigError, SocketInUse) as exc:
                 for ns in namespaces:
@@ -344,7 +352,8 @@ class Daemon:
                     raise ConfigError(
                         f"controller {name}: iothread_cpu {cpus}: {exc.strerror or exc}"
                     ) from exc
-            device.start()
+            if predecessor is None:
+                device.start()
             self.controllers[name] = managed
             for nsid, ns in zip(nsids, namespaces, strict=True):
                 self._watch(name, nsid, ns.backend)
@@ -387,6 +396,78 @@ class Daemon:
             self._dispose(managed)
             log.info("controller %s deleted", name)
             return description
+
+    # --- upgrade in place ------------------------------------------------------------
+
+    @property
+    def lock(self) -> threading.RLock:
+        """Held: no control request changes anything (an upgrade holds it)."""
+        return self._lock
+
+    def handover_refusal(self) -> str | None:
+        """Why this daemon's controllers cannot be handed over now, if they cannot."""
+        for name, managed in self.controllers.items():
+            for nsid, attached in managed.namespaces.items():
+                if attached.spec.is_rbd:
+                    return (
+                        f"controller {name} nsid {nsid}: RBD namespaces cannot be handed "
+                        "over yet (remove it first, or restart)"
+                    )
+        return None
+
+    def handover_state(self, fds: list[int]) -> list[dict[str, Any]]:
+        """Every controller (each held: VirtualController.held()), as a successor
+        recreates it: its settings with the namespaces attached now, and its state."""
+        out = []
+        for managed in self.controllers.values():
+            s = managed.settings
+            device = managed.device
+            cpus = device.data.cpus
+            out.append(
+                {
+                    "name": s.name,
+                    "socket": s.socket,
+                    "config": dataclasses.asdict(s.config),
+                    "poll_timeout_ms": round(device.data.poll_timeout * 1000),
+                    "iothread_cpu": sorted(cpus) if cpus is not None else None,
+                    "mmap_doorbells": s.mmap_doorbells,
+                    "io_engine": s.io_engine,
+                    "data_plane": s.data_plane,
+                    "namespaces": [
+                        {"nsid": nsid, "spec": dataclasses.asdict(a.spec)}
+                        for nsid, a in managed.namespaces.items()
+                    ],
+                    "device": device.handover_state(fds),
+                }
+            )
+        return out
+
+    def restore_controllers(self, controllers: list[dict[str, Any]], fds: Sequence[int]) -> None:
+        """Recreate a predecessor's controllers (handover_state), not yet started."""
+        for c in controllers:
+            settings = ControllerSettings(
+                name=c["name"],
+                socket=c["socket"],
+                config=ControllerConfig(**c["config"]),
+                poll_timeout_ms=int(c["poll_timeout_ms"]),
+                iothread_cpu=frozenset(c["iothread_cpu"]) if c["iothread_cpu"] else None,
+                mmap_doorbells=bool(c["mmap_doorbells"]),
+                namespaces=tuple(
+                    NamespaceRequest(NamespaceSpec(**ns["spec"]), ns["nsid"])
+                    for ns in c["namespaces"]
+                ),
+                io_engine=c["io_engine"],
+                data_plane=c["data_plane"],
+            )
+            self.create_controller(settings, predecessor=(c["device"], fds))
+
+    def start_restored(self) -> None:
+        """Start what restore_controllers() made: the predecessor has let go."""
+        for managed in self.controllers.values():
+            managed.device.start()
+            managed.device.signal_unconsumed()
+            managed.device.controller.admin_doorbell.set()  # admin commands rung meanwhile
+            managed.device.data.wake()
 
     def _dispose(self, managed: ManagedController) -> None:
         """Stop the device (flushing and closing every backend), then let go of the

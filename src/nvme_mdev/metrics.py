@@ -137,6 +137,20 @@ class MetricsServer:
             target=self._httpd.serve_forever, name="metrics", daemon=True
         )
 
+    @classmethod
+    def from_listener(cls, listener: socket.socket, snapshots: Snapshots) -> MetricsServer:
+        """Serve on the socket a predecessor process listened on (upgrade in place)."""
+        host, _port = listener.getsockname()[:2]
+        server = cls(f"[{host}]:0" if ":" in host else f"{host}:0", snapshots)
+        server._httpd.socket.close()
+        server._httpd.socket = listener
+        server._httpd.server_address = listener.getsockname()
+        return server
+
+    @property
+    def listener(self) -> socket.socket:
+        return self._httpd.socket
+
     @property
     def port(self) -> int:
         return int(self._httpd.server_address[1])

@@ -37,6 +37,7 @@ from .backends.base import Backend
 from .backends.file import BackendError, FileBackend
 from .backends.passthrough import PassthroughBackend, block_name_for, ng_name_for
 from .config import ConfigError, NamespaceSpec, make_namespace, window
+from .handover import descriptors
 from .nvme.namespace import Namespace
 
 log = logging.getLogger(__name__)
@@ -286,13 +287,15 @@ class WriterLock:
     WRITER_LANE = 1 << 62
     _FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux/LP64: type, whence, start, len, pid
 
-    def __init__(self, path: str, label: str, start: int, end: int) -> None:
-        self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)  # a write lock needs a writer
+    def __init__(self, path: str, label: str, start: int, end: int, owner: str = "") -> None:
+        # A write lock needs a writer. Keyed by its namespace (`owner`): a successor
+        # process takes over this very description, and with it the lock.
+        self._fd = descriptors.open_fd(path, os.O_RDWR | os.O_CLOEXEC, f"writer {owner}")
         self._label = label
         try:
             self.set(start, end)
         except BaseException:
-            os.close(self._fd)
+            descriptors.close_fd(self._fd)
             raise
 
     def set(self, start: int, end: int) -> None:
@@ -317,7 +320,7 @@ class WriterLock:
         fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, flock)
 
     def close(self) -> None:
-        os.close(self._fd)  # the lock goes with its open file description
+        descriptors.close_fd(self._fd)  # the lock goes with its open file description
 
 
 @dataclass
@@ -441,7 +444,7 @@ class HostStorage:
                 )
             lock = None
             if device is None and writable:
-                lock = WriterLock(path, label, extent.start, extent.end)
+                lock = WriterLock(path, label, extent.start, extent.end, owner)
             hold = None
             if device is not None:
                 if spec.force:
@@ -627,7 +630,7 @@ class HostStorage:
                 self._holds[key].count += 1
                 return key
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+            fd = descriptors.open_fd(path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
         except OSError as exc:
             if exc.errno != errno.EBUSY:
                 raise ConfigError(f"{label}: {exc.strerror}") from exc
@@ -674,5 +677,5 @@ class HostStorage:
             claim = self._holds[hold]
             claim.count -= 1
             if claim.count == 0:
-                os.close(claim.fd)
+                descriptors.close_fd(claim.fd)
                 del self._holds[hold]

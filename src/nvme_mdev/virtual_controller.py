@@ -9,7 +9,8 @@ import fcntl
 import logging
 import mmap
 import os
-from collections.abc import Iterator
+import socket
+from collections.abc import Iterator, Sequence
 from typing import Any, Final
 
 from .backends.io_engine import make_io_engine
@@ -24,7 +25,7 @@ from .nvme.spec import DOORBELL_BASE, PAGE_SIZE
 from .pci.function import NvmePciFunction
 from .vfio_user.device import MmapArea
 from .vfio_user.memory import DmaMemory
-from .vfio_user.server import VfioUserServer
+from .vfio_user.server import Session, VfioUserServer
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +51,25 @@ class VirtualController:
         mmap_doorbells: bool = False,
         io_engine: str = "auto",
         data_plane: str = DATA_PLANES[0],
+        predecessor: tuple[dict[str, Any], Sequence[int]] | None = None,
     ) -> None:
         """`io_engine`: auto, sync or uring (backends/io_engine.py); ConfigError if uring
         is asked for and the kernel refuses it. `data_plane`: native or python
-        (dataplane/)."""
+        (dataplane/). `predecessor`: the state a predecessor process handed over
+        (handover_state) and the fds that came with it: this controller goes on where
+        that one stopped, on its sockets and the guest's memory."""
         config = config or ControllerConfig()
         try:
             engine = self.engine = make_io_engine(io_engine)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"--io-engine {io_engine}: {exc}") from exc
         self.memory = DmaMemory()
+        state, fds = predecessor if predecessor is not None else ({}, ())
+        if predecessor is not None:
+            self.memory.max_regions = state["memory"]["max_regions"]
+            for r in state["memory"]["regions"]:
+                fd = fds[r["fd"]] if r["fd"] is not None else None
+                self.memory.map(r["iova"], r["size"], r["readable"], r["writable"], fd, r["offset"])
         self._bar0_fd: int | None = None
         self._bar0_map: mmap.mmap | None = None
         doorbell_words: memoryview | None = None
@@ -67,15 +77,20 @@ class VirtualController:
         if mmap_doorbells:
             # The doorbell page is ordinary shared memory: the client maps it into the
             # guest, doorbell writes land there without a trap, the I/O thread polls it.
-            self._bar0_fd = os.memfd_create("nvme-mdev-bar0", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-            os.ftruncate(self._bar0_fd, BAR0_SIZE)
-            # The client gets this fd: sealed, it cannot shrink it under our mapping
-            # (the next doorbell poll would raise SIGBUS).
-            fcntl.fcntl(
-                self._bar0_fd,
-                fcntl.F_ADD_SEALS,
-                fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL,
-            )
+            if state.get("bar0_memfd") is not None:
+                self._bar0_fd = fds[state["bar0_memfd"]]  # the guest's doorbells are in it
+            else:
+                self._bar0_fd = os.memfd_create(
+                    "nvme-mdev-bar0", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+                )
+                os.ftruncate(self._bar0_fd, BAR0_SIZE)
+                # The client gets this fd: sealed, it cannot shrink it under our mapping
+                # (the next doorbell poll would raise SIGBUS).
+                fcntl.fcntl(
+                    self._bar0_fd,
+                    fcntl.F_ADD_SEALS,
+                    fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL,
+                )
             self._bar0_map = mmap.mmap(self._bar0_fd, BAR0_SIZE)
             with memoryview(self._bar0_map) as bar0:
                 doorbell_words = words32(bar0[DOORBELL_BASE : DOORBELL_BASE + PAGE_SIZE])
@@ -110,7 +125,73 @@ class VirtualController:
         self.memory.add_listener(self.data.memory_changed)
         self.memory.on_lost(self._guest_memory_lost)
         self.admin_worker = AdminWorker(self.controller)
-        self.server = VfioUserServer(socket_path, self.function, self.memory)
+        if predecessor is None:
+            self.server = VfioUserServer(socket_path, self.function, self.memory)
+            return
+        served = state["server"]
+        self.server = VfioUserServer(
+            socket_path,
+            self.function,
+            self.memory,
+            listener=socket.socket(fileno=fds[served["listener"]]),
+            session=Session.resume(served["session"], fds) if served["session"] else None,
+            clients=[socket.socket(fileno=fds[i]) for i in served["clients"]],
+        )
+        self.function.restore(state["pci"], fds)
+        self.controller.restore(state["controller"])
+
+    # --- upgrade in place ----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Stopped for a handover: the transport between two messages (the one it was
+        handling answered), no admin command running, no I/O command in flight (those
+        fetched completed and posted). Leaving it goes on as before."""
+        with self.server.held(), self.controller.lock, self.data.paused():
+            yield
+
+    def handover_state(self, fds: list[int]) -> dict[str, Any]:
+        """Everything a successor needs (held()), the fds it needs appended to `fds`."""
+        regions = []
+        for r in self.memory.regions:
+            index = None
+            if r.fd is not None:
+                index = len(fds)
+                fds.append(r.fd)
+            regions.append(
+                {
+                    "iova": r.iova,
+                    "size": r.size,
+                    "readable": r.readable,
+                    "writable": r.writable,
+                    "fd": index,
+                    "offset": r.offset,
+                }
+            )
+        bar0 = None
+        if self._bar0_fd is not None:
+            bar0 = len(fds)
+            fds.append(self._bar0_fd)
+        return {
+            "memory": {"max_regions": self.memory.max_regions, "regions": regions},
+            "bar0_memfd": bar0,
+            "server": self.server.handover_state(fds),
+            "pci": self.function.handover_state(fds),
+            "controller": self.controller.handover_state(),
+        }
+
+    def signal_unconsumed(self) -> None:
+        """Interrupt every vector with completions the host has not consumed: those a
+        predecessor posted may not have been signalled yet (coalescing), and one more
+        interrupt than needed is harmless."""
+        with self.controller.lock:
+            vectors = {q.vector for q in self.controller.io_queues.cqs() if q.interrupts_enabled}
+            vectors.add(0)
+        if self.function.msix_enabled():
+            for vector in sorted(vectors):
+                self.function.signal(vector)
+        else:
+            self.controller.signal_admin()  # INTx: the level is recomputed
 
     def _guest_memory_lost(self) -> None:
         """The client truncated memory it had mapped (it reads as zeroes now): this

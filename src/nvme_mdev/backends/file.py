@@ -11,6 +11,7 @@ import stat
 import struct
 from collections.abc import Sequence
 
+from ..handover import descriptors
 from .base import IoTarget
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -76,7 +77,7 @@ class FileBackend:
         if self.is_block_device and exclusive:
             flags |= os.O_EXCL  # refuse a device that is mounted or held by someone else
         try:
-            self.fd = os.open(path, flags)
+            self.fd = descriptors.open_fd(path, flags)
         except OSError as exc:
             hint = " (mounted or in use?)" if exc.errno == errno.EBUSY else ""
             raise BackendError(f"{path}: {exc.strerror}{hint}") from exc
@@ -91,10 +92,10 @@ class FileBackend:
         if direct or (direct is None and self.is_block_device):
             try:
                 # Not O_EXCL: the claim (ours, or the daemon's) is the descriptor above.
-                self.direct_fd = os.open(path, (flags & ~os.O_EXCL) | os.O_DIRECT)
+                self.direct_fd = descriptors.open_fd(path, (flags & ~os.O_EXCL) | os.O_DIRECT)
             except OSError as exc:
                 if direct:
-                    os.close(self.fd)
+                    descriptors.close_fd(self.fd)
                     raise BackendError(
                         f"{path}: O_DIRECT: {exc.strerror} (use direct=off)"
                     ) from exc
@@ -208,10 +209,10 @@ class FileBackend:
 
     def close(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)
+            descriptors.close_fd(self.fd)
             self.fd = -1
         if self.direct_fd >= 0:
-            os.close(self.direct_fd)
+            descriptors.close_fd(self.direct_fd)
             self.direct_fd = -1
 
 

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from ..handover import descriptors
 from ..nvme.spec import AdminOpcode, IoOpcode
 from .base import IoTarget
 from .file import BackendError
@@ -144,7 +145,7 @@ class PassthroughBackend:
             )
         flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
         try:
-            self.fd = os.open(path, flags)
+            self.fd = descriptors.open_fd(path, flags)
         except OSError as exc:
             raise BackendError(f"{path}: {exc.strerror}") from exc
         try:
@@ -167,7 +168,7 @@ class PassthroughBackend:
             self.size = nsze * lba_size
             self.max_transfer, self.max_segments = _queue_limits(Path(path).name, sysfs)
         except BaseException:
-            os.close(self.fd)
+            descriptors.close_fd(self.fd)
             raise
 
     # --- the host's namespace ----------------------------------------------------
@@ -255,7 +256,7 @@ class PassthroughBackend:
 
     def close(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)
+            descriptors.close_fd(self.fd)
             self.fd = -1
 
 

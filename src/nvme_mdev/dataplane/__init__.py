@@ -74,6 +74,18 @@ class QueueState:
     tail: int
 
 
+@dataclass(frozen=True)
+class QueuePosition:
+    """Where a queue stands, for a successor process to go on from (upgrade in place).
+    An SQ's tail is the last one the guest gave (rung or in its doorbell); phase: a CQ's."""
+
+    qid: int
+    is_cq: bool
+    head: int
+    tail: int
+    phase: int = 0
+
+
 class DataPlane(Protocol):
     """One controller's I/O queues, their thread, and what they need to run."""
 
@@ -142,6 +154,21 @@ class DataPlane(Protocol):
         ...
 
     def delete_cq(self, qid: int) -> None: ...
+
+    def positions(self) -> list[QueuePosition]:
+        """Every queue's position (paused, for a successor process)."""
+        ...
+
+    def restore(
+        self,
+        create: Callable[[], None],
+        positions: list[QueuePosition],
+    ) -> None:
+        """Recreate a predecessor's queues: `create()` makes them (create_cq, create_sq,
+        set_doorbell_buffers) without touching their doorbells, which hold the guest's
+        latest values; then each goes to its position. ValueError for a position that
+        fits no queue. Before start()."""
+        ...
 
     def set_doorbell_buffers(self, shadow_page: int, eventidx_page: int) -> None:
         """Shadow doorbells and EventIdx for every queue, present and future."""

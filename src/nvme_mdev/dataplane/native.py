@@ -32,7 +32,7 @@ from ..nvme.interrupts import InterruptSink
 from ..nvme.io import Completed, IoCommandSet, IoCounters
 from ..nvme.namespace import Namespace
 from ..statistics import ControllerStats
-from . import IoSettings, QueueState
+from . import IoSettings, QueuePosition, QueueState
 from .events import CommandFailed, DataPlaneEvent, Fatal, InvalidDoorbell, StorageFailed
 
 
@@ -207,6 +207,20 @@ class NativeDataPlane:
 
     def delete_cq(self, qid: int) -> None:
         self._plane.delete_cq(qid)
+
+    def positions(self) -> list[QueuePosition]:
+        with self.paused():
+            return [QueuePosition(*position) for position in self._plane.positions()]
+
+    def restore(self, create: Callable[[], None], positions: list[QueuePosition]) -> None:
+        self._plane.keep_doorbells(True)
+        try:
+            create()
+        finally:
+            self._plane.keep_doorbells(False)
+        for p in positions:
+            if not self._plane.restore_position(p.qid, p.is_cq, p.head, p.tail, p.phase):
+                raise ValueError(f"no queue for {p}")
 
     def set_doorbell_buffers(self, shadow_page: int, eventidx_page: int) -> None:
         self._plane.set_doorbell_buffers(shadow_page, eventidx_page)

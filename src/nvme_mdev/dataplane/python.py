@@ -33,7 +33,7 @@ from ..nvme.queues import (
 )
 from ..nvme.spec import SQE, SQE_SIZE, IoOpcode, Status, with_dnr
 from ..statistics import ControllerStats
-from . import IoSettings, QueueState
+from . import IoSettings, QueuePosition, QueueState
 from .events import CommandFailed, DataPlaneEvent, Fatal, InvalidDoorbell, StorageFailed
 
 #: I/O commands whose NLB counts data moved between guest and storage (statistics)
@@ -90,6 +90,7 @@ class PythonDataPlane:
         self._active: tuple[SubmissionQueue, ...] = ()
         #: (shadow doorbell page, EventIdx page), once Doorbell Buffer Config set them
         self.shadow_pages: tuple[int, int] | None = None
+        self._keep_doorbells = False  # restoring a predecessor's queues (restore())
         #: (SQID, CID) of queued commands an Abort marked: completed unrun when fetched
         self.aborts: set[tuple[int, int]] = set()
         #: MSI-X vectors held back by interrupt coalescing: [completions, deadline ns]
@@ -184,6 +185,30 @@ class PythonDataPlane:
         with self.paused():
             release_views([self.cqs.pop(qid)])
 
+    def positions(self) -> list[QueuePosition]:
+        with self.paused():
+            return [
+                *(QueuePosition(q, False, sq.head, sq.tail) for q, sq in sorted(self.sqs.items())),
+                *(
+                    QueuePosition(q, True, cq.head, cq.tail, cq.phase)
+                    for q, cq in sorted(self.cqs.items())
+                ),
+            ]
+
+    def restore(self, create: Callable[[], None], positions: list[QueuePosition]) -> None:
+        self._keep_doorbells = True
+        try:
+            create()
+        finally:
+            self._keep_doorbells = False
+        for pos in positions:
+            queue: Queue | None = self.cqs.get(pos.qid) if pos.is_cq else self.sqs.get(pos.qid)
+            if queue is None or not 0 <= pos.head < queue.size or not 0 <= pos.tail < queue.size:
+                raise ValueError(f"no queue for {pos}")
+            queue.head, queue.tail = pos.head, pos.tail
+            if isinstance(queue, CompletionQueue):
+                queue.phase = pos.phase & 1
+
     def set_doorbell_buffers(self, shadow_page: int, eventidx_page: int) -> None:
         with self.paused():
             self.shadow_pages = (shadow_page, eventidx_page)
@@ -200,13 +225,16 @@ class PythonDataPlane:
         index = 2 * queue.qid + (1 if isinstance(queue, CompletionQueue) else 0)
         if self.doorbell_words is not None:
             queue.shadow = MappedDoorbell(self.doorbell_words, 4 * index)
-            queue.shadow.set_value(0)  # a new queue's doorbell starts at 0, whatever was there
+            if not self._keep_doorbells:
+                queue.shadow.set_value(0)  # a new queue's doorbell starts at 0
             return
         if self.shadow_pages is None:
             return
         shadow_page, eventidx_page = self.shadow_pages
         shadow = ShadowDoorbell(self.memory, shadow_page + 4 * index, eventidx_page + 4 * index)
-        if isinstance(queue, SubmissionQueue):
+        if self._keep_doorbells:
+            pass  # (restored: the guest's values stand)
+        elif isinstance(queue, SubmissionQueue):
             shadow.set_value(queue.tail)
             shadow.set_event_index(queue.tail)
         else:

@@ -16,13 +16,16 @@ Lock order (dataplane/__init__.py): `lock`, then the data plane's `paused()`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import fields
+from typing import Any
 
 from ..backends.io_engine import IoEngine, SyncEngine
-from ..dataplane import DataPlane, IoSettings, make_data_plane
+from ..dataplane import DataPlane, IoSettings, QueuePosition, make_data_plane
 from ..dataplane.events import CommandFailed, DataPlaneEvent, Fatal, InvalidDoorbell, StorageFailed
 from ..guest_memory import DmaError, GuestMemory
 from . import registers as regs
@@ -117,6 +120,10 @@ class Controller:
         self.admin_doorbell_traps = 0
         #: admin commands an Abort marked while queued: completed unrun when fetched
         self.admin_aborts: set[int] = set()
+        #: Doorbell Buffer Config's (shadow doorbell page, EventIdx page), once set
+        self.doorbell_buffers: tuple[int, int] | None = None
+        #: SMART counters a predecessor process had counted (upgrade in place)
+        self._carried_counters = IoCounters()
         self._admin_handlers: dict[int, AdminHandler] = {
             AdminOpcode.IDENTIFY: identify.identify,
             AdminOpcode.GET_LOG_PAGE: log_pages.get_log_page,
@@ -269,7 +276,10 @@ class Controller:
     @property
     def counters(self) -> IoCounters:
         """SMART / Health's I/O counters (the data plane counts them)."""
-        return self.data.counters()
+        now, carried = self.data.counters(), self._carried_counters
+        return IoCounters(
+            *(getattr(now, f.name) + getattr(carried, f.name) for f in fields(IoCounters))
+        )
 
     def apply_settings(self) -> None:
         """Tell the data plane what the features now say (after Set Features, reset)."""
@@ -410,11 +420,112 @@ class Controller:
             self.io_queues.clear()
             self.admin_sq = self.admin_cq = None
             self.admin_aborts.clear()
+            self.doorbell_buffers = None
             self.features.reset()
             self.apply_settings()
             self.events.reset()
             self.registers.reset()
             self.interrupts.set_intx(False)
+
+    # --- upgrade in place ------------------------------------------------------------
+
+    def handover_state(self) -> dict[str, Any]:
+        """Everything the host set up and the controller keeps, for a successor process
+        to go on from. The caller holds the lock with the data plane paused."""
+        admin = None
+        if self.admin_sq is not None and self.admin_cq is not None:
+            sq, cq = self.admin_sq, self.admin_cq
+            admin = {"sq": [sq.head, sq.tail], "cq": [cq.head, cq.tail, cq.phase]}
+        r = self.registers
+        return {
+            "registers": {
+                "intms": r.intms,
+                "cc": r.cc,
+                "csts": r.csts,
+                "aqa": r.aqa,
+                "asq": r.asq,
+                "acq": r.acq,
+            },
+            "admin_queues": admin,
+            "io_queues": self.io_queues.handover_state(),
+            "doorbell_buffers": self.doorbell_buffers,
+            "positions": [dataclasses.asdict(p) for p in self.data.positions()],
+            "features": self.features.handover_state(),
+            "events": self.events.handover_state(),
+            "error_log": self.error_log.handover_state(),
+            "changed_namespaces": sorted(self.changed_namespaces),
+            "power_on_time": self.power_on_time,  # CLOCK_MONOTONIC: the same in any process
+            "power_cycles": self.power_cycles,
+            "unsafe_shutdowns": self.unsafe_shutdowns,
+            "admin_doorbell_traps": self.admin_doorbell_traps,
+            "admin_aborts": sorted(self.admin_aborts),
+            "namespaces": {
+                str(ns.nsid): {
+                    "failure": ns.failure,
+                    "host_read_only": ns.host_read_only,
+                    "readonly": ns.readonly,
+                }
+                for ns in self.namespaces.values()
+            },
+            "counters": dataclasses.asdict(self.counters),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Go on where a predecessor (handover_state) stopped: the same registers,
+        queues at the same positions, features, events and logs. Before the data plane
+        starts. ValueError/KeyError/DmaError for a state that does not fit."""
+        with self.lock:
+            r = self.registers
+            for name, value in state["registers"].items():
+                if name not in ("intms", "cc", "csts", "aqa", "asq", "acq"):
+                    raise ValueError(f"register {name!r}")
+                setattr(r, name, int(value))
+            admin = state["admin_queues"]
+            if admin is not None:
+                self.admin_cq = CompletionQueue(
+                    self.memory, 0, r.acq, r.admin_cq_size(), vector=0, interrupts_enabled=True
+                )
+                self.admin_sq = SubmissionQueue(
+                    self.memory, 0, r.asq, r.admin_sq_size(), self.admin_cq
+                )
+                self.admin_cq.sq_ids.add(0)
+                if self.doorbell_words is not None:
+                    self.admin_sq.shadow = MappedDoorbell(self.doorbell_words, 0)
+                    self.admin_cq.shadow = MappedDoorbell(self.doorbell_words, 4)
+                self.admin_sq.head, self.admin_sq.tail = admin["sq"]
+                self.admin_cq.head, self.admin_cq.tail, self.admin_cq.phase = admin["cq"]
+            buffers = state["doorbell_buffers"]
+            self.doorbell_buffers = (int(buffers[0]), int(buffers[1])) if buffers else None
+
+            def create() -> None:
+                self.io_queues.restore(state["io_queues"])
+                if self.doorbell_buffers is not None:
+                    self.data.set_doorbell_buffers(*self.doorbell_buffers)
+
+            self.data.restore(create, [QueuePosition(**p) for p in state["positions"]])
+            self.features.restore(state["features"])
+            self.apply_settings()
+            self.events.restore(state["events"])
+            self.error_log.restore(state["error_log"])
+            self.changed_namespaces = {int(n) for n in state["changed_namespaces"]}
+            self.power_on_time = float(state["power_on_time"])
+            self.power_cycles = int(state["power_cycles"])
+            self.unsafe_shutdowns = int(state["unsafe_shutdowns"])
+            self.admin_doorbell_traps = int(state["admin_doorbell_traps"])
+            self.admin_aborts = {int(cid) for cid in state["admin_aborts"]}
+            for nsid, flags in state["namespaces"].items():
+                ns = self.namespaces.get(int(nsid))
+                if ns is None:
+                    raise ValueError(f"nsid {nsid} is not attached here")
+                ns.failure = flags["failure"]
+                ns.host_read_only = flags["host_read_only"]
+                ns.readonly = bool(flags["readonly"])
+                self.data.update_namespace(ns)
+            self._carried_counters = IoCounters(**state["counters"])
+            if r.fatal:
+                self.data.halt()
+            elif r.ready:
+                self.data.enable()
 
     def fatal(self, reason: str) -> None:
         """Controller Fatal Status: the host must reset us."""

@@ -177,6 +177,15 @@ class ConfigSpace:
     def reset(self) -> None:
         self._data[:] = self._defaults
 
+    def contents(self) -> bytes:
+        """All of it as the host last left it (for a successor process)."""
+        return bytes(self._data)
+
+    def restore(self, data: bytes) -> None:
+        if len(data) != len(self._data):
+            raise ValueError(f"config space of {len(data)} bytes")
+        self._data[:] = data
+
     # --- device-side access ---------------------------------------------------------------
 
     def load(self, offset: int, size: int) -> int:

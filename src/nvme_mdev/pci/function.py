@@ -29,7 +29,7 @@ import errno
 import os
 import threading
 from collections.abc import Callable, Sequence
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from nvme_mdev.vfio_user.device import (
     DeviceError,
@@ -300,6 +300,32 @@ class NvmePciFunction:
 
     def quiesced(self) -> contextlib.AbstractContextManager[None]:
         return self._quiesce() if self._quiesce is not None else no_quiesce()
+
+    # --- upgrade in place ------------------------------------------------------------------
+
+    def handover_state(self, fds: list[int]) -> dict[str, Any]:
+        """Config space, MSI-X and INTx as the host left them, with the client's
+        eventfds appended to `fds`."""
+        with self._config_lock:
+            config = self._config.contents()
+        return {
+            "config": config.hex(),
+            "msix": self._msix.handover_state(fds),
+            "intx": self._intx.handover_state(fds),
+        }
+
+    def restore(self, state: dict[str, Any], fds: Sequence[int]) -> None:
+        self._intx.restore(state["intx"], fds)
+        with self._config_lock:
+            self._config.restore(bytes.fromhex(state["config"]))
+            control = self._config.load(_MSIX_CONTROL, 2)
+            self._msix.restore(
+                state["msix"],
+                fds,
+                enable=bool(control & caps.MSIX_ENABLE),
+                function_mask=bool(control & caps.MSIX_FUNCTION_MASK),
+            )
+            self._update_intx_gate()
 
     # --- state for the rest of the device ---------------------------------------------
 

@@ -30,7 +30,8 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from nvme_mdev.vfio_user.device import DeviceError, IrqAction, IrqSet
 
@@ -118,6 +119,20 @@ class IntxPin:
             self._deliver()
             if old >= 0:
                 _close([old])
+
+    def handover_state(self, fds: list[int]) -> dict[str, Any]:
+        with self._lock:
+            eventfd = -1
+            if self._fd >= 0:
+                eventfd = len(fds)
+                fds.append(self._fd)
+            return {"eventfd": eventfd, "level": self._level, "masked": self._masked}
+
+    def restore(self, state: dict[str, Any], fds: Sequence[int]) -> None:
+        with self._lock:
+            self._fd = fds[state["eventfd"]] if state["eventfd"] >= 0 else -1
+            self._level = bool(state["level"])
+            self._masked = bool(state["masked"])
 
     def reset_function_state(self) -> None:
         """FLR: the pin drops; the client's eventfd and mask are its plumbing and stay."""

@@ -33,6 +33,7 @@ import os
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from nvme_mdev.vfio_user.device import DeviceError, IrqAction, IrqSet
 
@@ -289,6 +290,50 @@ class Msix:
         self._update_enabled()
         self._refresh(range(self._n))
         _close_all(fd for fd in old if fd >= 0)
+
+    # --- upgrade in place ------------------------------------------------------------
+
+    def handover_state(self, fds: list[int]) -> dict[str, Any]:
+        """Table, pending bits and the client's eventfds (appended to `fds`) and masks.
+        Message Control lives in config space."""
+        with self._lock:
+            routes = []
+            for fd in self._fds:
+                routes.append(len(fds) if fd >= 0 else -1)
+                if fd >= 0:
+                    fds.append(fd)
+            return {
+                "table": bytes(self._table).hex(),
+                "table_programmed": self._table_programmed,
+                "eventfds": routes,
+                "client_masked": list(self._client_masked),
+                "client_enabled": self._client_enabled,
+                "pending": [v for v in range(self._n) if self.routes.pending(v)],
+            }
+
+    def restore(
+        self, state: dict[str, Any], fds: Sequence[int], *, enable: bool, function_mask: bool
+    ) -> None:
+        """A predecessor's state (handover_state) on a fresh object; pending vectors
+        that are deliverable now are sent (an interrupt the guest may already have had
+        is harmless, one lost is not)."""
+        table = bytes.fromhex(state["table"])
+        if len(table) != len(self._table) or len(state["eventfds"]) != self._n:
+            raise ValueError("MSI-X state for another number of vectors")
+        with self._lock:
+            self._table[:] = table
+            self._table_programmed = bool(state["table_programmed"])
+            self._fds = [fds[i] if i >= 0 else -1 for i in state["eventfds"]]
+            self._client_masked = [bool(m) for m in state["client_masked"]]
+            self._client_enabled = bool(state["client_enabled"])
+            self._capability_enabled = enable
+            self._function_mask = function_mask
+            self._update_enabled()
+            for vector in range(self._n):
+                self.routes.route(vector, -1)
+            for vector in state["pending"]:
+                self.routes.signal(vector)  # (routed nowhere: marks it pending)
+            self._refresh(range(self._n))
 
     # --- resets ---------------------------------------------------------------------
 

@@ -165,6 +165,25 @@ class MessageReader:
         self._base += self._start
         self._start, self._end = 0, held
 
+    def unread(self) -> tuple[bytes, list[tuple[int, list[int]]]]:
+        """What was received and not yet taken, with the fds waiting in it (by offset in
+        those bytes); they stay here too: for handing the stream to another reader."""
+        first = self._base + self._start
+        pending = [(key - first, fds) for key, fds in sorted(self._fds.items())]
+        return bytes(self._view[self._start : self._end]), pending
+
+    def preload(self, data: bytes, fds: dict[int, list[int]]) -> None:
+        """Start with bytes another reader received from this stream (and their fds, by
+        offset in `data`): they come before anything read from the socket."""
+        if self._end != self._start:
+            raise RuntimeError("preload() on a reader that has read")
+        if len(data) > len(self._buf):
+            self._buf = bytearray(len(data))
+            self._view = memoryview(self._buf)
+        self._buf[: len(data)] = data
+        self._start, self._end = 0, len(data)
+        self._fds = {self._base + offset: list(got) for offset, got in fds.items()}
+
     def close(self) -> None:
         """Close fds that never found their message."""
         pending, self._fds = self._fds, {}

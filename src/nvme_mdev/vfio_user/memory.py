@@ -67,6 +67,10 @@ class DmaRegion:
     buffer: memoryview | None = field(default=None, repr=False)
     #: the zone that guards the mapping against SIGBUS, and the mapping's address in it
     guard: tuple[_native.SigbusZone, int] | None = field(default=None, repr=False)
+    #: the client's fd and where in it the region starts: kept for a successor process
+    #: to map the same memory (upgrade in place)
+    fd: int | None = field(default=None, repr=False)
+    offset: int = 0
 
     @property
     def end(self) -> int:
@@ -94,6 +98,9 @@ class DmaRegion:
                     "DMA region %#x+%#x unmapped while a view of it is held", self.iova, self.size
                 )
             self.mapping = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,8 +157,9 @@ class DmaMemory:
         offset: int = 0,
     ) -> DmaRegion:
         """Add [iova, iova+size), mmap'd from fd at offset when there is one. Takes
-        ownership of fd (closed here: the mapping keeps what it needs). Raises
-        ProtocolError with the errno for the reply."""
+        ownership of fd (kept with the region, closed with it). Raises ProtocolError
+        with the errno for the reply."""
+        kept = False
         try:
             if size <= 0 or iova < 0 or iova + size > 1 << 64:
                 raise ProtocolError(errno.EINVAL, f"DMA_MAP {iova:#x}+{size:#x}: bad range")
@@ -167,6 +175,7 @@ class DmaMemory:
                 if fd is not None:
                     region.mapping, region.buffer = _mmap(fd, offset, size, readable, writable)
                     region.guard = (self._zone, self._zone.guard(region.mapping))
+                    region.fd, region.offset, kept = fd, offset, True
                 i = bisect.bisect_left(table.starts, iova)
                 self._table = _Table(
                     (*table.starts[:i], iova, *table.starts[i:]),
@@ -176,7 +185,7 @@ class DmaMemory:
             self._changed(MemoryChange(mapped=(_mapped(region),)))
             return region
         finally:
-            if fd is not None:
+            if fd is not None and not kept:
                 os.close(fd)
 
     def unmap(self, iova: int, size: int) -> list[DmaRegion]:

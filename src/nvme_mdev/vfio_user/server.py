@@ -35,13 +35,13 @@ import contextlib
 import errno
 import logging
 import os
-import queue
+import select
 import socket
 import stat
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Final, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Final, TypeVar
 
 from ..guest_memory import DmaError
 from . import protocol as p
@@ -128,8 +128,9 @@ class Session:
 
     # --- receiving (server thread) ------------------------------------------------------
 
-    def next_command(self) -> Message:
+    def next_command(self, wake_fd: int) -> Message | None:
         """The client's next command, in order; replies met on the way are routed.
+        None when `wake_fd` became readable first (the server is asked to hold).
         Raises ConnectionError / OSError / ProtocolError when the stream ends."""
         while True:
             with self._read_lock:
@@ -137,11 +138,66 @@ class Session:
                     return self._backlog.popleft()
                 if self._eof is not None:
                     raise self._eof
-                message = self._receive_locked()
+                ready = self.reader.buffered()
+                message = self._receive_locked() if ready else None
+            if message is None:
+                if _wait_either(self.sock.fileno(), wake_fd) == wake_fd:
+                    return None
+                with self._read_lock:
+                    if self._backlog or self._eof is not None:
+                        continue
+                    message = self._receive_locked()
             if message.header.is_reply:
                 self._route(message)
             else:
                 return message
+
+    def handover_state(self, fds: list[int]) -> dict[str, object]:
+        """What a successor needs to go on with this client: the negotiated terms, our
+        next request id, and every byte (with its fds) read from the socket and not yet
+        handled, backlog first. The server must be held (no thread reads or requests)."""
+        with self._read_lock:
+            unread = bytearray()
+            unread_fds: list[tuple[int, int]] = []  # (offset in unread, fd index)
+            for message in self._backlog:
+                for fd in message.fds:
+                    unread_fds.append((len(unread), len(fds)))
+                    fds.append(fd)
+                unread += message.header.encode() + message.payload
+            tail, pending = self.reader.unread()
+            for offset, got in pending:
+                for fd in got:
+                    unread_fds.append((len(unread) + offset, len(fds)))
+                    fds.append(fd)
+            unread += tail
+        fds_at = len(fds)
+        fds.append(self.sock.fileno())
+        return {
+            "socket": fds_at,
+            "negotiated": self.negotiated,
+            "client_capabilities": self.client_caps.to_json(),
+            "max_data_xfer_size": self.limits.max_data_xfer_size,
+            "max_msg_fds": self.limits.max_msg_fds,
+            "dma_chunk": self.dma_chunk,
+            "next_request_id": self._next_id,
+            "unread": bytes(unread).hex(),
+            "unread_fds": unread_fds,
+        }
+
+    @classmethod
+    def resume(cls, state: dict[str, Any], fds: Sequence[int]) -> Session:
+        """A predecessor's session (handover_state) on the socket it passed."""
+        session = cls(socket.socket(fileno=fds[state["socket"]]))
+        session.negotiated = bool(state["negotiated"])
+        session.client_caps = p.Capabilities.from_json(state["client_capabilities"])
+        session.limits = p.Limits(int(state["max_data_xfer_size"]), int(state["max_msg_fds"]))
+        session.dma_chunk = int(state["dma_chunk"])
+        session._next_id = int(state["next_request_id"]) & 0xFFFF
+        pending: dict[int, list[int]] = {}
+        for offset, index in state["unread_fds"]:
+            pending.setdefault(int(offset), []).append(fds[index])
+        session.reader.preload(bytes.fromhex(state["unread"]), pending)
+        return session
 
     def _receive_locked(self) -> Message:
         try:
@@ -351,7 +407,12 @@ class VfioUserServer:
         memory: DmaMemory | None = None,
         *,
         irq_info_flags: Sequence[int] | None = None,
+        listener: socket.socket | None = None,
+        session: Session | None = None,
+        clients: Sequence[socket.socket] = (),
     ) -> None:
+        """`listener`, `session`, `clients`: what a predecessor process handed over (its
+        listening socket, the client it served, those waiting): served from start()."""
         self.socket_path = socket_path
         self.device = device
         self._memory = memory if memory is not None else DmaMemory()
@@ -359,11 +420,23 @@ class VfioUserServer:
         self._stopping = threading.Event()
         self._lifecycle = threading.Lock()
         self._session: Session | None = None
-        self._waiting: queue.Queue[socket.socket | None] = queue.Queue(maxsize=1)
         self._thread: threading.Thread | None = None
         self._acceptor: threading.Thread | None = None
-        self._listener = listen_unix(socket_path)
+        self._listener = listener if listener is not None else listen_unix(socket_path)
         self._inode = os.stat(socket_path).st_ino
+        # Clients accepted and waiting for the one being served to go; the server and
+        # acceptor threads' turns; the hold (upgrade in place): all under one condition.
+        self._turns = threading.Condition()
+        self._clients: collections.deque[socket.socket] = collections.deque(clients)
+        self._resumed = session
+        if session is not None and session.negotiated:
+            self._memory.attach(session)
+        self._hold_requested = False
+        #: the threads stopped by a hold ("server", "acceptor") and the session held
+        self._parked: set[str] = set()
+        self._held_session: Session | None = None
+        # Readable while a hold is requested: wakes both threads from their poll().
+        self._hold_r, self._hold_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._handlers: dict[p.Command, Handler] = {
             p.Command.VERSION: self._version,
             p.Command.DMA_MAP: self._dma_map,
@@ -400,13 +473,89 @@ class VfioUserServer:
     def serve_forever(self) -> None:
         """Serve clients one after another until stop()."""
         self._start_acceptor()
-        while not self._stopping.is_set():
-            sock = self._waiting.get()
-            if sock is None or self._stopping.is_set():
-                if sock is not None:
-                    sock.close()
-                break
+        session, self._resumed = self._resumed, None
+        if session is not None:
+            self._serve(session)
+        while (sock := self._next_client()) is not None:
             self._serve(Session(sock))
+
+    def _next_client(self) -> socket.socket | None:
+        """The next waiting client; None once stopping."""
+        with self._turns:
+            while not self._stopping.is_set():
+                if self._hold_requested:
+                    self._park_locked("server")
+                elif self._clients:
+                    return self._clients.popleft()
+                else:
+                    self._turns.wait()
+            return None
+
+    def _park_locked(self, thread: str) -> None:
+        """Stay stopped while a hold lasts (turns held)."""
+        self._parked.add(thread)
+        self._turns.notify_all()
+        while self._hold_requested:
+            self._turns.wait()
+        self._parked.discard(thread)
+
+    def _park_session(self, session: Session) -> None:
+        """Hold between two messages of `session`. It counts as busy meanwhile, so that a
+        device thread waiting for a DMA reply reads the socket for itself."""
+        session.busy(owes_reply=False)
+        try:
+            with self._turns:
+                self._held_session = session
+                self._park_locked("server")
+                self._held_session = None
+        finally:
+            session.idle()
+
+    # --- upgrade in place ----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def held(self, timeout: float = 10.0) -> Iterator[None]:
+        """While held, the server thread is between two messages (it answered the one it
+        was handling) and the acceptor accepts nobody: the connection, the listener and
+        every byte read can be handed to another process. TimeoutError if the server
+        thread stays inside a device call for `timeout` seconds."""
+        with self._turns:
+            if self._hold_requested:
+                raise RuntimeError("the server is held already")
+            self._hold_requested = True
+        os.write(self._hold_w, b"h")
+        try:
+            with self._turns:
+                running = {
+                    name
+                    for name, thread in (("server", self._thread), ("acceptor", self._acceptor))
+                    if thread is not None and thread.is_alive()
+                }
+                if not self._turns.wait_for(lambda: running <= self._parked, timeout):
+                    raise TimeoutError("the vfio-user server did not stop between messages")
+            yield
+        finally:
+            with self._turns:
+                self._hold_requested = False
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._hold_r, 64)
+                self._turns.notify_all()
+
+    def handover_state(self, fds: list[int]) -> dict[str, Any]:
+        """The listener, the clients waiting and the session being served (held()),
+        their fds appended to `fds`."""
+        listener = len(fds)
+        fds.append(self._listener.fileno())
+        clients = []
+        for sock in self._clients:
+            clients.append(len(fds))
+            fds.append(sock.fileno())
+        session = self._held_session
+        return {
+            "listener": listener,
+            "clients": clients,
+            "session": session.handover_state(fds) if session is not None else None,
+        }
 
     def _start_acceptor(self) -> None:
         with self._lifecycle:
@@ -427,8 +576,8 @@ class VfioUserServer:
         if session is not None:
             with contextlib.suppress(OSError):
                 session.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader
-        with contextlib.suppress(queue.Full):
-            self._waiting.put_nowait(None)
+        with self._turns:
+            self._turns.notify_all()
         me = threading.current_thread()
         with self._lifecycle:
             threads = (self._acceptor, self._thread)
@@ -436,13 +585,11 @@ class VfioUserServer:
             if thread is not None and thread is not me and thread.ident is not None:
                 thread.join()
         self._listener.close()
-        while True:  # a client queued behind the stop sentinel
-            try:
-                sock = self._waiting.get_nowait()
-            except queue.Empty:
-                break
-            if sock is not None:
-                sock.close()
+        with self._turns:
+            while self._clients:  # clients that waited their turn
+                self._clients.popleft().close()
+        os.close(self._hold_r)
+        os.close(self._hold_w)
         with contextlib.suppress(FileNotFoundError):
             if os.stat(self.socket_path).st_ino == self._inode:  # still ours
                 os.unlink(self.socket_path)
@@ -455,6 +602,11 @@ class VfioUserServer:
 
     def _accept_loop(self) -> None:
         while not self._stopping.is_set():
+            if _wait_either(self._listener.fileno(), self._hold_r) == self._hold_r:
+                with self._turns:
+                    if self._hold_requested:
+                        self._park_locked("acceptor")
+                continue
             try:
                 sock, _ = self._listener.accept()
             except OSError:
@@ -462,14 +614,16 @@ class VfioUserServer:
                     return
                 time.sleep(0.01)  # EMFILE and friends: do not spin
                 continue
-            if self._stopping.is_set():
-                sock.close()
-                return
-            try:
-                self._waiting.put_nowait(sock)
-            except queue.Full:
-                log.warning("refused a client: one is being served and one is waiting")
-                sock.close()
+            with self._turns:
+                if self._stopping.is_set():
+                    sock.close()
+                    return
+                if self._clients:
+                    log.warning("refused a client: one is being served and one is waiting")
+                    sock.close()
+                    continue
+                self._clients.append(sock)
+                self._turns.notify_all()
 
     # --- one client --------------------------------------------------------------------
 
@@ -481,8 +635,12 @@ class VfioUserServer:
                 session.sock.shutdown(socket.SHUT_RDWR)
         try:
             while True:
+                if self._hold_requested:
+                    self._park_session(session)
                 try:
-                    message = session.next_command()
+                    message = session.next_command(self._hold_r)
+                    if message is None:
+                        continue  # a hold: park at the top
                 except ConnectionError:
                     log.info("client disconnected")
                     return
@@ -745,6 +903,19 @@ class VfioUserServer:
     def _check_region(self, index: int) -> None:
         if index >= len(self.device.regions):
             raise p.ProtocolError(errno.EINVAL, f"no region {index}")
+
+
+def _wait_either(sock_fd: int, wake_fd: int) -> int:
+    """Block until the socket or the wake fd is readable; which one (the wake fd first)."""
+    poller = select.poll()
+    poller.register(sock_fd, select.POLLIN)
+    poller.register(wake_fd, select.POLLIN)
+    while True:
+        ready = {fd for fd, _ in poller.poll()}
+        if wake_fd in ready:
+            return wake_fd
+        if ready:
+            return sock_fd
 
 
 def _interrupt_eventfd(fd: int) -> None:

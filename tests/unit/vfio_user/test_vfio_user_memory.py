@@ -90,11 +90,16 @@ def test_view_is_zero_copy_at_an_unaligned_file_offset(memory: DmaMemory, ram: R
     writable.release()
 
 
-def test_fd_is_consumed(memory: DmaMemory, ram: Ram) -> None:
+def test_fd_is_owned(memory: DmaMemory, ram: Ram) -> None:
+    """The region keeps the fd (a successor process maps the same memory through it)
+    and closes it when it goes; a refused mapping closes it at once."""
     fd = ram.dup()
-    memory.map(0, PAGE, True, True, fd, 0)
+    region = memory.map(0, PAGE, True, True, fd, 0)
+    assert region.fd == fd and os.fstat(fd)
+    DmaMemory.release(memory.unmap(0, PAGE))
     with pytest.raises(OSError):
         os.fstat(fd)
+    memory.map(0, PAGE, True, True, ram.dup(), 0)
     bad = ram.dup()
     with pytest.raises(ProtocolError):
         memory.map(0, PAGE, True, True, bad, 0)  # overlap: refused, fd still closed

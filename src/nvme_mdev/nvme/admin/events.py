@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CommandError
 from ..spec import (
@@ -60,6 +60,20 @@ class AsyncEvents:
             self.outstanding.clear()
             self.pending.clear()
             self.masked_types.clear()
+
+    def handover_state(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "outstanding": list(self.outstanding),
+                "pending": [list(e) for e in self.pending],
+                "masked_types": sorted(self.masked_types),
+            }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        with self.lock:
+            self.outstanding = deque(int(cid) for cid in state["outstanding"])
+            self.pending = deque((int(t), int(i), int(p)) for t, i, p in state["pending"])
+            self.masked_types = {int(t) for t in state["masked_types"]}
 
     def queue(self, event_type: int, info: int, log_page: int) -> None:
         with self.lock:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CommandError
 from ..identity import ControllerConfig
@@ -60,6 +60,25 @@ class FeatureState:
 
     def __post_init__(self) -> None:
         self.reset()
+
+    def handover_state(self) -> dict[str, Any]:
+        return {
+            "current": {str(k): v for k, v in self.current.items()},
+            "coalescing_disabled": sorted(self.coalescing_disabled),
+            "thresholds": [[sel, thsel, v] for (sel, thsel), v in self.thresholds.items()],
+            "io_queues_requested": self.io_queues_requested,
+            "timestamp_origin": list(self.timestamp_origin),  # CLOCK_MONOTONIC: host-wide
+            "timestamp_set": self.timestamp_set,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.current = {int(k): int(v) for k, v in state["current"].items()}
+        self.coalescing_disabled = set(state["coalescing_disabled"])
+        self.thresholds = {(sel, thsel): v for sel, thsel, v in state["thresholds"]}
+        self.io_queues_requested = bool(state["io_queues_requested"])
+        value, clock = state["timestamp_origin"]
+        self.timestamp_origin = (int(value), float(clock))
+        self.timestamp_set = bool(state["timestamp_set"])
 
     def reset(self) -> None:
         self.current = _defaults(self.config)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CommandError
 from ..prp import send_to_host
@@ -65,6 +65,19 @@ class ErrorLog:
         self.entries: deque[bytes] = deque(maxlen=entries)
         self.count = 0
         self.unread = 0
+
+    def handover_state(self) -> dict[str, Any]:
+        return {
+            "entries": [e.hex() for e in self.entries],
+            "count": self.count,
+            "unread": self.unread,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.entries.clear()
+        self.entries.extend(bytes.fromhex(e) for e in state["entries"])
+        self.count = int(state["count"])
+        self.unread = int(state["unread"])
 
     def record(self, sqid: int, cid: int, status: int, nsid: int, lba: int = 0) -> None:
         self.count += 1

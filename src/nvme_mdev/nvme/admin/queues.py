@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Container
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ...guest_memory import DmaError
 from ..errors import CommandError
@@ -69,6 +69,9 @@ class IoQueueTable:
     def cq_ids(self) -> Container[int]:
         return self._cqs
 
+    def cqs(self) -> list[IoCq]:
+        return list(self._cqs.values())
+
     def __bool__(self) -> bool:
         return bool(self._sqs or self._cqs)
 
@@ -96,6 +99,21 @@ class IoQueueTable:
         """Forget every queue (a reset: the data plane's reset() dropped its own)."""
         self._sqs.clear()
         self._cqs.clear()
+
+    def handover_state(self) -> dict[str, Any]:
+        return {
+            "cqs": [
+                [c.qid, c.base, c.size, c.vector, c.interrupts_enabled] for c in self._cqs.values()
+            ],
+            "sqs": [[s.qid, s.base, s.size, s.cqid, s.priority] for s in self._sqs.values()],
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Create a predecessor's queues again (in the data plane's restore())."""
+        for qid, base, size, vector, ien in state["cqs"]:
+            self.create_cq(IoCq(qid, base, size, vector, bool(ien)))
+        for qid, base, size, cqid, priority in state["sqs"]:
+            self.create_sq(IoSq(qid, base, size, cqid, priority))
 
 
 def _queue_id_and_size(
@@ -189,6 +207,7 @@ def doorbell_buffer_config(ctrl: Controller, dw: tuple[int, ...]) -> int:
             if view is not None:
                 view.release()
         ctrl.data.set_doorbell_buffers(shadow_page, eventidx_page)
+        ctrl.doorbell_buffers = (shadow_page, eventidx_page)
     except DmaError as exc:
         # No data moves with this command: a buffer we cannot reach is a bad PRP field.
         raise CommandError(Status.INVALID_FIELD, f"doorbell buffer: {exc}") from exc

@@ -1,0 +1,371 @@
+"""Upgrade in place: `nvme-mdev upgrade` (and SIGHUP) hand every controller of a
+running `serve` to a new process while the host keeps using it, over the real socket
+with the project's own client: no reset, commands in flight complete, the data, the
+queues, features, logs, counters and a waiting Asynchronous Event Request carry over."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nvme_mdev.control import call
+from nvme_mdev.nvme.spec import FeatureId, Reg
+from nvme_mdev.nvme_host import (
+    NvmeHost,
+    async_event_request,
+    get_log_page,
+    read_write,
+)
+
+CLI = [sys.executable, "-m", "nvme_mdev.cli"]
+BLOCK = 512
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class Served:
+    """A `serve` process, followed across upgrades by its pid."""
+
+    def __init__(self, tmp: Path, *args: str) -> None:
+        self.socket = tmp / "nvme.sock"
+        self.control = f"{self.socket}.ctl"
+        self.first = subprocess.Popen([*CLI, "serve", "--socket", str(self.socket), *args])
+        self.pid = self.first.pid
+        deadline = time.monotonic() + 30
+        while not os.path.exists(self.control):
+            assert self.first.poll() is None, "serve exited"
+            assert time.monotonic() < deadline, "no control socket"
+            time.sleep(0.02)
+
+    def upgrade(self) -> dict[str, object]:
+        old = self.pid
+        result = call(self.control, "upgrade", timeout=120)
+        assert isinstance(result, dict)
+        self.pid = int(result["pid"])
+        assert self.pid != old and alive(self.pid)
+        if old == self.first.pid:
+            assert self.first.wait(timeout=30) == 0  # it exits once the new one serves
+        else:
+            deadline = time.monotonic() + 30
+            while alive(old):
+                assert time.monotonic() < deadline, f"pid {old} did not exit"
+                time.sleep(0.02)
+        return result
+
+    def stop(self) -> None:
+        if alive(self.pid):
+            os.kill(self.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while alive(self.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        if self.first.poll() is None:
+            self.first.kill()
+            self.first.wait()
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.img"
+    with open(path, "wb") as f:
+        f.truncate(16 << 20)
+    return path
+
+
+def pattern(lba: int, blocks: int, tag: int) -> bytes:
+    return b"".join(
+        (lba + i).to_bytes(8, "little") * (BLOCK // 16) + bytes([tag]) * (BLOCK // 2)
+        for i in range(blocks)
+    )
+
+
+@pytest.mark.parametrize("doorbells", ["trapped", "shadow", "mapped"])
+@pytest.mark.parametrize("plane", ["native", "python"])
+def test_upgrade_is_invisible_to_the_host(
+    tmp_path: Path, image: Path, plane: str, doorbells: str
+) -> None:
+    args = ["--data-plane", plane, "--poll-timeout-ms", "20", str(image)]
+    if doorbells == "mapped":
+        args.insert(0, "--mmap-doorbells")
+    served = Served(tmp_path, *args)
+    try:
+        with NvmeHost(str(served.socket)) as host:
+            if doorbells == "mapped":
+                host.map_doorbells()
+            host.enable()
+            if doorbells == "shadow":
+                host.enable_shadow_doorbells()
+            queues = [host.create_queue_pair(qid, entries=32) for qid in (1, 2)]
+            # State the host set that a fresh controller would not have.
+            assert host.set_features(FeatureId.INTERRUPT_COALESCING, 0x0203).ok
+            assert host.set_features(FeatureId.ASYNC_EVENT_CONFIG, 0x100).ok
+            error_count = _error_log_count(host)
+            bad = queues[0].command(read_write(0x02, 1, host.alloc(4096), 1 << 40, 1))
+            assert bad.status & 0x7FF == 0x080  # LBA Out of Range: an error log entry
+            assert _error_log_count(host) == error_count + 1
+            aer = host.admin.submit(async_event_request()) if host.admin else -1
+
+            buffers = {}
+            for round_ in range(4):
+                # Commands in flight on both queues while the new process takes over.
+                submitted = []
+                for i, q in enumerate(queues):
+                    for j in range(8):
+                        lba = (round_ * 16 + i * 8 + j) * 8
+                        buf = buffers.setdefault(lba, host.alloc(4096))
+                        host.ram.write(buf, pattern(lba, 8, round_))
+                        submitted.append((q, q.submit(read_write(0x01, 1, buf, lba, 8))))
+                if round_ < 3:
+                    result = served.upgrade()
+                    assert float(str(result["paused_ms"])) < 10_000
+                for q in queues:
+                    done = q.wait(8)
+                    assert all(c.ok for c in done), [hex(c.status) for c in done]
+                assert host.reg32(Reg.CSTS) & 0b11 == 0b01  # ready, never fatal, no reset
+
+            # Everything written reads back through the third process.
+            for lba in buffers:
+                back = host.alloc(4096)
+                assert queues[lba % 2].command(read_write(0x02, 1, back, lba, 8)).ok
+                round_ = lba // 128
+                assert host.ram.read(back, 4096) == pattern(lba, 8, round_), lba
+            assert image.read_bytes()[: 8 * BLOCK] == pattern(0, 8, 0)
+
+            c, _ = host.get_features(FeatureId.INTERRUPT_COALESCING)
+            assert c.ok and c.dw0 == 0x0203
+            assert _error_log_count(host) == error_count + 1
+            # The AER the first process held completes in the third: a namespace attach.
+            extra = tmp_path / "extra.img"
+            extra.write_bytes(bytes(1 << 20))
+            call(served.control, "namespace_add", {"spec": str(extra)})
+            assert host.admin is not None
+            (event,) = host.admin.wait(1)
+            assert event.cid == aer and event.ok
+            assert event.dw0 & 0x7 == 0x2  # Notice: Namespace Attribute Changed
+    finally:
+        served.stop()
+
+
+def _error_log_count(host: NvmeHost) -> int:
+    buf = host.alloc(4096)
+    assert host.admin_command(get_log_page(0x01, buf, 64)).ok
+    return int.from_bytes(host.ram.read(buf, 8), "little")
+
+
+# --- a successor that cannot take over: the old process keeps serving ---------------------
+
+_FAKE = """#!{python}
+import sys, time, socket
+from nvme_mdev.handover.document import Channel
+channel = Channel(socket.socket(fileno=int(sys.argv[-1])))
+time.sleep({delay})
+channel.send({{"reads": {reads}, "version": "fake"}})
+if {crash}:
+    channel.receive(30)  # the state document, then a crash during take-over
+    sys.exit(3)
+channel.receive(30)
+"""
+
+
+def fake_successor(tmp: Path, name: str, reads: list[int], crash: bool, delay: float = 0) -> str:
+    path = tmp / name
+    path.write_text(_FAKE.format(python=sys.executable, reads=reads, crash=crash, delay=delay))
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("reads", "crash", "message"),
+    [
+        ([99], False, "reads state versions [99], this one writes version 1"),
+        ([1], True, "the new process exited (3) during take-over"),
+    ],
+)
+def test_a_failed_takeover_leaves_the_old_process_serving(
+    tmp_path: Path, image: Path, reads: list[int], crash: bool, message: str
+) -> None:
+    from nvme_mdev.control import ControlError
+
+    served = Served(tmp_path, "--poll-timeout-ms", "20", str(image))
+    successor = fake_successor(tmp_path, "successor", reads, crash)
+    try:
+        with NvmeHost(str(served.socket)) as host:
+            host.enable()
+            q = host.create_queue_pair(1, entries=32)
+            buf = host.alloc(4096)
+            host.ram.write(buf, pattern(0, 8, 7))
+            cids = [q.submit(read_write(0x01, 1, buf, 8 * i, 8)) for i in range(8)]
+            with pytest.raises(ControlError, match=re.escape(message)):
+                call(served.control, "upgrade", {"executable": successor}, timeout=60)
+            done = q.wait(8)
+            assert sorted(c.cid for c in done) == sorted(cids) and all(c.ok for c in done)
+            assert served.first.poll() is None and served.pid == served.first.pid
+            back = host.alloc(4096)
+            assert q.command(read_write(0x02, 1, back, 56, 8)).ok
+            assert host.ram.read(back, 4096) == pattern(0, 8, 7)
+            assert host.reg32(Reg.CSTS) & 0b11 == 0b01
+            # ... and a real upgrade still works afterwards.
+            served.upgrade()
+            assert q.command(read_write(0x02, 1, back, 0, 8)).ok
+    finally:
+        served.stop()
+
+
+def test_one_upgrade_at_a_time(tmp_path: Path, image: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nvme_mdev.control import ControlError
+
+    served = Served(tmp_path, str(image))
+    slow = fake_successor(tmp_path, "slow", [99], False, delay=2)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(call, served.control, "upgrade", {"executable": slow}, 60)
+            time.sleep(0.5)
+            with pytest.raises(ControlError, match="an upgrade is already running"):
+                call(served.control, "upgrade", {"executable": slow}, timeout=60)
+            with pytest.raises(ControlError, match="reads state versions"):
+                first.result()
+        assert served.first.poll() is None
+    finally:
+        served.stop()
+
+
+def test_cli_upgrade_and_sighup(tmp_path: Path, image: Path) -> None:
+    """`nvme-mdev upgrade` prints one line; SIGHUP to the daemon does the same."""
+    served = Served(tmp_path, str(image))
+    try:
+        out = subprocess.run(
+            [*CLI, "upgrade", "--control", served.control],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith("upgraded: pid ") and "guests paused" in out.stdout
+        new = int(out.stdout.split()[2])
+        assert served.first.wait(timeout=30) == 0 and alive(new)
+        os.kill(new, signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while alive(new):
+            assert time.monotonic() < deadline, "SIGHUP did not hand over"
+            time.sleep(0.05)
+        listed = call(served.control, "list")
+        assert listed["controllers"][0]["socket"] == str(served.socket)
+        served.pid = _pid_of_socket_owner(served.control)
+    finally:
+        served.stop()
+
+
+def _pid_of_socket_owner(path: str) -> int:
+    import socket as socket_module
+    import struct
+
+    with socket_module.socket(socket_module.AF_UNIX) as sock:
+        sock.connect(path)
+        creds = sock.getsockopt(socket_module.SOL_SOCKET, socket_module.SO_PEERCRED, 12)
+    return int(struct.unpack("3i", creds)[0])
+
+
+# --- the new process refuses a document it cannot take -----------------------------------
+
+
+@pytest.mark.parametrize("damage", ["version", "truncated", "fds"])
+def test_takeover_refuses_a_bad_document(damage: str) -> None:
+    import socket as socket_module
+
+    from nvme_mdev.handover.document import Channel, new_document
+
+    ours, theirs = socket_module.socketpair()
+    proc = subprocess.Popen(
+        [*CLI, "takeover", "--fd", str(theirs.fileno())], pass_fds=(theirs.fileno(),)
+    )
+    theirs.close()
+    channel = Channel(ours)
+    try:
+        hello, _ = channel.receive(60)
+        assert hello["reads"] == [1]
+        doc = new_document(0, control={}, metrics=None, storage=[], controllers=[])
+        if damage == "version":
+            doc["version"] = 99
+            channel.send(doc)
+            answer, _ = channel.receive(30)
+            assert "state version 99" in answer["refused"]
+        elif damage == "fds":
+            doc["fds"] = 3
+            channel.send(doc)
+            answer, _ = channel.receive(30)
+            assert "names 3 fds, 0 came" in answer["refused"]
+        else:
+            ours.sendall(struct_header(1000, 0) + b'{"format": "nvme-mdev-st')
+            ours.shutdown(socket_module.SHUT_WR)
+        assert proc.wait(timeout=30) == 1
+    finally:
+        channel.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def struct_header(length: int, fds: int) -> bytes:
+    import struct
+
+    return struct.pack("<II", length, fds)
+
+
+def test_the_old_process_stays_held_after_the_handover(tmp_path: Path, image: Path) -> None:
+    """Between the commit and its exit the old process must do nothing: its controllers
+    stay held even once the handover's objects are garbage (a collected held() would
+    resume its threads next to the successor's, and both would run the same queues)."""
+    import gc
+    import threading
+
+    from nvme_mdev.config import NamespaceSpec
+    from nvme_mdev.control import ControlServer
+    from nvme_mdev.daemon import ControllerSettings, Daemon, NamespaceRequest
+    from nvme_mdev.handover import upgrade as handover
+    from nvme_mdev.nvme.identity import ControllerConfig
+
+    daemon = Daemon()
+    daemon.create_controller(
+        ControllerSettings(
+            "vm",
+            str(tmp_path / "vm.sock"),
+            ControllerConfig(),
+            namespaces=(NamespaceRequest(NamespaceSpec.parse(str(image))),),
+        )
+    )
+    control = ControlServer(str(tmp_path / "control.sock"), daemon.methods())
+    control.start()
+    device = daemon.controllers["vm"].device
+    handed = handover.upgrade(handover.Served(daemon, control, None))
+    try:
+        gc.collect()
+        taken: list[bool] = []
+        probe = threading.Thread(
+            target=lambda: taken.append(device.controller.lock.acquire(blocking=False))
+        )
+        probe.start()
+        probe.join()
+        assert taken == [False]  # still held by the handover
+        assert call(str(tmp_path / "control.sock"), "list")["controllers"][0]["name"] == "vm"
+    finally:
+        os.kill(handed.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while alive(handed.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        handover._kept_until_exit.pop().close()
+        control.stop()
+        daemon.stop()
