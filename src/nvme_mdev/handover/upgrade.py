@@ -171,7 +171,10 @@ def _answer(
     try:
         return channel.receive(timeout)
     except HandoverError as exc:
-        code = child.poll()
+        try:  # a successor that closed its end is exiting: give it time to be reaped
+            code: int | None = child.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = None
         if code is not None:
             raise HandoverError(f"the new process exited ({code}) during take-over") from exc
         raise
