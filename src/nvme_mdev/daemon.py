@@ -43,6 +43,7 @@ from .config import (
     POLL_TIMEOUT_RANGE,
     ConfigError,
     NamespaceSpec,
+    RbdOptions,
     parse_cpu_list,
     parse_size,
 )
@@ -404,16 +405,29 @@ class Daemon:
         """Held: no control request changes anything (an upgrade holds it)."""
         return self._lock
 
-    def handover_refusal(self) -> str | None:
-        """Why this daemon's controllers cannot be handed over now, if they cannot."""
-        for name, managed in self.controllers.items():
-            for nsid, attached in managed.namespaces.items():
-                if attached.spec.is_rbd:
-                    return (
-                        f"controller {name} nsid {nsid}: RBD namespaces cannot be handed "
-                        "over yet (remove it first, or restart)"
-                    )
-        return None
+    def release_cluster_locks(self) -> list[Any]:
+        """Give back the exclusive locks of RBD images (flushed first), for a successor
+        to take: they cannot travel as fds do. Returns the backends that held one (for
+        retake_cluster_locks if the handover fails). BackendError if one cannot."""
+        released = []
+        try:
+            for managed in self.controllers.values():
+                for ns in managed.device.controller.namespaces.values():
+                    release = getattr(ns.backend, "release_lock", None)
+                    if release is not None and release():
+                        released.append(ns.backend)
+        except BackendError:
+            self.retake_cluster_locks(released)
+            raise
+        return released
+
+    @staticmethod
+    def retake_cluster_locks(backends: list[Any]) -> None:
+        for backend in backends:
+            try:
+                backend.lock()
+            except BackendError as exc:  # someone took it meanwhile: say so loudly
+                log.error("after a failed upgrade: %s", exc)
 
     def handover_state(self, fds: list[int]) -> list[dict[str, Any]]:
         """Every controller (each held: VirtualController.held()), as a successor
@@ -434,7 +448,7 @@ class Daemon:
                     "io_engine": s.io_engine,
                     "data_plane": s.data_plane,
                     "namespaces": [
-                        {"nsid": nsid, "spec": dataclasses.asdict(a.spec)}
+                        {"nsid": nsid, "spec": _spec_state(a.spec)}
                         for nsid, a in managed.namespaces.items()
                     ],
                     "device": device.handover_state(fds),
@@ -453,7 +467,7 @@ class Daemon:
                 iothread_cpu=frozenset(c["iothread_cpu"]) if c["iothread_cpu"] else None,
                 mmap_doorbells=bool(c["mmap_doorbells"]),
                 namespaces=tuple(
-                    NamespaceRequest(NamespaceSpec(**ns["spec"]), ns["nsid"])
+                    NamespaceRequest(_spec_from_state(ns["spec"]), ns["nsid"])
                     for ns in c["namespaces"]
                 ),
                 io_engine=c["io_engine"],
@@ -749,6 +763,22 @@ class Daemon:
             "iothread": iothread,
         }
         return {name: _refusals_as_errors(method) for name, method in table.items()}
+
+
+def _spec_state(spec: NamespaceSpec) -> dict[str, Any]:
+    """A namespace spec for a successor: what it is, not what was made for it (an RBD
+    image created or cloned at `ns add` exists now; break-lock was for then)."""
+    state = dataclasses.asdict(spec)
+    if spec.rbd is not None:
+        state["rbd"] = dataclasses.asdict(
+            dataclasses.replace(spec.rbd, create=None, clone=None, break_lock=False)
+        )
+    return state
+
+
+def _spec_from_state(state: dict[str, Any]) -> NamespaceSpec:
+    rbd = state.get("rbd")
+    return NamespaceSpec(**{**state, "rbd": RbdOptions(**rbd) if rbd is not None else None})
 
 
 def _refusals_as_errors(method: Method) -> Method:

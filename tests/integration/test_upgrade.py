@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -23,6 +24,9 @@ from nvme_mdev.nvme_host import (
     get_log_page,
     read_write,
 )
+
+if TYPE_CHECKING:
+    from ceph_cluster import CephCluster
 
 CLI = [sys.executable, "-m", "nvme_mdev.cli"]
 BLOCK = 512
@@ -369,3 +373,119 @@ def test_the_old_process_stays_held_after_the_handover(tmp_path: Path, image: Pa
         handover._kept_until_exit.pop().close()
         control.stop()
         daemon.stop()
+
+
+def test_a_daemon_hands_over_every_controller_and_its_locks(tmp_path: Path, image: Path) -> None:
+    """Two controllers on windows of one file, one with a namespace added at run time:
+    all of them come back in the new process with the same namespaces, and the writer
+    locks moved with their descriptions (another process still may not write those
+    bytes, even for a moment in between)."""
+    control = tmp_path / "control.sock"
+    daemon = subprocess.Popen([*CLI, "daemon", "--control", str(control)])
+    pid = daemon.pid
+    try:
+        deadline = time.monotonic() + 30
+        while not control.exists():
+            assert time.monotonic() < deadline and daemon.poll() is None
+            time.sleep(0.02)
+        for name, window in (("a", "size=8M"), ("b", "offset=8M")):
+            call(
+                str(control),
+                "controller_create",
+                {
+                    "name": name,
+                    "socket": str(tmp_path / f"{name}.sock"),
+                    "namespaces": [f"{image},{window}"],
+                },
+            )
+        extra = tmp_path / "extra.img"
+        extra.write_bytes(bytes(1 << 20))
+        call(str(control), "namespace_add", {"controller": "b", "spec": str(extra)})
+        before = call(str(control), "list")
+
+        with NvmeHost(str(tmp_path / "a.sock")) as host:
+            host.enable()
+            q = host.create_queue_pair(1)
+            buf = host.alloc(4096)
+            host.ram.write(buf, pattern(0, 8, 1))
+            assert q.command(read_write(0x01, 1, buf, 0, 8)).ok
+            result = call(str(control), "upgrade", timeout=120)
+            pid = int(result["pid"])
+            assert daemon.wait(timeout=30) == 0
+            back = host.alloc(4096)
+            assert q.command(read_write(0x02, 1, back, 0, 8)).ok
+            assert host.ram.read(back, 4096) == pattern(0, 8, 1)
+
+        after = call(str(control), "list")
+        for listing in (before, after):
+            for c in listing["controllers"]:
+                c["iothread"].pop("tid")  # (a thread of the new process)
+        assert after == before
+        assert [len(c["namespaces"]) for c in after["controllers"]] == [1, 2]
+        # The lock on the first 8 MiB is the new process's now: a second process that
+        # writes them is refused; one that writes other bytes is not.
+        refused = subprocess.run(
+            [*CLI, "serve", "--socket", str(tmp_path / "c.sock"), f"{image},size=4M"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert refused.returncode != 0
+        assert "written by a namespace of another nvme-mdev process" in refused.stderr
+    finally:
+        if alive(pid):
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+
+
+def test_an_rbd_namespace_moves_with_its_lock(ceph_cluster: CephCluster, tmp_path: Path) -> None:
+    """An RBD image's exclusive lock cannot travel as an fd: the old process flushes and
+    gives it back while held, the new one takes it before it says ready. Data written
+    before reads back after, the lock has one holder (the new client), and a second
+    writer is still refused."""
+    name = f"upgrade-{os.getpid()}"
+    pool = ceph_cluster.pool
+    ceph_cluster.run("rbd", "create", "--size", "8M", f"{pool}/{name}")
+    spec = ",".join(
+        [
+            f"rbd:{pool}/{name}",
+            f"conf={ceph_cluster.conf_path}",
+            f"id={ceph_cluster.client_id}",
+            f"keyring={ceph_cluster.keyring_path}",
+        ]
+    )
+
+    def lockers() -> list[str]:
+        listing = ceph_cluster.run_json("rbd", "lock", "ls", f"{pool}/{name}")
+        return [entry["locker"] for entry in listing]
+
+    served = Served(tmp_path, "--poll-timeout-ms", "20", spec)
+    try:
+        with NvmeHost(str(served.socket)) as host:
+            host.enable()
+            q = host.create_queue_pair(1)
+            buf = host.alloc(4096)
+            host.ram.write(buf, pattern(0, 8, 5))
+            assert q.command(read_write(0x01, 1, buf, 0, 8), timeout=90).ok
+            (before,) = lockers()
+            served.upgrade()
+            (after,) = lockers()
+            assert after != before
+            back = host.alloc(4096)
+            assert q.command(read_write(0x02, 1, back, 0, 8), timeout=90).ok
+            assert host.ram.read(back, 4096) == pattern(0, 8, 5)
+            assert q.command(read_write(0x01, 1, buf, 8, 8), timeout=90).ok
+        other = subprocess.run(
+            [*CLI, "serve", "--socket", str(tmp_path / "other.sock"), spec],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert other.returncode != 0 and f"locked by {after}" in other.stderr
+    finally:
+        served.stop()

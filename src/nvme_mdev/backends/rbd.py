@@ -537,6 +537,21 @@ class RbdBackend:
                     _holder(owner, watching),
                 )
 
+    def release_lock(self) -> bool:
+        """Flush and give the exclusive lock back, keeping the image open (a successor
+        process takes it: upgrade in place); whether it was held. BackendError if the
+        flush fails (then the lock is kept: unflushed writes must not change hands)."""
+        if not self._locked or self._image is None:
+            return False
+        rc = self.rbd.rbd_flush(self._image)
+        if rc < 0:
+            raise BackendError(f"{self.description}: flush before the handover: {os.strerror(-rc)}")
+        rc = self.rbd.rbd_lock_release(self._image)
+        if rc < 0:
+            raise BackendError(f"{self.description}: releasing the lock: {os.strerror(-rc)}")
+        self._locked = False
+        return True
+
     def _locked_by(self, owners: list[str], watching: dict[str, int]) -> BackendError:
         who = ", ".join(_holder(o, watching) for o in owners) or "another client"
         return BackendError(

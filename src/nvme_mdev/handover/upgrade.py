@@ -80,9 +80,6 @@ def upgrade(served: Served, command: list[str] | None = None) -> Handed:
         raise HandoverError("an upgrade is already running")
     try:
         with served.daemon.lock:
-            refusal = served.daemon.handover_refusal()
-            if refusal:
-                raise HandoverError(refusal)
             return _hand_over(served, command)
     finally:
         _running.release()
@@ -136,6 +133,11 @@ def _converse(served: Served, channel: Channel, child: subprocess.Popen[bytes]) 
             metrics = len(fds)
             fds.append(served.metrics.listener.fileno())
         controllers = daemon.handover_state(fds)
+        try:
+            released = daemon.release_cluster_locks()
+        except Exception as exc:
+            raise HandoverError(str(exc)) from exc
+        held.callback(daemon.retake_cluster_locks, released)  # (unless committed)
         storage = []
         for key, fd in descriptors.held():
             storage.append([*key, len(fds)])
