@@ -12,6 +12,7 @@
 pub mod engine;
 pub mod fuzzing;
 pub mod interrupts;
+pub mod journal;
 pub mod media_errors;
 pub mod memory;
 pub mod plane;

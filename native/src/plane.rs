@@ -153,6 +153,8 @@ pub struct State {
     active: Vec<u16>,
     shadow_pages: Option<(u64, u64)>,
     page: Option<DoorbellPage>,
+    /// where the queues stand and what is in flight, for a successor after a crash
+    pub journal: Option<crate::journal::Journal>,
     /// queues are being restored from a predecessor process: their doorbells hold the
     /// guest's latest values, which attaching must not overwrite
     pub keep_doorbells: bool,
@@ -264,6 +266,7 @@ impl Shared {
             active: Vec::new(),
             shadow_pages: None,
             page,
+            journal: None,
             keep_doorbells: false,
             admin_words: (0, 0),
             aborts: HashSet::new(),
@@ -831,6 +834,9 @@ impl State {
                     break;
                 }
                 let sqe = sq.fetch(&self.memory, fb)?;
+                if let Some(journal) = self.journal {
+                    journal.fetched(qid, sq.head, sqe.cid());
+                }
                 n += 1;
                 if !self.aborts.is_empty() && self.aborts.remove(&(qid, sqe.cid())) {
                     let c = Completion {
@@ -898,6 +904,9 @@ impl State {
             return Ok(());
         };
         cq.post(&self.memory, fb, c.dw0, head, sqid, sqe.cid(), c.status)?;
+        if let Some(journal) = self.journal {
+            journal.posted(sqid, sqe.cid(), cqid, cq.tail, cq.phase);
+        }
         cq.unsignalled += 1;
         if cq.unsignalled == 1 {
             self.touched.push(cqid);

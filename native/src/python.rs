@@ -470,6 +470,21 @@ impl PyPlane {
         })
     }
 
+    /// Keep the I/O journal (handover/journal.py) in `buffer`, a mapping the caller
+    /// keeps alive for as long as the plane lives.
+    fn set_journal(
+        &self,
+        py: Python<'_>,
+        buffer: &Bound<'_, PyAny>,
+        queues: usize,
+    ) -> PyResult<()> {
+        let (address, len) = buffer_address(buffer)?;
+        let journal = crate::journal::Journal::new(address as *mut u8, len, queues)
+            .ok_or_else(|| pyo3::exceptions::PyValueError::new_err("journal too short"))?;
+        py.detach(|| self.shared.lock().journal = Some(journal));
+        Ok(())
+    }
+
     fn keep_doorbells(&self, py: Python<'_>, on: bool) {
         py.detach(|| self.shared.lock().keep_doorbells = on);
     }

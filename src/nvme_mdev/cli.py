@@ -31,7 +31,8 @@ from .control import ControlError, ControlServer, call, default_control_path
 from .dataplane import DATA_PLANES
 from .engine.poller import DEFAULT_POLL_TIMEOUT
 from .handover import upgrade as handover
-from .handover.document import HandoverError
+from .handover.document import Channel, HandoverError
+from .handover.supervisor import Checkpointer, supervise
 from .handover.upgrade import Served
 from .metrics import MetricsServer
 from .nvme.identity import ControllerConfig
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also serve the statistics for Prometheus at http://HOST:PORT/metrics",
     )
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    add_supervision_options(serve)
     stats = commands.add_parser(
         "stats",
         help="show a running device's statistics",
@@ -207,6 +209,17 @@ def add_controller_options(parser: argparse.ArgumentParser, defaults_shown: bool
     )
 
 
+def add_supervision_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--supervised",
+        action="store_true",
+        help="run under a small supervisor that keeps the VMs' connections and the "
+        "controllers' state, and starts a new process if this one dies (SIGKILL, a crash, "
+        "an out-of-memory kill): the guests see a pause and retry what was in flight",
+    )
+    parser.add_argument("--checkpoint-fd", type=int, help=argparse.SUPPRESS)
+
+
 def add_client_arguments(parser: argparse.ArgumentParser, json_flag: bool = True) -> None:
     parser.add_argument(
         "--control",
@@ -237,6 +250,7 @@ def add_daemon_parsers(commands: Any) -> None:
         help="control socket to create (mode 0600; default %(default)s)",
     )
     daemon.add_argument("--config", metavar="FILE", help="TOML file of controllers to create")
+    add_supervision_options(daemon)
     daemon.add_argument(
         "--metrics", metavar="HOST:PORT", help="serve every controller's statistics at /metrics"
     )
@@ -263,6 +277,7 @@ def add_daemon_parsers(commands: Any) -> None:
     )
     takeover = commands.add_parser("takeover")  # (the new process of an upgrade)
     takeover.add_argument("--fd", type=int, required=True)
+    takeover.add_argument("--crashed", action="store_true")
     takeover.add_argument(
         "--log-level", default="info", choices=("debug", "info", "warning", "error")
     )
@@ -399,7 +414,7 @@ def serve(args: argparse.Namespace) -> int:
         io_engine=args.io_engine,
         data_plane=args.data_plane,
     )
-    daemon = Daemon()
+    daemon = Daemon(journal=args.checkpoint_fd is not None)
     try:
         daemon.create_controller(settings)
     except SocketTaken as exc:
@@ -411,7 +426,13 @@ def serve(args: argparse.Namespace) -> int:
     except ConfigError:
         daemon.stop()
         raise
-    return _run_until_signal(Served(daemon, control, metrics), stop)
+    return _run_until_signal(Served(daemon, control, metrics, _supervisor(args)), stop)
+
+
+def _supervisor(args: argparse.Namespace) -> Channel | None:
+    if args.checkpoint_fd is None:
+        return None
+    return Channel(socket.socket(fileno=args.checkpoint_fd))
 
 
 def run_daemon(args: argparse.Namespace) -> int:
@@ -423,7 +444,7 @@ def run_daemon(args: argparse.Namespace) -> int:
     declared = load_config(args.config) if args.config else []
     parent = os.path.dirname(os.path.abspath(args.control))
     os.makedirs(parent, mode=0o700, exist_ok=True)  # /run/nvme-mdev on a fresh boot
-    daemon = Daemon()
+    daemon = Daemon(journal=args.checkpoint_fd is not None)
     control, metrics = _control_plane(args.control, args.metrics, daemon)
     try:
         for settings in declared:
@@ -440,13 +461,15 @@ def run_daemon(args: argparse.Namespace) -> int:
         len(declared),
         f" from {args.config}" if args.config else "",
     )
-    return _run_until_signal(Served(daemon, control, metrics), stop)
+    return _run_until_signal(Served(daemon, control, metrics, _supervisor(args)), stop)
 
 
 def take_over(args: argparse.Namespace) -> int:
     """The new process of an upgrade (handover/upgrade.py)."""
     stop = _stop_on_signals()
-    return handover.take_over(args.fd, lambda served: _run_until_signal(served, stop))
+    return handover.take_over(
+        args.fd, lambda served: _run_until_signal(served, stop), crashed=args.crashed
+    )
 
 
 def upgrade(args: argparse.Namespace) -> int:
@@ -530,6 +553,9 @@ def _run_until_signal(served: Served, stop: threading.Event) -> int:
         return {"pid": handed.pid, "paused_ms": round(handed.paused_ms, 1)}
 
     control.methods["upgrade"] = upgrade_method
+    checkpointer = Checkpointer(served) if served.supervisor is not None else None
+    if checkpointer is not None:
+        checkpointer.start()
     control.start()
     if metrics is not None:
         metrics.start()
@@ -547,6 +573,8 @@ def _run_until_signal(served: Served, stop: threading.Event) -> int:
             continue
         handover.exit_now()
         return 0  # (not reached)
+    if checkpointer is not None:
+        checkpointer.stop()
     _sd_notify("STOPPING=1")
     log.info("stopping: finishing in-flight commands and flushing")
     if metrics is not None:
@@ -554,6 +582,15 @@ def _run_until_signal(served: Served, stop: threading.Event) -> int:
     control.stop()
     daemon.stop()
     return 0
+
+
+def _supervise(argv: Sequence[str]) -> int:
+    """Run this very command (less --supervised) as the worker of a supervisor."""
+    program = [sys.executable, "-m", "nvme_mdev.cli"]
+    worker = [*program, *(a for a in argv if a != "--supervised")]
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
+    successor = [*program, "takeover", "--crashed", "--log-level", level]
+    return supervise(worker, successor)
 
 
 def _successor_command(executable: str | None = None) -> list[str]:
@@ -801,6 +838,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        if getattr(args, "supervised", False):
+            return _supervise(argv if argv is not None else sys.argv[1:])
         if args.command == "serve":
             return serve(args)
         if args.command == "bench":

@@ -18,6 +18,9 @@ from .config import ConfigError
 from .dataplane import DATA_PLANES, make_vector_routes
 from .engine.poller import DEFAULT_POLL_TIMEOUT, AdminWorker
 from .guest_memory import words32
+from .handover.journal import Journal
+from .handover.recovery import recover
+from .handover.supervisor import state_changed
 from .nvme.controller import Controller
 from .nvme.identity import ControllerConfig
 from .nvme.namespace import Namespace
@@ -52,12 +55,17 @@ class VirtualController:
         io_engine: str = "auto",
         data_plane: str = DATA_PLANES[0],
         predecessor: tuple[dict[str, Any], Sequence[int]] | None = None,
+        journal: bool = False,
+        crashed: bool = False,
     ) -> None:
         """`io_engine`: auto, sync or uring (backends/io_engine.py); ConfigError if uring
         is asked for and the kernel refuses it. `data_plane`: native or python
         (dataplane/). `predecessor`: the state a predecessor process handed over
         (handover_state) and the fds that came with it: this controller goes on where
-        that one stopped, on its sockets and the guest's memory."""
+        that one stopped, on its sockets and the guest's memory. `journal`: keep the
+        queues' positions and commands in flight in shared memory (crash recovery: a
+        supervisor holds it); `crashed`: the predecessor died, its state is a checkpoint
+        that the journal brings up to date (handover/recovery.py)."""
         config = config or ControllerConfig()
         try:
             engine = self.engine = make_io_engine(io_engine)
@@ -70,6 +78,15 @@ class VirtualController:
             for r in state["memory"]["regions"]:
                 fd = fds[r["fd"]] if r["fd"] is not None else None
                 self.memory.map(r["iova"], r["size"], r["readable"], r["writable"], fd, r["offset"])
+        self.journal: Journal | None = None
+        if state.get("journal_memfd") is not None:
+            queues = config.max_io_queues + 1
+            self.journal = Journal(fds[state["journal_memfd"]], queues, fresh=False)
+        elif journal:
+            self.journal = Journal.create(config.max_io_queues + 1)
+        if crashed and self.journal is not None:
+            interrupted = recover(state["controller"], self.journal, self.memory, config.aer_limit)
+            log.info("after the crash: %d command(s) in flight completed interrupted", interrupted)
         self._bar0_fd: int | None = None
         self._bar0_map: mmap.mmap | None = None
         doorbell_words: memoryview | None = None
@@ -121,12 +138,17 @@ class VirtualController:
             engine.close()
             raise ConfigError(str(exc)) from exc
         self.function.attach_bar0(self.controller)
+        if self.journal is not None:
+            self.controller.attach_journal(self.journal)
         self.data = self.controller.data
         self.memory.add_listener(self.data.memory_changed)
         self.memory.on_lost(self._guest_memory_lost)
         self.admin_worker = AdminWorker(self.controller)
         if predecessor is None:
-            self.server = VfioUserServer(socket_path, self.function, self.memory)
+            self.server = VfioUserServer(
+                socket_path, self.function, self.memory, exact_reads=self.journal is not None
+            )
+            self.server.on_change = state_changed
             return
         served = state["server"]
         self.server = VfioUserServer(
@@ -134,9 +156,15 @@ class VirtualController:
             self.function,
             self.memory,
             listener=socket.socket(fileno=fds[served["listener"]]),
-            session=Session.resume(served["session"], fds) if served["session"] else None,
+            session=(
+                Session.resume(served["session"], fds, self.journal is not None)
+                if served["session"]
+                else None
+            ),
             clients=[socket.socket(fileno=fds[i]) for i in served["clients"]],
+            exact_reads=self.journal is not None,
         )
+        self.server.on_change = state_changed
         self.function.restore(state["pci"], fds)
         self.controller.restore(state["controller"])
 
@@ -150,7 +178,13 @@ class VirtualController:
         with self.server.held(), self.controller.lock, self.data.paused():
             yield
 
-    def handover_state(self, fds: list[int]) -> dict[str, Any]:
+    def checkpoint_state(self, fds: list[int]) -> dict[str, Any]:
+        """handover_state() without the hold: what a successor goes on from after a crash
+        (the queues' positions then come from the journal)."""
+        with self.controller.lock, self.data.paused():
+            return self.handover_state(fds, held=False)
+
+    def handover_state(self, fds: list[int], held: bool = True) -> dict[str, Any]:
         """Everything a successor needs (held()), the fds it needs appended to `fds`."""
         regions = []
         for r in self.memory.regions:
@@ -172,10 +206,15 @@ class VirtualController:
         if self._bar0_fd is not None:
             bar0 = len(fds)
             fds.append(self._bar0_fd)
+        journal = None
+        if self.journal is not None:
+            journal = len(fds)
+            fds.append(self.journal.fd)
         return {
             "memory": {"max_regions": self.memory.max_regions, "regions": regions},
             "bar0_memfd": bar0,
-            "server": self.server.handover_state(fds),
+            "journal_memfd": journal,
+            "server": self.server.handover_state(fds, held),
             "pci": self.function.handover_state(fds),
             "controller": self.controller.handover_state(),
         }
@@ -269,3 +308,6 @@ class VirtualController:
             self._bar0_map.close()
         if self._bar0_fd is not None:
             os.close(self._bar0_fd)
+        if self.journal is not None:
+            self.journal.close()
+            os.close(self.journal.fd)

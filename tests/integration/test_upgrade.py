@@ -274,13 +274,8 @@ def test_cli_upgrade_and_sighup(tmp_path: Path, image: Path) -> None:
 
 
 def _pid_of_socket_owner(path: str) -> int:
-    import socket as socket_module
-    import struct
-
-    with socket_module.socket(socket_module.AF_UNIX) as sock:
-        sock.connect(path)
-        creds = sock.getsockopt(socket_module.SOL_SOCKET, socket_module.SO_PEERCRED, 12)
-    return int(struct.unpack("3i", creds)[0])
+    """The pid of the process that serves the control socket now."""
+    return int(call(path, "list")["pid"])
 
 
 # --- the new process refuses a document it cannot take -----------------------------------
@@ -417,6 +412,7 @@ def test_a_daemon_hands_over_every_controller_and_its_locks(tmp_path: Path, imag
             assert host.ram.read(back, 4096) == pattern(0, 8, 1)
 
         after = call(str(control), "list")
+        assert after.pop("pid") == pid != before.pop("pid")
         for listing in (before, after):
             for c in listing["controllers"]:
                 c["iothread"].pop("tid")  # (a thread of the new process)
@@ -489,3 +485,92 @@ def test_an_rbd_namespace_moves_with_its_lock(ceph_cluster: CephCluster, tmp_pat
         assert other.returncode != 0 and f"locked by {after}" in other.stderr
     finally:
         served.stop()
+
+
+# --- crash recovery: a supervisor replaces a worker that dies -----------------------------
+
+INTERRUPTED = 0x21  # Command Interrupted (Generic Command Status), Do Not Retry clear
+
+
+@pytest.mark.parametrize("doorbells", ["shadow", "mapped"])
+@pytest.mark.parametrize("plane", ["native"])
+def test_a_killed_worker_is_replaced_and_the_host_goes_on(
+    tmp_path: Path, image: Path, plane: str, doorbells: str
+) -> None:
+    """SIGKILL the worker with commands in flight, three times: every command completes,
+    successfully or with Command Interrupted (and then succeeds when retried, as a host
+    retries it); no reset; every write acknowledged reads back; features and a waiting
+    Asynchronous Event Request survive."""
+    args = ["--supervised", "--data-plane", plane, "--poll-timeout-ms", "20", str(image)]
+    if doorbells == "mapped":
+        args.insert(0, "--mmap-doorbells")
+    served = Served(tmp_path, *args)
+    try:
+        with NvmeHost(str(served.socket)) as host:
+            if doorbells == "mapped":
+                host.map_doorbells()
+            host.enable()
+            if doorbells == "shadow":
+                host.enable_shadow_doorbells()
+            queues = [host.create_queue_pair(qid, entries=64) for qid in (1, 2)]
+            assert host.set_features(FeatureId.INTERRUPT_COALESCING, 0x0105).ok
+            assert host.set_features(FeatureId.ASYNC_EVENT_CONFIG, 0x100).ok
+            assert host.admin is not None
+            aer = host.admin.submit(async_event_request())
+            acknowledged: dict[int, int] = {}  # lba: round
+            interrupted = 0
+            for round_ in range(3):
+                worker = _pid_of_socket_owner(served.control)
+                assert worker != served.first.pid
+                submitted = {}
+                for i, q in enumerate(queues):
+                    for j in range(16):
+                        lba = (i * 16 + j) * 8
+                        buf = host.alloc(4096)
+                        host.ram.write(buf, pattern(lba, 8, round_))
+                        cid = q.submit(read_write(0x01, 1, buf, lba, 8))
+                        submitted[(q.qid, cid)] = (q, lba, buf)
+                os.kill(worker, signal.SIGKILL)
+                for q in queues:
+                    for c in q.wait(16, timeout=60):
+                        _, lba, buf = submitted.pop((q.qid, c.cid))
+                        if c.status & 0x7FF == INTERRUPTED:
+                            interrupted += 1
+                            assert not c.status & 0x4000  # Do Not Retry clear
+                            assert q.command(read_write(0x01, 1, buf, lba, 8), timeout=60).ok
+                        else:
+                            assert c.ok, hex(c.status)
+                        acknowledged[lba] = round_
+                assert not submitted
+                assert host.reg32(Reg.CSTS) & 0b11 == 0b01
+                deadline = time.monotonic() + 30
+                while _pid_of_socket_owner(served.control) == worker:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+            for lba, round_ in acknowledged.items():
+                back = host.alloc(4096)
+                assert queues[0].command(read_write(0x02, 1, back, lba, 8), timeout=60).ok
+                assert host.ram.read(back, 4096) == pattern(lba, 8, round_), lba
+            c, _ = host.get_features(FeatureId.INTERRUPT_COALESCING)
+            assert c.ok and c.dw0 == 0x0105
+            extra = tmp_path / "extra.img"
+            extra.write_bytes(bytes(1 << 20))
+            call(served.control, "namespace_add", {"spec": str(extra)})
+            (event,) = host.admin.wait(1, timeout=30)
+            assert event.cid == aer and event.ok
+            print("commands completed Command Interrupted:", interrupted)
+        assert served.first.poll() is None  # the supervisor
+        served.first.send_signal(signal.SIGTERM)
+        assert served.first.wait(timeout=60) == 0
+    finally:
+        served.stop()
+
+
+def test_supervised_needs_the_native_plane(tmp_path: Path, image: Path) -> None:
+    out = subprocess.run(
+        [*CLI, "serve", "--supervised", "--data-plane", "python", "--socket",
+         str(tmp_path / "s.sock"), str(image)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "supervised controllers need the native data plane" in out.stderr

@@ -38,6 +38,7 @@ from .events import DataPlaneEvent
 if TYPE_CHECKING:
     from ..backends.io_engine import IoEngine
     from ..guest_memory import GuestMemory, MemoryChange
+    from ..handover.journal import Journal
     from ..nvme.identity import ControllerConfig
     from ..nvme.interrupts import InterruptSink, VectorRoutes
     from ..nvme.io import IoCounters
@@ -154,6 +155,10 @@ class DataPlane(Protocol):
         ...
 
     def delete_cq(self, qid: int) -> None: ...
+
+    def set_journal(self, journal: Journal) -> None:
+        """Keep `journal` (handover/journal.py) as the I/O queues fetch and post."""
+        ...
 
     def positions(self) -> list[QueuePosition]:
         """Every queue's position (paused, for a successor process)."""

@@ -27,6 +27,7 @@ from ..backends.io_engine import IoEngine, SyncEngine
 from ..backends.rbd import RbdBackend
 from ..backends.window import WindowBackend
 from ..guest_memory import GuestMemory, MemoryChange
+from ..handover.journal import Journal
 from ..nvme.identity import ControllerConfig
 from ..nvme.interrupts import InterruptSink
 from ..nvme.io import Completed, IoCommandSet, IoCounters
@@ -207,6 +208,9 @@ class NativeDataPlane:
 
     def delete_cq(self, qid: int) -> None:
         self._plane.delete_cq(qid)
+
+    def set_journal(self, journal: Journal) -> None:
+        self._plane.set_journal(journal.buffer, journal.queues)
 
     def positions(self) -> list[QueuePosition]:
         with self.paused():

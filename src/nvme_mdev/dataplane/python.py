@@ -20,6 +20,7 @@ from typing import Any
 from ..backends.io_engine import IoEngine, Transfer
 from ..engine.poller import IoThread
 from ..guest_memory import DmaError, GuestMemory, MemoryChange
+from ..handover.journal import Journal
 from ..nvme.identity import ControllerConfig
 from ..nvme.interrupts import InterruptSink
 from ..nvme.io import Completed, IoCommandSet, IoCounters
@@ -91,6 +92,7 @@ class PythonDataPlane:
         #: (shadow doorbell page, EventIdx page), once Doorbell Buffer Config set them
         self.shadow_pages: tuple[int, int] | None = None
         self._keep_doorbells = False  # restoring a predecessor's queues (restore())
+        self.journal: Journal | None = None
         #: (SQID, CID) of queued commands an Abort marked: completed unrun when fetched
         self.aborts: set[tuple[int, int]] = set()
         #: MSI-X vectors held back by interrupt coalescing: [completions, deadline ns]
@@ -157,6 +159,7 @@ class PythonDataPlane:
         self, qid: int, base: int, size: int, vector: int, interrupts_enabled: bool
     ) -> None:
         cq = CompletionQueue(self.memory, qid, base, size, vector, interrupts_enabled)
+        cq.journal = self.journal
         self._attach_doorbell(cq)
         with self.paused():
             self.cqs[qid] = cq
@@ -164,6 +167,7 @@ class PythonDataPlane:
     def create_sq(self, qid: int, base: int, size: int, cqid: int, priority: int) -> None:
         cq = self.cqs[cqid]
         sq = SubmissionQueue(self.memory, qid, base, size, cq, priority, self.stats.queues[qid])
+        sq.journal = self.journal
         self._attach_doorbell(sq)
         with self.paused():
             cq.sq_ids.add(qid)
@@ -184,6 +188,13 @@ class PythonDataPlane:
     def delete_cq(self, qid: int) -> None:
         with self.paused():
             release_views([self.cqs.pop(qid)])
+
+    def set_journal(self, journal: Journal) -> None:
+        with self.paused():
+            self.journal = journal
+            queues: list[Queue] = [*self.sqs.values(), *self.cqs.values()]
+            for queue in queues:
+                queue.journal = journal
 
     def positions(self) -> list[QueuePosition]:
         with self.paused():

@@ -61,6 +61,8 @@ class Served:
     daemon: Daemon
     control: ControlServer
     metrics: MetricsServer | None
+    #: the supervisor's checkpoint channel, when one runs this process (crash recovery)
+    supervisor: Channel | None = None
 
 
 @dataclass(frozen=True)
@@ -126,29 +128,12 @@ def _converse(served: Served, channel: Channel, child: subprocess.Popen[bytes]) 
         for managed in daemon.controllers.values():
             held.enter_context(managed.device.held())
         fds: list[int] = []
-        control = len(fds)
-        fds.append(served.control.listener.fileno())
-        metrics = None
-        if served.metrics is not None:
-            metrics = len(fds)
-            fds.append(served.metrics.listener.fileno())
-        controllers = daemon.handover_state(fds)
+        document = state_document(served, fds, checkpoint=False)
         try:
             released = daemon.release_cluster_locks()
         except Exception as exc:
             raise HandoverError(str(exc)) from exc
         held.callback(daemon.retake_cluster_locks, released)  # (unless committed)
-        storage = []
-        for key, fd in descriptors.held():
-            storage.append([*key, len(fds)])
-            fds.append(fd)
-        document = new_document(
-            len(fds),
-            control={"path": served.control.path, "listener": control},
-            metrics={"listener": metrics} if metrics is not None else None,
-            storage=storage,
-            controllers=controllers,
-        )
         channel.send(document, fds)
         answer, _ = _answer(channel, child, RESTORE_TIMEOUT)
         if not answer.get("ready"):
@@ -163,8 +148,40 @@ def _converse(served: Served, channel: Channel, child: subprocess.Popen[bytes]) 
     with contextlib.suppress(HandoverError):
         serving, _ = channel.receive(START_TIMEOUT)
         paused_ms = float(serving.get("paused_ms", paused_ms))
+    if served.supervisor is not None:  # it waits for the successor now, not for us
+        with contextlib.suppress(OSError, HandoverError):
+            served.supervisor.send({"successor": child.pid})
+            served.supervisor.receive(START_TIMEOUT)  # before we exit
     log.info("handed over to pid %d (guests paused %.1f ms)", child.pid, paused_ms)
     return Handed(child.pid, paused_ms)
+
+
+def state_document(served: Served, fds: list[int], checkpoint: bool) -> dict[str, Any]:
+    """Everything `served` is, for a successor: held (an upgrade) or as it is now (a
+    checkpoint for crash recovery); the fds to pass appended to `fds`."""
+    control = len(fds)
+    fds.append(served.control.listener.fileno())
+    metrics = None
+    if served.metrics is not None:
+        metrics = len(fds)
+        fds.append(served.metrics.listener.fileno())
+    controllers = served.daemon.handover_state(fds, checkpoint)
+    storage = []
+    for key, fd in descriptors.held():
+        storage.append([*key, len(fds)])
+        fds.append(fd)
+    supervisor = None
+    if served.supervisor is not None:
+        supervisor = len(fds)
+        fds.append(served.supervisor.sock.fileno())
+    return new_document(
+        len(fds),
+        control={"path": served.control.path, "listener": control},
+        metrics={"listener": metrics} if metrics is not None else None,
+        storage=storage,
+        controllers=controllers,
+        supervisor=supervisor,
+    )
 
 
 def _answer(
@@ -194,9 +211,10 @@ def exit_now() -> None:
 # --- the new process -----------------------------------------------------------------
 
 
-def take_over(fd: int, serve: Callable[[Served], int]) -> int:
+def take_over(fd: int, serve: Callable[[Served], int], crashed: bool = False) -> int:
     """`nvme-mdev takeover --fd FD`: rebuild what the process at the other end of FD
-    serves, start once it lets go, then `serve` (the usual main loop)."""
+    serves, start once it lets go, then `serve` (the usual main loop). `crashed`: the
+    other end is the supervisor of a process that died (handover/supervisor.py)."""
     from .. import __version__
     from ..control import ControlServer
     from ..daemon import Daemon
@@ -217,8 +235,11 @@ def take_over(fd: int, serve: Callable[[Served], int]) -> int:
         descriptors.inherit(
             [((path, flags, tag), fds[i]) for path, flags, tag, i in doc["storage"]]
         )
-        daemon = Daemon()
-        daemon.restore_controllers(doc["controllers"], fds)
+        supervisor = None
+        if doc.get("supervisor") is not None:
+            supervisor = Channel(socket.socket(fileno=fds[doc["supervisor"]]))
+        daemon = Daemon(journal=supervisor is not None)
+        daemon.restore_controllers(doc["controllers"], fds, crashed)
         leftover = descriptors.close_unclaimed()
         if leftover:
             log.warning("takeover: %d storage descriptor(s) nobody took", leftover)
@@ -252,4 +273,4 @@ def take_over(fd: int, serve: Callable[[Served], int]) -> int:
     log.info(
         "took over %d controller(s); guests paused %.1f ms", len(daemon.controllers), paused_ms
     )
-    return serve(Served(daemon, control, metrics))
+    return serve(Served(daemon, control, metrics, supervisor))

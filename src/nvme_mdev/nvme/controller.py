@@ -28,6 +28,8 @@ from ..backends.io_engine import IoEngine, SyncEngine
 from ..dataplane import DataPlane, IoSettings, QueuePosition, make_data_plane
 from ..dataplane.events import CommandFailed, DataPlaneEvent, Fatal, InvalidDoorbell, StorageFailed
 from ..guest_memory import DmaError, GuestMemory
+from ..handover.journal import Journal
+from ..handover.supervisor import state_changed
 from . import registers as regs
 from .admin import events, features, identify, log_pages
 from .admin import queues as queue_admin
@@ -124,6 +126,8 @@ class Controller:
         self.doorbell_buffers: tuple[int, int] | None = None
         #: SMART counters a predecessor process had counted (upgrade in place)
         self._carried_counters = IoCounters()
+        #: where the queues stand, for a successor after a crash (attach_journal)
+        self.journal: Journal | None = None
         self._admin_handlers: dict[int, AdminHandler] = {
             AdminOpcode.IDENTIFY: identify.identify,
             AdminOpcode.GET_LOG_PAGE: log_pages.get_log_page,
@@ -227,8 +231,11 @@ class Controller:
         """Apply what the data plane reported (the admin worker, on its notify()): error
         log entries, storage failures, a fatal error; and the INTx level, which its
         completions may have changed."""
-        for event in self.data.take_events():
+        events = self.data.take_events()
+        for event in events:
             self._apply(event)
+        if events:
+            state_changed()
         if not self.interrupts.msix_enabled():
             self._update_intx()
 
@@ -377,6 +384,10 @@ class Controller:
         if self.doorbell_words is not None:
             self.admin_sq.shadow = MappedDoorbell(self.doorbell_words, 0)
             self.admin_cq.shadow = MappedDoorbell(self.doorbell_words, 4)
+        if self.journal is not None:
+            self.journal.reset_sq(0)
+            self.journal.reset_cq(0)
+            self.admin_sq.journal = self.admin_cq.journal = self.journal
         r.csts |= CSTS_RDY
         self.data.enable()  # with mapped doorbells it polls from now on
 
@@ -428,6 +439,16 @@ class Controller:
             self.interrupts.set_intx(False)
 
     # --- upgrade in place ------------------------------------------------------------
+
+    def attach_journal(self, journal: Journal) -> None:
+        """Keep the queues' positions and commands in flight in `journal` (crash recovery)."""
+        with self.lock:
+            self.journal = journal
+            self.io_queues.journal = journal
+            self.data.set_journal(journal)
+            for queue in (self.admin_sq, self.admin_cq):
+                if queue is not None:
+                    queue.journal = journal
 
     def handover_state(self) -> dict[str, Any]:
         """Everything the host set up and the controller keeps, for a successor process
@@ -494,6 +515,7 @@ class Controller:
                     self.admin_cq.shadow = MappedDoorbell(self.doorbell_words, 4)
                 self.admin_sq.head, self.admin_sq.tail = admin["sq"]
                 self.admin_cq.head, self.admin_cq.tail, self.admin_cq.phase = admin["cq"]
+                self.admin_sq.journal = self.admin_cq.journal = self.journal
             buffers = state["doorbell_buffers"]
             self.doorbell_buffers = (int(buffers[0]), int(buffers[1])) if buffers else None
 
@@ -502,7 +524,18 @@ class Controller:
                 if self.doorbell_buffers is not None:
                     self.data.set_doorbell_buffers(*self.doorbell_buffers)
 
-            self.data.restore(create, [QueuePosition(**p) for p in state["positions"]])
+            positions = [QueuePosition(**p) for p in state["positions"]]
+            self.data.restore(create, positions)
+            if self.journal is not None:  # (creating the queues reset their records)
+                for p in positions:
+                    if p.is_cq:
+                        self.journal.set_position(p.qid, None, (p.tail, p.phase))
+                    else:
+                        self.journal.set_position(p.qid, p.head, None)
+                        self.journal.rung(p.qid, p.tail)
+                if admin is not None:
+                    self.journal.set_position(0, admin["sq"][0], (admin["cq"][1], admin["cq"][2]))
+                    self.journal.rung(0, admin["sq"][1])
             self.features.restore(state["features"])
             self.apply_settings()
             self.events.restore(state["events"])
@@ -549,6 +582,9 @@ class Controller:
         qid, is_cq = index >> 1, bool(index & 1)
         if not self.registers.ready or self.registers.fatal:
             return
+        journal = self.journal
+        if journal is not None and not is_cq and qid < journal.queues and value < 0x10000:
+            journal.rung(qid, value)  # (checked against the queue's size by recovery)
         if qid:
             if not self.data.doorbell(qid, is_cq, value):
                 exists = self.io_queues.cq(qid) if is_cq else self.io_queues.sq(qid)
@@ -609,7 +645,10 @@ class Controller:
             except DmaError as exc:
                 self.fatal(f"admin queue memory: {exc}")
                 return done
-            if posted:
+        if posted:
+            # A supervisor has this state before the guest hears of it (crash recovery).
+            state_changed()
+            with self.lock:
                 self.signal_admin()
         return done
 

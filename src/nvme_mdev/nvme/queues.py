@@ -16,12 +16,15 @@ ring iff (u16)(new - event_idx - 1) < (u16)(new - old)).
 from __future__ import annotations
 
 import struct
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..dataplane.fence import full_fence
 from ..guest_memory import DmaError, GuestMemory, words32
 from ..statistics import QueueStats
 from .spec import CQE_SIZE, SQE_SIZE
+
+if TYPE_CHECKING:
+    from ..handover.journal import Journal
 
 _U32 = struct.Struct("<I")
 # CQE DW0, DW1, DW2 (SQHD | SQID << 16); DW3 is CID | phase << 16 | status << 17
@@ -184,6 +187,7 @@ class CompletionQueue:
     __slots__ = (
         "head",
         "interrupts_enabled",
+        "journal",
         "memory",
         "phase",
         "qid",
@@ -214,6 +218,8 @@ class CompletionQueue:
         self.tail = 0
         self.phase = 1
         self.shadow: Doorbell | None = None
+        #: where a successor finds this queue after a crash (handover/journal.py)
+        self.journal: Journal | None = None
         self.sq_ids: set[int] = set()
         #: completions posted since the last interrupt (for interrupt coalescing)
         self.unsignalled = 0
@@ -248,6 +254,8 @@ class CompletionQueue:
         if self.tail == self.size:
             self.tail = 0
             self.phase ^= 1
+        if self.journal is not None:
+            self.journal.posted(sq_id, cid, self.qid, self.tail, self.phase)
 
     def set_head(self, head: int) -> bool:
         """A CQ head doorbell write; False if the value is invalid (Base 3.3.1.2)."""
@@ -264,7 +272,18 @@ class CompletionQueue:
 
 
 class SubmissionQueue:
-    __slots__ = ("cq", "head", "memory", "priority", "qid", "shadow", "size", "stats", "tail")
+    __slots__ = (
+        "cq",
+        "head",
+        "journal",
+        "memory",
+        "priority",
+        "qid",
+        "shadow",
+        "size",
+        "stats",
+        "tail",
+    )
 
     def __init__(
         self,
@@ -285,6 +304,8 @@ class SubmissionQueue:
         self.tail = 0
         self.shadow: Doorbell | None = None
         self.stats = stats if stats is not None else QueueStats(qid)
+        #: where a successor finds this queue after a crash (handover/journal.py)
+        self.journal: Journal | None = None
 
     def refresh_tail(self) -> None:
         """Take the tail from the shadow doorbell, if the guest uses one."""
@@ -312,6 +333,8 @@ class SubmissionQueue:
         self.head += 1
         if self.head == self.size:
             self.head = 0
+        if self.journal is not None:
+            self.journal.fetched(self.qid, self.head, int.from_bytes(entry[2:4], "little"))
         return entry
 
     def enable_notification(self) -> bool:

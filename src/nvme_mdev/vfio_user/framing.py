@@ -63,9 +63,14 @@ def close_fds(fds: Sequence[int]) -> None:
 class MessageReader:
     """Reads whole messages from one socket; not thread-safe (one reader thread)."""
 
-    def __init__(self, sock: socket.socket, max_size: int = p.MAX_MESSAGE_SIZE) -> None:
+    def __init__(
+        self, sock: socket.socket, max_size: int = p.MAX_MESSAGE_SIZE, exact: bool = False
+    ) -> None:
+        """`exact`: never read past the message being received (a process that may die
+        leaves the next messages whole in the socket, for its successor)."""
         self._sock = sock
         self._max_size = max_size
+        self._exact = exact
         self._buf = bytearray(_BUFFER_SIZE)
         self._view = memoryview(self._buf)
         self._start = 0  # first unread byte
@@ -117,8 +122,11 @@ class MessageReader:
         """Receive more, making room for a message of `need` bytes from _start."""
         if self._start + need > len(self._buf):
             self._compact(need)
+        room = (
+            self._view[self._end : self._start + need] if self._exact else self._view[self._end :]
+        )
         nbytes, ancdata, msg_flags, _ = self._sock.recvmsg_into(
-            [self._view[self._end :]], _ANCILLARY_SPACE, _RECV_FLAGS
+            [room], _ANCILLARY_SPACE, _RECV_FLAGS
         )
         fds: list[int] = []
         for level, kind, data in ancdata:

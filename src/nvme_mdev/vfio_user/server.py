@@ -102,9 +102,10 @@ class Session:
     """One connected client: its socket, negotiated capabilities, and our own
     requests to it (MessageDma for DmaMemory)."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, exact: bool = False) -> None:
+        """`exact`: read no further than the message at hand (MessageReader)."""
         self.sock = sock
-        self.reader = MessageReader(sock)
+        self.reader = MessageReader(sock, exact=exact)
         self.negotiated = False
         self.client_caps = p.Capabilities()
         self.limits = p.Limits()
@@ -152,19 +153,20 @@ class Session:
             else:
                 return message
 
-    def handover_state(self, fds: list[int]) -> dict[str, object]:
+    def handover_state(self, fds: list[int], held: bool = True) -> dict[str, object]:
         """What a successor needs to go on with this client: the negotiated terms, our
         next request id, and every byte (with its fds) read from the socket and not yet
-        handled, backlog first. The server must be held (no thread reads or requests)."""
-        with self._read_lock:
+        handled, backlog first. The server must be held (no thread reads or requests);
+        not `held` (a checkpoint): without the bytes read, which a crash loses anyway."""
+        with self._read_lock if held else contextlib.nullcontext():
             unread = bytearray()
             unread_fds: list[tuple[int, int]] = []  # (offset in unread, fd index)
-            for message in self._backlog:
+            for message in self._backlog if held else ():
                 for fd in message.fds:
                     unread_fds.append((len(unread), len(fds)))
                     fds.append(fd)
                 unread += message.header.encode() + message.payload
-            tail, pending = self.reader.unread()
+            tail, pending = self.reader.unread() if held else (b"", [])
             for offset, got in pending:
                 for fd in got:
                     unread_fds.append((len(unread) + offset, len(fds)))
@@ -185,9 +187,9 @@ class Session:
         }
 
     @classmethod
-    def resume(cls, state: dict[str, Any], fds: Sequence[int]) -> Session:
+    def resume(cls, state: dict[str, Any], fds: Sequence[int], exact: bool = False) -> Session:
         """A predecessor's session (handover_state) on the socket it passed."""
-        session = cls(socket.socket(fileno=fds[state["socket"]]))
+        session = cls(socket.socket(fileno=fds[state["socket"]]), exact)
         session.negotiated = bool(state["negotiated"])
         session.client_caps = p.Capabilities.from_json(state["client_capabilities"])
         session.limits = p.Limits(int(state["max_data_xfer_size"]), int(state["max_msg_fds"]))
@@ -410,10 +412,13 @@ class VfioUserServer:
         listener: socket.socket | None = None,
         session: Session | None = None,
         clients: Sequence[socket.socket] = (),
+        exact_reads: bool = False,
     ) -> None:
         """`listener`, `session`, `clients`: what a predecessor process handed over (its
         listening socket, the client it served, those waiting): served from start()."""
         self.socket_path = socket_path
+        #: read each client no further than the message at hand (crash recovery)
+        self.exact_reads = exact_reads
         self.device = device
         self._memory = memory if memory is not None else DmaMemory()
         self._irq_info_flags = irq_info_flags
@@ -431,6 +436,9 @@ class VfioUserServer:
         self._resumed = session
         if session is not None and session.negotiated:
             self._memory.attach(session)
+        #: called after a command that changed device state other than by a doorbell
+        #: (a supervisor checkpoints it: crash recovery)
+        self.on_change: Callable[[], None] | None = None
         self._hold_requested = False
         #: the threads stopped by a hold ("server", "acceptor") and the session held
         self._parked: set[str] = set()
@@ -477,7 +485,7 @@ class VfioUserServer:
         if session is not None:
             self._serve(session)
         while (sock := self._next_client()) is not None:
-            self._serve(Session(sock))
+            self._serve(Session(sock, self.exact_reads))
 
     def _next_client(self) -> socket.socket | None:
         """The next waiting client; None once stopping."""
@@ -541,20 +549,21 @@ class VfioUserServer:
                     os.read(self._hold_r, 64)
                 self._turns.notify_all()
 
-    def handover_state(self, fds: list[int]) -> dict[str, Any]:
+    def handover_state(self, fds: list[int], held: bool = True) -> dict[str, Any]:
         """The listener, the clients waiting and the session being served (held()),
-        their fds appended to `fds`."""
+        their fds appended to `fds`; not `held`: a checkpoint, taken as things are."""
         listener = len(fds)
         fds.append(self._listener.fileno())
         clients = []
-        for sock in self._clients:
-            clients.append(len(fds))
-            fds.append(sock.fileno())
-        session = self._held_session
+        with self._turns:
+            for sock in self._clients:
+                clients.append(len(fds))
+                fds.append(sock.fileno())
+        session = self._held_session if held else self._session
         return {
             "listener": listener,
             "clients": clients,
-            "session": session.handover_state(fds) if session is not None else None,
+            "session": session.handover_state(fds, held) if session is not None else None,
         }
 
     def _start_acceptor(self) -> None:
@@ -680,6 +689,8 @@ class VfioUserServer:
             if not session.negotiated and decoded.command != p.Command.VERSION:
                 raise p.ProtocolError(errno.EINVAL, f"{decoded.command.name} before VERSION")
             payload, reply_fds = self._handlers[decoded.command](session, decoded, message)
+            if self.on_change is not None and _changes_state(decoded):
+                self.on_change()
         except (p.ProtocolError, DeviceError) as exc:
             error = exc.errno or errno.EINVAL
             if debug:
@@ -903,6 +914,26 @@ class VfioUserServer:
     def _check_region(self, index: int) -> None:
         if index >= len(self.device.regions):
             raise p.ProtocolError(errno.EINVAL, f"no region {index}")
+
+
+_READS: Final = frozenset(
+    (p.Command.DEVICE_GET_INFO, p.Command.DEVICE_GET_REGION_INFO, p.Command.DEVICE_GET_IRQ_INFO,
+     p.Command.REGION_READ)
+)  # fmt: skip
+#: BAR0 from here on: the doorbells (their values are the I/O journal's business)
+_DOORBELLS: Final = 0x1000
+
+
+def _changes_state(decoded: p.Decoded) -> bool:
+    """Whether a command changed state a checkpoint keeps (not a read, not a doorbell)."""
+    if decoded.command in _READS:
+        return False
+    request = decoded.request
+    if isinstance(request, p.RegionAccess):
+        return not (request.region == 0 and request.offset >= _DOORBELLS)
+    if isinstance(request, p.WriteMulti):
+        return any(not (w.region == 0 and w.offset >= _DOORBELLS) for w in request.writes)
+    return True
 
 
 def _wait_either(sock_fd: int, wake_fd: int) -> int:

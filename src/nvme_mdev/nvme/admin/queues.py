@@ -14,6 +14,7 @@ from ..spec import PAGE_SIZE, FeatureId, Status
 
 if TYPE_CHECKING:
     from ...dataplane import DataPlane
+    from ...handover.journal import Journal
     from ..controller import Controller
 
 _PAGE_MASK = PAGE_SIZE - 1
@@ -54,6 +55,8 @@ class IoQueueTable:
         self._data = data
         self._sqs: dict[int, IoSq] = {}
         self._cqs: dict[int, IoCq] = {}
+        #: set while the controller keeps a journal (crash recovery)
+        self.journal: Journal | None = None
 
     def sq(self, qid: int) -> IoSq | None:
         return self._sqs.get(qid)
@@ -77,11 +80,15 @@ class IoQueueTable:
 
     def create_cq(self, cq: IoCq) -> None:
         """DmaError if its memory is not mapped."""
+        if self.journal is not None:
+            self.journal.reset_cq(cq.qid)
         self._data.create_cq(cq.qid, cq.base, cq.size, cq.vector, cq.interrupts_enabled)
         self._cqs[cq.qid] = cq
 
     def create_sq(self, sq: IoSq) -> None:
         """DmaError if its memory is not mapped."""
+        if self.journal is not None:
+            self.journal.reset_sq(sq.qid)
         self._data.create_sq(sq.qid, sq.base, sq.size, sq.cqid, sq.priority)
         self._sqs[sq.qid] = sq
         self._cqs[sq.cqid].sq_ids.add(sq.qid)

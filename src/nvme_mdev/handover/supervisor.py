@@ -1,0 +1,289 @@
+"""Crash recovery: a small supervisor runs the daemon (or `serve`) as its worker, and
+keeps what a successor needs if the worker dies (SIGKILL, a segfault in native code, an
+out-of-memory kill):
+
+- duplicates of every fd the worker serves with (its vfio-user connections, guest
+  memory, eventfds, storage, listeners), so that no socket closes when it dies;
+- the worker's last checkpoint: the state document of an upgrade (document.py), sent
+  by the worker at every change of controller state that is not I/O (admin commands,
+  DMA maps, interrupt setup, config space, namespaces);
+- each controller's I/O journal (journal.py), a memfd whose records the queues keep at
+  every command.
+
+When the worker dies, the supervisor starts `nvme-mdev takeover --crashed` and hands it
+the checkpoint as an old process would hand its state over in an upgrade; the successor
+brings it up to date from the journals and completes the commands that were in flight
+with Command Interrupted (recovery.py). An upgrade of a supervised worker tells the
+supervisor its successor's pid (the supervisor is a child subreaper: it inherits it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Final
+
+from .document import VERSION, Channel, HandoverError
+
+if TYPE_CHECKING:
+    from .upgrade import Served
+
+log = logging.getLogger(__name__)
+
+_PR_SET_CHILD_SUBREAPER: Final = 36
+#: how long a successor may take to start and rebuild after a crash
+RECOVERY_TIMEOUT: Final = 60.0
+
+
+# --- the worker's side ---------------------------------------------------------------
+
+_changed = threading.Event()
+_generations = threading.Condition()
+#: changes so far, and the last change a checkpoint sent covers
+_changes = 0
+_covered = 0
+#: whether a checkpointer runs (otherwise nothing waits for one)
+_active = False
+#: the longest a change waits for its checkpoint
+CHECKPOINT_WAIT: Final = 2.0
+
+
+def state_changed() -> None:
+    """Controller state that is not I/O changed: checkpoint it (if supervised), and
+    wait until the checkpoint is with the supervisor, so that the guest never learns of
+    a change (a completion's interrupt, a reply) that a crash could lose. Call it with
+    no lock held."""
+    global _changes
+    if not _active:
+        return
+    with _generations:
+        _changes += 1
+        mine = _changes
+    _changed.set()
+    with _generations:
+        _generations.wait_for(lambda: _covered >= mine or not _active, CHECKPOINT_WAIT)
+
+
+class Checkpointer:
+    """Sends the supervisor a checkpoint after every change (state_changed())."""
+
+    def __init__(self, served: Served) -> None:
+        self._served = served
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="checkpoint", daemon=True)
+
+    def start(self) -> None:
+        global _active
+        _active = True
+        _changed.set()  # the first one now
+        self._thread.start()
+
+    def stop(self) -> None:
+        global _active
+        self._stopping = True
+        with _generations:
+            _active = False
+            _generations.notify_all()
+        _changed.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        from .upgrade import state_document
+
+        served = self._served
+        channel = served.supervisor
+        assert channel is not None
+        global _covered
+        while True:
+            _changed.wait()
+            if self._stopping:
+                return
+            _changed.clear()
+            with _generations:
+                covers = _changes
+            fds: list[int] = []
+            try:
+                with served.daemon.lock:
+                    document = state_document(served, fds, checkpoint=True)
+                channel.send({"checkpoint": document}, fds)
+            except OSError as exc:
+                log.error("checkpoint not sent: %s", exc)
+                return
+            except Exception:
+                log.exception("checkpoint failed")
+            with _generations:
+                _covered = max(_covered, covers)
+                _generations.notify_all()
+
+
+# --- the supervisor ------------------------------------------------------------------
+
+
+class Supervisor:
+    def __init__(self, worker: list[str], successor: list[str]) -> None:
+        """`worker`: the command that runs the daemon, to which `--checkpoint-fd FD` is
+        appended; `successor`: the one that takes over after a crash (`takeover
+        --crashed`), to which `--fd FD` is appended."""
+        self.worker = worker
+        self.successor = successor
+        self.pid = 0
+        self._listener: threading.Thread | None = None
+        self._checkpoint: tuple[dict[str, Any], list[int]] | None = None
+        self._lock = threading.Lock()
+        self._stop_signal: int | None = None
+        #: crashes recovered from, and the time from each crash to the successor serving
+        self.recoveries: list[float] = []
+
+    def run(self) -> int:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            log.warning("supervisor: cannot become a child subreaper: upgrades lose it")
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._forward)
+        ours, theirs = socket.socketpair()
+        try:
+            child = subprocess.Popen(
+                [*self.worker, "--checkpoint-fd", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+            )
+        finally:
+            theirs.close()
+        self.pid = child.pid
+        self._listen(Channel(ours))
+        while True:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                return 0
+            except InterruptedError:
+                continue
+            if pid != self.pid:
+                continue  # an upgraded worker's predecessor, or a successor that failed
+            code = os.waitstatus_to_exitcode(status)
+            if self._stop_signal is not None or code == 0:
+                return max(code, 0)
+            # What the worker sent before it died is still to be read: read it all
+            # (the channel ends with the worker) before taking its last checkpoint.
+            if self._listener is not None:
+                self._listener.join(RECOVERY_TIMEOUT)
+            with self._lock:
+                recoverable = self._checkpoint is not None
+            if not recoverable:  # it never served (a configuration error, say)
+                return code if code > 0 else 1
+            log.error("supervisor: worker %d died (%s): recovering", pid, _how(code))
+            if not self._recover():
+                return 1
+
+    def _forward(self, signum: int, frame: object) -> None:
+        if signum != signal.SIGHUP:
+            self._stop_signal = signum
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signum)
+
+    def _listen(self, channel: Channel) -> None:
+        """Take checkpoints (and news of an upgrade) from the worker, on a thread."""
+
+        def run() -> None:
+            while True:
+                try:
+                    message, fds = channel.receive(None)
+                except HandoverError:
+                    channel.close()
+                    return  # the worker died (or stopped): run() sees it
+                if "checkpoint" in message:
+                    # Its copy of the worker's end of this channel: not kept (the channel
+                    # must end when the worker does; a successor gets a new one).
+                    mine = message["checkpoint"].get("supervisor")
+                    if mine is not None and 0 <= mine < len(fds):
+                        _close([fds[mine]])
+                        fds[mine] = -1
+                    with self._lock:
+                        old, self._checkpoint = self._checkpoint, (message["checkpoint"], fds)
+                    if old is not None:
+                        _close(old[1])
+                elif "successor" in message:
+                    self.pid = int(message["successor"])
+                    log.info("supervisor: the worker is pid %d now (upgraded)", self.pid)
+                    with contextlib.suppress(OSError):
+                        channel.send({"ack": True})  # the old worker may exit now
+                else:
+                    _close(fds)
+
+        self._listener = threading.Thread(target=run, name="supervisor", daemon=True)
+        self._listener.start()
+
+    def _recover(self) -> bool:
+        crashed_at = time.monotonic()
+        with self._lock:
+            checkpoint = self._checkpoint
+        if checkpoint is None:
+            log.error("supervisor: no checkpoint to recover from")
+            return False
+        document, held = checkpoint
+        # The successor's checkpoint channel replaces the dead worker's.
+        ours, theirs = socket.socketpair()
+        fds = list(held)
+        if document.get("supervisor") is not None:
+            fds[document["supervisor"]] = theirs.fileno()
+        handover_a, handover_b = socket.socketpair()
+        try:
+            child = subprocess.Popen(
+                [*self.successor, "--fd", str(handover_b.fileno())],
+                pass_fds=(handover_b.fileno(), theirs.fileno()),
+            )
+        finally:
+            handover_b.close()
+        channel = Channel(handover_a)
+        try:
+            hello, _ = channel.receive(RECOVERY_TIMEOUT)
+            if VERSION not in hello.get("reads", []):
+                raise HandoverError(f"the successor reads state versions {hello.get('reads')}")
+            channel.send(document, fds)
+            theirs.close()
+            answer, _ = channel.receive(RECOVERY_TIMEOUT)
+            if not answer.get("ready"):
+                raise HandoverError(f"the successor refused: {answer.get('refused', answer)}")
+            channel.send({"commit": True, "held_at": crashed_at})
+            serving, _ = channel.receive(RECOVERY_TIMEOUT)
+            log.info(
+                "supervisor: the successor served %s ms after the crash", serving.get("paused_ms")
+            )
+        except HandoverError as exc:
+            log.error("supervisor: recovery failed: %s", exc)
+            child.kill()
+            return False
+        finally:
+            channel.close()
+            with contextlib.suppress(OSError):
+                theirs.close()
+        self.pid = child.pid
+        self._listen(Channel(ours))
+        took = (time.monotonic() - crashed_at) * 1000
+        self.recoveries.append(took)
+        log.info(
+            "supervisor: pid %d serves again, %.0f ms after the crash was seen", child.pid, took
+        )
+        return True
+
+
+def _how(code: int) -> str:
+    if code < 0:
+        return f"signal {signal.Signals(-code).name}"
+    return f"exit status {code}"
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def supervise(worker: list[str], successor: list[str]) -> int:
+    return Supervisor(worker, successor).run()
