@@ -95,7 +95,14 @@ class MessageReader:
         while True:
             start, avail = self._start, self._end - self._start
             need = p.HEADER_SIZE
-            if avail >= p.HEADER_SIZE:
+            if self._exact and avail == 0:
+                # At a message boundary: learn the size without taking anything, then
+                # take the whole message in one read (see _fill).
+                head = self._sock.recv(p.HEADER_SIZE, socket.MSG_PEEK | socket.MSG_WAITALL)
+                if len(head) < p.HEADER_SIZE:
+                    raise ConnectionError("end of stream")
+                need = p.Header.unpack_from(head, 0, self._max_size).size
+            elif avail >= p.HEADER_SIZE:
                 header = p.Header.unpack_from(self._buf, start, self._max_size)
                 if avail >= header.size:
                     return self._take(header)
@@ -122,9 +129,14 @@ class MessageReader:
         """Receive more, making room for a message of `need` bytes from _start."""
         if self._start + need > len(self._buf):
             self._compact(need)
-        room = (
-            self._view[self._end : self._start + need] if self._exact else self._view[self._end :]
-        )
+        room = self._view[self._end :]
+        if self._exact:
+            # Take the message whole or not at all: wait until all of it (a header, then
+            # the message) is in the socket, then one read. A process that dies between
+            # reads leaves the stream at a message boundary for its successor.
+            room = self._view[self._end : self._start + need]
+            if not self._sock.recv(len(room), socket.MSG_PEEK | socket.MSG_WAITALL):
+                raise ConnectionError("end of stream")
         nbytes, ancdata, msg_flags, _ = self._sock.recvmsg_into(
             [room], _ANCILLARY_SPACE, _RECV_FLAGS
         )
