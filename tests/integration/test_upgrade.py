@@ -95,22 +95,30 @@ def pattern(lba: int, blocks: int, tag: int) -> bytes:
     )
 
 
+def doorbell_args(doorbells: str) -> list[str]:
+    """serve's options for a host that rings `doorbells`: trapped, shadow or mapped."""
+    return ["--mmap-doorbells"] if doorbells == "mapped" else []
+
+
+def enable(host: NvmeHost, doorbells: str) -> None:
+    """Enable the controller, with its doorbells as `doorbells` says (doorbell_args)."""
+    if doorbells == "mapped":
+        host.map_doorbells()
+    host.enable()
+    if doorbells == "shadow":
+        host.enable_shadow_doorbells()
+
+
 @pytest.mark.parametrize("doorbells", ["trapped", "shadow", "mapped"])
 @pytest.mark.parametrize("plane", ["native", "python"])
 def test_upgrade_is_invisible_to_the_host(
     tmp_path: Path, image: Path, plane: str, doorbells: str
 ) -> None:
-    args = ["--data-plane", plane, "--poll-timeout-ms", "20", str(image)]
-    if doorbells == "mapped":
-        args.insert(0, "--mmap-doorbells")
-    served = Served(tmp_path, *args)
+    served = Served(tmp_path, *doorbell_args(doorbells), "--data-plane", plane,
+                    "--poll-timeout-ms", "20", str(image))  # fmt: skip
     try:
         with NvmeHost(str(served.socket)) as host:
-            if doorbells == "mapped":
-                host.map_doorbells()
-            host.enable()
-            if doorbells == "shadow":
-                host.enable_shadow_doorbells()
+            enable(host, doorbells)
             queues = [host.create_queue_pair(qid, entries=32) for qid in (1, 2)]
             # State the host set that a fresh controller would not have.
             assert host.set_features(FeatureId.INTERRUPT_COALESCING, 0x0203).ok
@@ -501,17 +509,11 @@ def test_a_killed_worker_is_replaced_and_the_host_goes_on(
     successfully or with Command Interrupted (and then succeeds when retried, as a host
     retries it); no reset; every write acknowledged reads back; features and a waiting
     Asynchronous Event Request survive."""
-    args = ["--supervised", "--data-plane", plane, "--poll-timeout-ms", "20", str(image)]
-    if doorbells == "mapped":
-        args.insert(0, "--mmap-doorbells")
-    served = Served(tmp_path, *args)
+    served = Served(tmp_path, *doorbell_args(doorbells), "--supervised", "--data-plane", plane,
+                    "--poll-timeout-ms", "20", str(image))  # fmt: skip
     try:
         with NvmeHost(str(served.socket)) as host:
-            if doorbells == "mapped":
-                host.map_doorbells()
-            host.enable()
-            if doorbells == "shadow":
-                host.enable_shadow_doorbells()
+            enable(host, doorbells)
             queues = [host.create_queue_pair(qid, entries=64) for qid in (1, 2)]
             assert host.set_features(FeatureId.INTERRUPT_COALESCING, 0x0105).ok
             assert host.set_features(FeatureId.ASYNC_EVENT_CONFIG, 0x100).ok
