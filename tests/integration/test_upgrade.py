@@ -419,7 +419,11 @@ def test_a_daemon_hands_over_every_controller_and_its_locks(tmp_path: Path, imag
             assert q.command(read_write(0x02, 1, back, 0, 8)).ok
             assert host.ram.read(back, 4096) == pattern(0, 8, 1)
 
-        after = call(str(control), "list")
+        # The host's disconnect resets controller "a": wait until the new process saw it.
+        deadline = time.monotonic() + 30
+        while (after := call(str(control), "list"))["controllers"][0]["enabled"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
         assert after.pop("pid") == pid != before.pop("pid")
         for listing in (before, after):
             for c in listing["controllers"]:
