@@ -313,12 +313,6 @@ class Daemon:
         from .vfio_user.server import SocketInUse
 
         name = settings.name
-        if self.journal and settings.data_plane != "native":
-            # (its journal loses track of a command now and then: a crash may complete
-            # one twice; not yet found why)
-            raise ConfigError(
-                f"controller {name}: supervised controllers need the native data plane"
-            )
         with self._lock:
             if name in self.controllers:
                 raise ConfigError(f"controller {name} already exists")

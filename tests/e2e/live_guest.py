@@ -126,14 +126,15 @@ def run_guest(
 
 
 class Daemon:
-    """`nvme-mdev daemon` on `directory`/control.sock; on exit it must stop with 0."""
+    """`nvme-mdev daemon` on `directory`/control.sock, with more `options`; on exit it
+    must stop with 0."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *options: str) -> None:
         self.control = directory / "control.sock"
         self.log_path = directory / "daemon.log"
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
-                [*CLI, "daemon", "--control", str(self.control)],
+                [*CLI, "daemon", "--control", str(self.control), *options],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )

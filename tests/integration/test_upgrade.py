@@ -505,7 +505,7 @@ INTERRUPTED = 0x21  # Command Interrupted (Generic Command Status), Do Not Retry
 
 
 @pytest.mark.parametrize("doorbells", ["shadow", "mapped"])
-@pytest.mark.parametrize("plane", ["native"])
+@pytest.mark.parametrize("plane", ["native", "python"])
 def test_a_killed_worker_is_replaced_and_the_host_goes_on(
     tmp_path: Path, image: Path, plane: str, doorbells: str
 ) -> None:
@@ -570,13 +570,3 @@ def test_a_killed_worker_is_replaced_and_the_host_goes_on(
         assert served.first.wait(timeout=60) == 0
     finally:
         served.stop()
-
-
-def test_supervised_needs_the_native_plane(tmp_path: Path, image: Path) -> None:
-    out = subprocess.run(
-        [*CLI, "serve", "--supervised", "--data-plane", "python", "--socket",
-         str(tmp_path / "s.sock"), str(image)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert out.returncode == 2
-    assert "supervised controllers need the native data plane" in out.stderr

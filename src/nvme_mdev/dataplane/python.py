@@ -413,6 +413,8 @@ class PythonDataPlane:
                     if slots is not None:  # fetch(), inline: this runs for every command
                         dw = SQE.unpack_from(slots, sq.head * SQE_SIZE)
                         sq.head = 0 if sq.head + 1 == sq.size else sq.head + 1
+                        if sq.journal is not None:
+                            sq.journal.fetched(sq.qid, sq.head, dw[0] >> 16)
                     else:
                         dw = SQE.unpack(sq.fetch())
                     n += 1
