@@ -15,7 +15,7 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from . import __version__, systemd
 from .backends.io_engine import ENGINE_NAMES
 from .bench import add_arguments as add_bench_arguments
 from .bench import main as bench_main
@@ -559,7 +559,10 @@ def _run_until_signal(served: Served, stop: threading.Event) -> int:
     control.start()
     if metrics is not None:
         metrics.start()
-    _sd_notify(f"MAINPID={os.getpid()}\nREADY=1")
+    # Supervised, the supervisor stays systemd's main process (its death is the
+    # service's); otherwise this process is, whether it started or took over.
+    main_pid = f"MAINPID={os.getpid()}\n" if served.supervisor is None else ""
+    systemd.notify(f"{main_pid}READY=1")
     while True:
         stop.wait()
         if not hangup.is_set():
@@ -575,7 +578,7 @@ def _run_until_signal(served: Served, stop: threading.Event) -> int:
         return 0  # (not reached)
     if checkpointer is not None:
         checkpointer.stop()
-    _sd_notify("STOPPING=1")
+    systemd.notify("STOPPING=1")
     log.info("stopping: finishing in-flight commands and flushing")
     if metrics is not None:
         metrics.stop()
@@ -601,21 +604,6 @@ def _successor_command(executable: str | None = None) -> list[str]:
         level = "info"
     program = [executable] if executable else [sys.executable, "-m", "nvme_mdev.cli"]
     return [*program, "takeover", "--log-level", level, "--fd"]
-
-
-def _sd_notify(state: str) -> None:
-    """Tell systemd (Type=notify) how we are; nothing when not run by systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]  # an abstract socket
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.connect(address)
-            sock.sendall(state.encode())
-    except OSError as exc:
-        log.warning("sd_notify: %s", exc)
 
 
 # --- client commands: talk to a daemon (or a serve) over its control socket ------------

@@ -3,6 +3,7 @@ TOML tables are the same dictionaries), checked before anything is opened."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,13 @@ def test_the_unit_file_runs_the_daemon() -> None:
     unit = (ROOT / "contrib" / "nvme-mdev.service").read_text()
     assert "Type=notify" in unit and "nvme-mdev daemon" in unit
     assert "--config /etc/nvme-mdev/nvme-mdev.toml" in unit
+    # Supervised, with room in the fd store for the checkpoint (and its successor while
+    # the older one is removed); systemd signals the supervisor alone, which stops its
+    # worker, and kills whatever is left when the supervisor dies.
+    assert "--supervised" in unit
+    store = re.search(r"^FileDescriptorStoreMax=(\d+)$", unit, re.M)
+    assert store is not None and int(store.group(1)) >= 2
+    assert re.search(r"^KillMode=mixed$", unit, re.M)
 
 
 def test_config_file_errors(tmp_path: Path) -> None:
@@ -153,22 +161,6 @@ def test_config_file_errors(tmp_path: Path) -> None:
     bad.write_text("controller = 3\n")
     with pytest.raises(ConfigError, match=r"bad.toml: write controllers as \[\[controller\]\]"):
         load_config(str(bad))
-
-
-def test_systemd_is_told_when_the_daemon_is_ready(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import socket
-
-    from nvme_mdev.cli import _sd_notify
-
-    _sd_notify("READY=1")  # not under systemd: nothing happens
-    path = tmp_path / "notify"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
-        listener.bind(str(path))
-        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
-        _sd_notify("READY=1")
-        assert listener.recv(64) == b"READY=1"
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,9 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Final
 
+from .. import systemd
 from .document import VERSION, Channel, HandoverError
+from .fdstore import CheckpointStore, stored_checkpoint
 
 if TYPE_CHECKING:
     from .upgrade import Served
@@ -138,6 +140,8 @@ class Supervisor:
         self._checkpoint: tuple[dict[str, Any], list[int]] | None = None
         self._lock = threading.Lock()
         self._stop_signal: int | None = None
+        #: systemd's fd store, where checkpoints are kept too (when run by systemd)
+        self._store: CheckpointStore | None = None
         #: crashes recovered from, and the time from each crash to the successor serving
         self.recoveries: list[float] = []
 
@@ -147,16 +151,8 @@ class Supervisor:
             log.warning("supervisor: cannot become a child subreaper: upgrades lose it")
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._forward)
-        ours, theirs = socket.socketpair()
-        try:
-            child = subprocess.Popen(
-                [*self.worker, "--checkpoint-fd", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),),
-            )
-        finally:
-            theirs.close()
-        self.pid = child.pid
-        self._listen(Channel(ours))
+        if not self._start():
+            return 1
         while True:
             try:
                 pid, status = os.wait()
@@ -180,6 +176,27 @@ class Supervisor:
             log.error("supervisor: worker %d died (%s): recovering", pid, _how(code))
             if not self._recover():
                 return 1
+
+    def _start(self) -> bool:
+        """Start the worker, or, when systemd restarted us with a checkpoint in its fd
+        store (the last supervisor died), recover from that."""
+        if systemd.under_systemd():
+            self._store, stored = stored_checkpoint()
+            if stored is not None:
+                log.error("supervisor: restarted by systemd: recovering from its fd store")
+                self._checkpoint = stored
+                return self._recover()
+        ours, theirs = socket.socketpair()
+        try:
+            child = subprocess.Popen(
+                [*self.worker, "--checkpoint-fd", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+            )
+        finally:
+            theirs.close()
+        self.pid = child.pid
+        self._listen(Channel(ours))
+        return True
 
     def _forward(self, signum: int, frame: object) -> None:
         if signum != signal.SIGHUP:
@@ -206,6 +223,8 @@ class Supervisor:
                         fds[mine] = -1
                     with self._lock:
                         old, self._checkpoint = self._checkpoint, (message["checkpoint"], fds)
+                    if self._store is not None:
+                        self._store.keep(message["checkpoint"], fds)
                     if old is not None:
                         _close(old[1])
                 elif "successor" in message:
