@@ -10,11 +10,14 @@ out-of-memory kill):
 - each controller's I/O journal (journal.py), a memfd whose records the queues keep at
   every command.
 
-When the worker dies, the supervisor starts `nvme-mdev takeover --crashed` and hands it
-the checkpoint as an old process would hand its state over in an upgrade; the successor
+When the worker dies, the supervisor hands the checkpoint to `nvme-mdev takeover
+--crashed` as an old process would hand its state over in an upgrade; the successor
 brings it up to date from the journals and completes the commands that were in flight
-with Command Interrupted (recovery.py). An upgrade of a supervised worker tells the
-supervisor its successor's pid (the supervisor is a child subreaper: it inherits it).
+with Command Interrupted (recovery.py). That successor is started ahead of need (a
+standby that has started Python and imported nvme-mdev, most of the time a recovery
+would take otherwise), and another one soon after it takes over. An upgrade of a
+supervised worker tells the supervisor its successor's pid (the supervisor is a child
+subreaper: it inherits it).
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ log = logging.getLogger(__name__)
 _PR_SET_CHILD_SUBREAPER: Final = 36
 #: how long a successor may take to start and rebuild after a crash
 RECOVERY_TIMEOUT: Final = 60.0
+#: how long after a recovery the next standby successor starts
+STANDBY_DELAY: Final = 2.0
 
 
 # --- the worker's side ---------------------------------------------------------------
@@ -142,6 +147,9 @@ class Supervisor:
         self._stop_signal: int | None = None
         #: systemd's fd store, where checkpoints are kept too (when run by systemd)
         self._store: CheckpointStore | None = None
+        #: the successor that waits for the next crash
+        self._standby: Successor | None = None
+        self._closing = False
         #: crashes recovered from, and the time from each crash to the successor serving
         self.recoveries: list[float] = []
 
@@ -151,6 +159,13 @@ class Supervisor:
             log.warning("supervisor: cannot become a child subreaper: upgrades lose it")
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._forward)
+        try:
+            return self._supervise()
+        finally:
+            self._closing = True
+            self._discard_standby()
+
+    def _supervise(self) -> int:
         if not self._start():
             return 1
         while True:
@@ -161,7 +176,9 @@ class Supervisor:
             except InterruptedError:
                 continue
             if pid != self.pid:
-                continue  # an upgraded worker's predecessor, or a successor that failed
+                # an upgraded worker's predecessor, a successor that failed, a standby
+                self._reaped(pid)
+                continue
             code = os.waitstatus_to_exitcode(status)
             if self._stop_signal is not None or code == 0:
                 return max(code, 0)
@@ -196,7 +213,20 @@ class Supervisor:
             theirs.close()
         self.pid = child.pid
         self._listen(Channel(ours))
+        self._start_standby(delay=STANDBY_DELAY)
         return True
+
+    def _reaped(self, pid: int) -> None:
+        """A child other than the worker ended: if it was the standby, forget it."""
+        with self._lock:
+            standby = self._standby
+            if standby is None or standby.process.pid != pid:
+                return
+            self._standby = None
+        log.warning("supervisor: the standby successor %d ended: starting another", pid)
+        standby.process.returncode = -1  # (reaped: never to be signalled again)
+        standby.discard()
+        self._start_standby(delay=STANDBY_DELAY)
 
     def _forward(self, signum: int, frame: object) -> None:
         if signum != signal.SIGHUP:
@@ -246,26 +276,34 @@ class Supervisor:
             log.error("supervisor: no checkpoint to recover from")
             return False
         document, held = checkpoint
+        with self._lock:
+            successor, self._standby = self._standby, None
+        hello: dict[str, Any] | None = None
+        if successor is not None:
+            try:
+                hello = successor.hello()
+            except HandoverError as exc:
+                log.warning("supervisor: the standby successor failed (%s): starting one", exc)
+                successor.discard()
+        if hello is None:
+            successor = Successor(self.successor)
+            try:
+                hello = successor.hello()
+            except HandoverError as exc:
+                log.error("supervisor: recovery failed: %s", exc)
+                successor.discard()
+                return False
+        assert successor is not None
         # The successor's checkpoint channel replaces the dead worker's.
-        ours, theirs = socket.socketpair()
         fds = list(held)
         if document.get("supervisor") is not None:
-            fds[document["supervisor"]] = theirs.fileno()
-        handover_a, handover_b = socket.socketpair()
+            fds[document["supervisor"]] = successor.theirs.fileno()
+        channel = successor.channel
         try:
-            child = subprocess.Popen(
-                [*self.successor, "--fd", str(handover_b.fileno())],
-                pass_fds=(handover_b.fileno(), theirs.fileno()),
-            )
-        finally:
-            handover_b.close()
-        channel = Channel(handover_a)
-        try:
-            hello, _ = channel.receive(RECOVERY_TIMEOUT)
             if VERSION not in hello.get("reads", []):
                 raise HandoverError(f"the successor reads state versions {hello.get('reads')}")
             channel.send(document, fds)
-            theirs.close()
+            successor.theirs.close()
             answer, _ = channel.receive(RECOVERY_TIMEOUT)
             if not answer.get("ready"):
                 raise HandoverError(f"the successor refused: {answer.get('refused', answer)}")
@@ -276,20 +314,74 @@ class Supervisor:
             )
         except HandoverError as exc:
             log.error("supervisor: recovery failed: %s", exc)
-            child.kill()
+            successor.discard()
             return False
-        finally:
-            channel.close()
-            with contextlib.suppress(OSError):
-                theirs.close()
-        self.pid = child.pid
-        self._listen(Channel(ours))
+        channel.close()
+        self.pid = successor.process.pid
+        self._listen(Channel(successor.ours))
         took = (time.monotonic() - crashed_at) * 1000
         self.recoveries.append(took)
         log.info(
-            "supervisor: pid %d serves again, %.0f ms after the crash was seen", child.pid, took
+            "supervisor: pid %d serves again, %.0f ms after the crash was seen", self.pid, took
         )
+        self._start_standby(delay=STANDBY_DELAY)
         return True
+
+    def _start_standby(self, delay: float = 0.0) -> None:
+        """Have a successor ready for the next crash, after `delay` seconds (its start
+        competes for the CPUs with the worker that just took over)."""
+
+        def start() -> None:
+            with self._lock:
+                if self._standby is None and not self._closing and self._stop_signal is None:
+                    self._standby = Successor(self.successor)
+
+        if delay:
+            timer = threading.Timer(delay, start)
+            timer.daemon = True
+            timer.start()
+        else:
+            start()
+
+    def _discard_standby(self) -> None:
+        with self._lock:
+            standby, self._standby = self._standby, None
+        if standby is not None:
+            standby.discard()
+
+
+class Successor:
+    """A `takeover --crashed` process, started ahead of need: it has started Python and
+    imported nvme-mdev, and waits for a checkpoint, so that a crash costs none of that.
+    If it died meanwhile, hello() says so and the supervisor starts another."""
+
+    def __init__(self, command: list[str]) -> None:
+        #: its channel to the supervisor once it serves (checkpoints): ours, and its end
+        self.ours, self.theirs = socket.socketpair()
+        handover, remote = socket.socketpair()
+        try:
+            self.process = subprocess.Popen(
+                [*command, "--fd", str(remote.fileno())],
+                pass_fds=(remote.fileno(), self.theirs.fileno()),
+            )
+        finally:
+            remote.close()
+        self.channel = Channel(handover)
+
+    def hello(self) -> dict[str, Any]:
+        """Its first message (which versions it reads), once it has started."""
+        message, fds = self.channel.receive(RECOVERY_TIMEOUT)
+        _close(fds)
+        return message
+
+    def discard(self) -> None:
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            with contextlib.suppress(ChildProcessError, subprocess.TimeoutExpired):
+                self.process.wait(10)
+        for sock in (self.channel.sock, self.ours, self.theirs):
+            sock.close()
 
 
 def _how(code: int) -> str:
