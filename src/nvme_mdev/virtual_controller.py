@@ -148,25 +148,32 @@ class VirtualController:
             self.server = VfioUserServer(
                 socket_path, self.function, self.memory, exact_reads=self.journal is not None
             )
-            self.server.on_change = state_changed
+            self._watch_server()
             return
         served = state["server"]
+        session = None
+        if served["session"]:
+            session = Session.resume(served["session"], fds, self.journal is not None)
+            if crashed and self.journal is not None:
+                session.replayed(self.journal)
         self.server = VfioUserServer(
             socket_path,
             self.function,
             self.memory,
             listener=socket.socket(fileno=fds[served["listener"]]),
-            session=(
-                Session.resume(served["session"], fds, self.journal is not None)
-                if served["session"]
-                else None
-            ),
+            session=session,
             clients=[socket.socket(fileno=fds[i]) for i in served["clients"]],
             exact_reads=self.journal is not None,
         )
-        self.server.on_change = state_changed
+        self._watch_server()
         self.function.restore(state["pci"], fds)
         self.controller.restore(state["controller"])
+
+    def _watch_server(self) -> None:
+        """Checkpoint each change a request makes, and journal each request answered
+        (crash recovery: both are no-ops unless supervised)."""
+        self.server.on_change = state_changed
+        self.server.journal = self.journal
 
     # --- upgrade in place ----------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,11 +25,13 @@ from nvme_mdev.nvme_host import (
     get_log_page,
     read_write,
 )
+from nvme_mdev.vfio_user.device import RegionIndex
 
 if TYPE_CHECKING:
     from ceph_cluster import CephCluster
 
 CLI = [sys.executable, "-m", "nvme_mdev.cli"]
+CONFIG = RegionIndex.CONFIG
 BLOCK = 512
 
 
@@ -284,6 +287,62 @@ def test_cli_upgrade_and_sighup(tmp_path: Path, image: Path) -> None:
 def _pid_of_socket_owner(path: str) -> int:
     """The pid of the process that serves the control socket now."""
     return int(call(path, "list")["pid"])
+
+
+@pytest.mark.parametrize("plane", ["native", "python"])
+def test_a_request_the_worker_died_handling_is_answered_by_its_successor(
+    tmp_path: Path, image: Path, plane: str
+) -> None:
+    """The worker dies while it handles a request: a write to config space, which waits
+    for its checkpoint to reach the supervisor (stopped, its socket full). The request
+    was read and not answered: the successor handles it again and answers it, and the
+    client, which waited, goes on with no error."""
+    served = Served(tmp_path, "--supervised", "--data-plane", plane, str(image))
+    supervisor = served.first.pid
+    try:
+        with NvmeHost(str(served.socket)) as host:
+            host.enable()
+            q = host.create_queue_pair(1, entries=16)
+            command = host.client.region_read(CONFIG, 4, 2)
+            worker = _pid_of_socket_owner(served.control)
+            os.kill(supervisor, signal.SIGSTOP)
+            try:
+                # Each write is checkpointed; once the supervisor's socket is full, the
+                # next one waits (up to CHECKPOINT_WAIT, 2 s) in the worker.
+                started = [time.monotonic()]
+                writes: list[BaseException | None] = []
+                killed = threading.Event()
+
+                def write() -> None:
+                    try:
+                        while not killed.is_set():
+                            started[0] = time.monotonic()
+                            host.client.region_write(CONFIG, 4, command)
+                        writes.append(None)
+                    except BaseException as exc:
+                        writes.append(exc)
+
+                writer = threading.Thread(target=write, daemon=True)
+                writer.start()
+                while time.monotonic() - started[0] < 0.3:  # one write is stuck
+                    assert writer.is_alive(), writes
+                    time.sleep(0.01)
+                os.kill(worker, signal.SIGKILL)
+                killed.set()
+            finally:
+                os.kill(supervisor, signal.SIGCONT)
+            writer.join(120)
+            assert writes == [None]  # every write answered: the stuck one by the successor
+            assert _pid_of_socket_owner(served.control) != worker
+            assert host.client.region_read(CONFIG, 4, 2) == command
+            buf = host.alloc(4096)
+            host.ram.write(buf, pattern(0, 8, 9))
+            assert q.command(read_write(0x01, 1, buf, 0, 8), timeout=60).ok
+            assert host.reg32(Reg.CSTS) & 0b11 == 0b01
+        served.first.send_signal(signal.SIGTERM)
+        assert served.first.wait(timeout=60) == 0
+    finally:
+        served.stop()
 
 
 def _standby_of(supervisor: int, worker: int) -> int:

@@ -5,6 +5,8 @@ the supervisor holds), so that a successor can go on after a crash.
 Layout (native/src/journal.rs writes the same):
 
     0          magic "NVMJ", version 1, queue count (max qid + 1), u32 each
+    12         the last vfio-user request answered: its id + 1 (0: none), u32
+    16         the id of our next vfio-user request (DMA_READ/DMA_WRITE), u32
     64 + 16*q  queue q: SQ head, CQ tail | phase << 31, SQ tail rung + 1 (0: none), u32 each
     BITMAPS    queue q's SQ: 65536 bits, one per CID, set while that command is in flight
 
@@ -82,6 +84,20 @@ class Journal:
         word = qid * (_CIDS // 64) + (cid >> 6)
         self._bits[word] |= 1 << (cid & 63)
         self._words[(_POSITIONS >> 2) + 4 * qid] = head
+
+    def answered(self, msg_id: int) -> None:
+        """The vfio-user request `msg_id` is answered (vfio_user/server.py's Session)."""
+        self._words[3] = msg_id + 1
+
+    def last_answered(self) -> int | None:
+        return self._words[3] - 1 if self._words[3] else None
+
+    def requested(self, next_id: int) -> None:
+        """One of our vfio-user requests went out: the next one will have `next_id`."""
+        self._words[4] = next_id
+
+    def next_request_id(self) -> int:
+        return self._words[4] & 0xFFFF
 
     def rung(self, qid: int, tail: int) -> None:
         """A trapped SQ tail doorbell (its value is lost with the process otherwise)."""

@@ -39,6 +39,9 @@ class Message:
     fds: list[int] = field(default_factory=list)
     #: the kernel dropped fds that did not fit (MSG_CTRUNC): the message is unusable
     fds_truncated: bool = False
+    #: it may have been handled before, by a process that died before it answered
+    #: (handled again, a request that finds its work done succeeds: see server.py)
+    replayed: bool = False
 
     def close_fds(self) -> None:
         fds, self.fds = self.fds, []
@@ -66,11 +69,15 @@ class MessageReader:
     def __init__(
         self, sock: socket.socket, max_size: int = p.MAX_MESSAGE_SIZE, exact: bool = False
     ) -> None:
-        """`exact`: never read past the message being received (a process that may die
-        leaves the next messages whole in the socket, for its successor)."""
+        """`exact`: never read past the message being received, and take a message out
+        of the socket only once it has been handled (consume()): a process that may
+        die leaves the message it was handling, and those after it, whole in the
+        socket for its successor."""
         self._sock = sock
         self._max_size = max_size
         self._exact = exact
+        #: bytes of the last message that are still in the socket (exact: peeked)
+        self._kept = 0
         self._buf = bytearray(_BUFFER_SIZE)
         self._view = memoryview(self._buf)
         self._start = 0  # first unread byte
@@ -92,6 +99,8 @@ class MessageReader:
         """The next message. Raises ConnectionError at end of stream (EOF), ProtocolError
         when the framing cannot be trusted (the connection must then be dropped),
         OSError from the socket."""
+        if self._kept:
+            self.consume()
         while True:
             start, avail = self._start, self._end - self._start
             need = p.HEADER_SIZE
@@ -130,22 +139,31 @@ class MessageReader:
         if self._start + need > len(self._buf):
             self._compact(need)
         room = self._view[self._end :]
+        peek = False
         if self._exact:
             # Take the message whole or not at all: wait until all of it (a header, then
-            # the message) is in the socket, then one read. A process that dies between
-            # reads leaves the stream at a message boundary for its successor.
+            # the message) is in the socket. Then peek it whole; consume() takes it out
+            # once it is handled. (The kernel ends a peek at an skb with fds; a message
+            # split so is read instead, and the rest of it too: QEMU sends a message
+            # with its fds in one piece.)
             room = self._view[self._end : self._start + need]
             if not self._sock.recv(len(room), socket.MSG_PEEK | socket.MSG_WAITALL):
                 raise ConnectionError("end of stream")
-        nbytes, ancdata, msg_flags, _ = self._sock.recvmsg_into(
-            [room], _ANCILLARY_SPACE, _RECV_FLAGS
-        )
-        fds: list[int] = []
-        for level, kind, data in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                got = array.array("i")
-                got.frombytes(data[: len(data) - len(data) % _INT_SIZE])
-                fds.extend(got)
+            peek = self._start == self._end
+        if peek:
+            nbytes, ancdata, msg_flags, _ = self._sock.recvmsg_into(
+                [room], _ANCILLARY_SPACE, _RECV_FLAGS | socket.MSG_PEEK
+            )
+            if nbytes == len(room):
+                self._kept = nbytes
+            else:
+                close_fds(_passed_fds(ancdata))  # (the read below passes them anew)
+                peek = False
+        if not peek:
+            nbytes, ancdata, msg_flags, _ = self._sock.recvmsg_into(
+                [room], _ANCILLARY_SPACE, _RECV_FLAGS
+            )
+        fds = _passed_fds(ancdata)
         truncated = bool(msg_flags & socket.MSG_CTRUNC)
         if nbytes == 0:
             close_fds(fds)
@@ -156,6 +174,25 @@ class MessageReader:
             self._fds.setdefault(key, []).extend(fds)
             if truncated:
                 self._truncated.add(key)
+
+    def consume(self) -> None:
+        """Take the last message (handled now) out of the socket, if it is still
+        there (exact mode). Its fds come again with it: closed (the peek gave them)."""
+        kept, self._kept = self._kept, 0
+        if kept:
+            self._discard(kept)
+
+    def _discard(self, nbytes: int) -> None:
+        """Read `nbytes` that are in the socket already, closing their fds."""
+        scratch = bytearray(min(nbytes, _BUFFER_SIZE))
+        while nbytes:
+            got, ancdata, _, _ = self._sock.recvmsg_into(
+                [memoryview(scratch)[: min(nbytes, len(scratch))]], _ANCILLARY_SPACE, _RECV_FLAGS
+            )
+            close_fds(_passed_fds(ancdata))
+            if not got:
+                raise ConnectionError("end of stream")
+            nbytes -= got
 
     def _owner_of(self) -> int:
         """Stream offset of the last message that starts before _end: the last one
@@ -188,6 +225,7 @@ class MessageReader:
     def unread(self) -> tuple[bytes, list[tuple[int, list[int]]]]:
         """What was received and not yet taken, with the fds waiting in it (by offset in
         those bytes); they stay here too: for handing the stream to another reader."""
+        self.consume()  # (handled: not for the other reader)
         first = self._base + self._start
         pending = [(key - first, fds) for key, fds in sorted(self._fds.items())]
         return bytes(self._view[self._start : self._end]), pending
@@ -209,6 +247,15 @@ class MessageReader:
         pending, self._fds = self._fds, {}
         for fds in pending.values():
             close_fds(fds)
+
+
+def _passed_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """The fds SCM_RIGHTS brought (recvmsg's ancillary data)."""
+    fds = array.array("i")
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % _INT_SIZE])
+    return list(fds)
 
 
 def send_message(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:

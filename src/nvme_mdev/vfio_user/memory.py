@@ -188,6 +188,29 @@ class DmaMemory:
             if fd is not None and not kept:
                 os.close(fd)
 
+    def has_mapping(
+        self, iova: int, size: int, readable: bool, writable: bool, fd: int | None, offset: int
+    ) -> bool:
+        """Whether exactly this mapping is in place: the same range and access, of the
+        same file at the same offset (a replayed DMA_MAP: see server.py)."""
+        for region in self._table.regions:
+            if (region.iova, region.size, region.readable, region.writable) != (
+                iova,
+                size,
+                readable,
+                writable,
+            ):
+                continue
+            if fd is None or region.fd is None:
+                return fd is None and region.fd is None
+            mine, theirs = os.fstat(region.fd), os.fstat(fd)
+            same_file = (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
+            return same_file and region.offset == offset
+        return False
+
+    def overlaps(self, iova: int, size: int) -> bool:
+        return _overlapping(self._table, iova, size)
+
     def unmap(self, iova: int, size: int) -> list[DmaRegion]:
         """Remove the region mapped as exactly [iova, iova+size), as the spec asks
         (QEMU unmaps exactly what it mapped). The caller closes it (release())

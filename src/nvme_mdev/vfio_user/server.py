@@ -41,7 +41,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 from ..guest_memory import DmaError
 from . import protocol as p
@@ -98,6 +98,20 @@ class _Pending:
         self.error: str | None = None
 
 
+class RequestJournal(Protocol):
+    """What a session records for a successor after a crash (handover/journal.py)."""
+
+    def answered(self, msg_id: int) -> None:
+        """The client's request `msg_id` is answered (or, posted, handled)."""
+
+    def last_answered(self) -> int | None: ...
+
+    def requested(self, next_id: int) -> None:
+        """A request of ours went out; our next one will have `next_id`."""
+
+    def next_request_id(self) -> int: ...
+
+
 class Session:
     """One connected client: its socket, negotiated capabilities, and our own
     requests to it (MessageDma for DmaMemory)."""
@@ -126,6 +140,10 @@ class Session:
         self._busy_since: float | None = None
         self._busy_thread = 0
         self._owed_since: float | None = None
+        #: where a successor learns what this session did (crash recovery)
+        self.journal: RequestJournal | None = None
+        #: after a crash: the last request the dead process answered (see replayed())
+        self._answered_before: int | None = None
 
     # --- receiving (server thread) ------------------------------------------------------
 
@@ -150,8 +168,41 @@ class Session:
                     message = self._receive_locked()
             if message.header.is_reply:
                 self._route(message)
+            elif self._answered_before is not None and self._replayed(message):
+                continue
             else:
                 return message
+
+    def answered(self, msg_id: int) -> None:
+        """The request `msg_id` is answered (or, posted, handled): record it, then take it
+        out of the socket. A process that dies before the record leaves the request in
+        the socket for its successor, which handles it again; one that dies after it,
+        but before the request is out, leaves a successor that knows to skip it."""
+        if self.journal is not None:
+            self.journal.answered(msg_id)
+        with self._read_lock, contextlib.suppress(OSError):  # (a dead socket: read next)
+            self.reader.consume()
+
+    def replayed(self, journal: RequestJournal) -> None:
+        """This session goes on after a crash, from `journal`: the first request may be
+        one the dead process was handling; the dead process's own requests may still
+        be answered (their ids are not used again)."""
+        answered = journal.last_answered()
+        self._answered_before = -1 if answered is None else answered
+        self._next_id = journal.next_request_id()
+
+    def _replayed(self, message: Message) -> bool:
+        """Whether the first request after a crash was answered already (skip it);
+        if not, it is marked as replayed (handled again)."""
+        before, self._answered_before = self._answered_before, None
+        if message.header.msg_id == before:
+            log.info("request %d was answered before the crash: skipped", before)
+            message.close_fds()
+            with self._read_lock:
+                self.reader.consume()
+            return True
+        message.replayed = True
+        return False
 
     def handover_state(self, fds: list[int], held: bool = True) -> dict[str, object]:
         """What a successor needs to go on with this client: the negotiated terms, our
@@ -281,6 +332,8 @@ class Session:
                 msg_id = (msg_id + 1) & 0xFFFF
             self._next_id = (msg_id + 1) & 0xFFFF
             self._pending[msg_id] = pending
+            if self.journal is not None:
+                self.journal.requested(self._next_id)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("-> id=%d %s %#x+%#x", msg_id, command.name, access.address, access.count)
         try:
@@ -439,6 +492,8 @@ class VfioUserServer:
         #: called after a command that changed device state other than by a doorbell
         #: (a supervisor checkpoints it: crash recovery)
         self.on_change: Callable[[], None] | None = None
+        #: given to each session (Session.journal)
+        self.journal: RequestJournal | None = None
         self._hold_requested = False
         #: the threads stopped by a hold ("server", "acceptor") and the session held
         self._parked: set[str] = set()
@@ -638,6 +693,7 @@ class VfioUserServer:
 
     def _serve(self, session: Session) -> None:
         log.info("client connected")
+        session.journal = self.journal
         self._session = session
         if self._stopping.is_set():  # stop() came before it could see this session
             with contextlib.suppress(OSError):
@@ -706,6 +762,7 @@ class VfioUserServer:
                 log.warning(
                     "posted %s failed: %s", _command_name(header.command), os.strerror(error)
                 )
+            session.answered(header.msg_id)
             return
         reply = p.encode_message(header.msg_id, header.command, payload, reply=True, error=error)
         if debug:
@@ -720,6 +777,7 @@ class VfioUserServer:
             session.send(reply, () if error else reply_fds)
         except OSError as exc:
             log.info("reply not sent: %s", exc)
+        session.answered(header.msg_id)
 
     def _disconnect(self, session: Session) -> None:
         """The client is gone: the device goes back to power-on state and every
@@ -763,6 +821,13 @@ class VfioUserServer:
     def _dma_map(self, session: Session, decoded: p.Decoded, message: Message) -> Reply:
         request = _request(decoded, p.DmaMap)
         fd = message.fds.pop() if message.fds else None
+        if message.replayed and self._memory.has_mapping(
+            request.iova, request.size, request.readable, request.writable, fd, request.offset
+        ):
+            if fd is not None:
+                os.close(fd)
+            log.info("DMA_MAP %#x+%#x replayed: mapped already", request.iova, request.size)
+            return b"", ()
         region = self._memory.map(
             request.iova, request.size, request.readable, request.writable, fd, request.offset
         )
@@ -783,6 +848,9 @@ class VfioUserServer:
             mapped = tuple(
                 r for r in memory.regions if r.iova == request.iova and r.size == request.size
             )
+            if message.replayed and not mapped and not memory.overlaps(request.iova, request.size):
+                log.info("DMA_UNMAP %#x+%#x replayed: unmapped already", request.iova, request.size)
+                return b"", ()
         if any(r.fd_backed for r in mapped):
             # Views of these may be in use: the device lets go of them first.
             with self.device.quiesced():

@@ -180,3 +180,54 @@ def test_waiting_on_an_fd_numbered_past_select_limit(
     finally:
         os.close(high)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_exact_reads_leave_a_message_in_the_socket_until_it_is_consumed(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """A reader that dies between receive() and consume() (a crashed process) leaves
+    the message whole for the next reader of the socket, fds and all; consume() takes
+    it out and closes the fds it brings again."""
+    a, b = pair
+    r, w = os.pipe()
+    try:
+        send_message(a, p.encode_message(1, p.Command.DMA_MAP, bytes(32)), [r])
+        send_message(a, p.encode_message(2, p.Command.REGION_WRITE, b"x" * 40))
+        first = MessageReader(b, exact=True).receive()  # ... and then it "dies"
+        assert first.header.msg_id == 1 and same_file(first.fds[0], r)
+        first.close_fds()
+        before = open_fds()
+        reader = MessageReader(b, exact=True)
+        again = reader.receive()
+        assert again.header.msg_id == 1 and same_file(again.fds[0], r)
+        reader.consume()
+        assert open_fds() == before + 1  # the message's fd, not the copy consume() met
+        again.close_fds()
+        second = reader.receive()  # (consumes nothing more: consume() came first)
+        assert (second.header.msg_id, second.payload) == (2, b"x" * 40)
+        # receive() consumes the message before it, if nobody did.
+        send_message(a, p.encode_message(3, p.Command.DEVICE_RESET))
+        assert reader.receive().header.msg_id == 3
+        reader.consume()
+        a.close()
+        with pytest.raises(ConnectionError):
+            MessageReader(b, exact=True).receive()  # nothing was left behind
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_exact_reads_give_unread_bytes_without_the_handled_message(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = pair
+    send_message(a, p.encode_message(1, p.Command.DEVICE_RESET))
+    send_message(a, p.encode_message(2, p.Command.DEVICE_RESET))
+    reader = MessageReader(b, exact=True)
+    assert reader.receive().header.msg_id == 1
+    assert reader.unread() == (b"", [])  # (exact: nothing read ahead)
+    assert MessageReader(b, exact=True).receive().header.msg_id == 2  # 1 is out
