@@ -174,3 +174,44 @@ def prometheus_text(controllers: dict[str, dict[str, Any]]) -> str:
 
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def add_snapshots(carried: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
+    """`now` with the counters of `carried` added: the last snapshot of a predecessor
+    process (upgrade in place, crash recovery), so that counters still only grow."""
+    if not carried:
+        return now
+    total = dict(now)
+    earlier = {q["qid"]: q for q in carried.get("queues", [])}
+    queues = [
+        _add_queue(earlier.pop(q["qid"]), q) if q["qid"] in earlier else q for q in now["queues"]
+    ]
+    total["queues"] = sorted([*queues, *earlier.values()], key=lambda q: int(q["qid"]))
+    total["interrupts"] = _add_counts(carried.get("interrupts", {}), now["interrupts"])
+    total["io_thread"] = _add_counts(carried.get("io_thread", {}), now["io_thread"])
+    for key in ("doorbell_traps", "host_io_errors", "direct_transfers", "slow_commands"):
+        if key in now:
+            total[key] = now[key] + carried.get(key, 0)
+    return total
+
+
+def _add_counts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    return {key: a.get(key, 0) + b.get(key, 0) for key in sorted(a.keys() | b.keys())}
+
+
+def _add_queue(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    by_opcode = {}
+    for name in sorted(a["by_opcode"].keys() | b["by_opcode"].keys()):
+        x, y = a["by_opcode"].get(name, {}), b["by_opcode"].get(name, {})
+        by_opcode[name] = _add_counts(x, y)
+    histogram = dict(map(tuple, a["latency_histogram"]))
+    for bound, n in b["latency_histogram"]:
+        histogram[bound] = histogram.get(bound, 0) + n
+    return {
+        "qid": b["qid"],
+        "commands": a["commands"] + b["commands"],
+        "errors": a["errors"] + b["errors"],
+        "by_opcode": by_opcode,
+        "latency_sum_ns": a["latency_sum_ns"] + b["latency_sum_ns"],
+        "latency_histogram": [[bound, histogram[bound]] for bound in sorted(histogram)],
+    }

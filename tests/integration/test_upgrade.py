@@ -150,6 +150,13 @@ def test_upgrade_is_invisible_to_the_host(
                     assert all(c.ok for c in done), [hex(c.status) for c in done]
                 assert host.reg32(Reg.CSTS) & 0b11 == 0b01  # ready, never fatal, no reset
 
+            # The statistics count every command, whichever process completed it.
+            stats = call(served.control, "stats", {"controller": "nvme-mdev"})
+            io = [q for q in stats["queues"] if q["qid"] != 0]
+            assert sum(q["commands"] for q in io) == 1 + 4 * 16
+            assert sum(q["errors"] for q in io) == 1
+            assert sum(q["by_opcode"]["write"]["commands"] for q in io) == 4 * 16
+
             # Everything written reads back through the third process.
             for lba in buffers:
                 back = host.alloc(4096)

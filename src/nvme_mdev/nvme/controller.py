@@ -30,6 +30,7 @@ from ..dataplane.events import CommandFailed, DataPlaneEvent, Fatal, InvalidDoor
 from ..guest_memory import DmaError, GuestMemory
 from ..handover.journal import Journal
 from ..handover.supervisor import state_changed
+from ..statistics import add_snapshots
 from . import registers as regs
 from .admin import events, features, identify, log_pages
 from .admin import queues as queue_admin
@@ -126,6 +127,8 @@ class Controller:
         self.doorbell_buffers: tuple[int, int] | None = None
         #: SMART counters a predecessor process had counted (upgrade in place)
         self._carried_counters = IoCounters()
+        #: and its statistics (the `stats` snapshot)
+        self._carried_statistics: dict[str, Any] = {}
         #: where the queues stand, for a successor after a crash (attach_journal)
         self.journal: Journal | None = None
         self._admin_handlers: dict[int, AdminHandler] = {
@@ -489,6 +492,7 @@ class Controller:
                 for ns in self.namespaces.values()
             },
             "counters": dataclasses.asdict(self.counters),
+            "statistics": self.statistics(),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -555,6 +559,9 @@ class Controller:
                 ns.readonly = bool(flags["readonly"])
                 self.data.update_namespace(ns)
             self._carried_counters = IoCounters(**state["counters"])
+            if "statistics" in state:
+                self._carried_statistics = state["statistics"]
+                self.admin_doorbell_traps = 0  # (counted in those)
             if r.fatal:
                 self.data.halt()
             elif r.ready:
@@ -718,7 +725,7 @@ class Controller:
         """The data plane's statistics, with the admin doorbells that trapped."""
         snapshot = self.data.statistics()
         snapshot["doorbell_traps"] = int(snapshot["doorbell_traps"]) + self.admin_doorbell_traps
-        return snapshot
+        return add_snapshots(self._carried_statistics, snapshot)
 
     def uptime_hours(self) -> int:
         return int((time.monotonic() - self.power_on_time) // 3600)

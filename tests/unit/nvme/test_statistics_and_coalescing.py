@@ -10,7 +10,7 @@ import pytest
 from harness import Host, NamespaceFactory, rw
 
 from nvme_mdev.nvme.spec import FeatureId, IoOpcode
-from nvme_mdev.statistics import EXPOSED_BUCKETS, prometheus_text
+from nvme_mdev.statistics import EXPOSED_BUCKETS, add_snapshots, prometheus_text
 
 
 @pytest.fixture
@@ -240,3 +240,27 @@ def test_prometheus_text_is_well_formed(h: Host) -> None:
             name, value = ln.rsplit(" ", 1)
             float(value)
             assert name.startswith("nvme_mdev_") and name.endswith("}")
+
+
+def test_a_predecessors_statistics_are_added(h: Host) -> None:
+    """After an upgrade (or a crash) the counters go on from the predecessor's last
+    snapshot: sums by queue, opcode, latency bucket and vector; queues only one of them
+    used are kept as they are."""
+    for lba in range(3):
+        assert h.io_cmd(1, rw(IoOpcode.WRITE, 1, h.alloc(512), lba, 1)).status == 0
+    assert h.io_cmd(2, rw(IoOpcode.READ, 1, h.alloc(512), 0, 1)).status == 0
+    carried = h.ctrl.statistics()
+    carried["queues"].append({**queue_stats(h, 2), "qid": 3})  # a queue used only before
+    now = h.ctrl.statistics()
+    total = add_snapshots(carried, now)
+    assert add_snapshots({}, now) == now
+    by_qid = {q["qid"]: q for q in total["queues"]}
+    assert sorted(by_qid) == [1, 2, 3]
+    assert by_qid[1]["commands"] == 6 and by_qid[1]["by_opcode"]["write"]["commands"] == 6
+    assert by_qid[1]["by_opcode"]["write"]["bytes"] == 6 * 512
+    assert by_qid[3] == {**queue_stats(h, 2), "qid": 3}
+    assert sum(n for _, n in by_qid[1]["latency_histogram"]) == 6
+    assert by_qid[2]["latency_sum_ns"] == 2 * queue_stats(h, 2)["latency_sum_ns"]
+    assert total["interrupts"] == {v: 2 * n for v, n in now["interrupts"].items()}
+    assert total["io_thread"]["parks"] == 2 * now["io_thread"]["parks"]
+    assert total["doorbell_traps"] == 2 * now["doorbell_traps"]
