@@ -1088,15 +1088,23 @@ impl State {
     /// The completion of a command whose storage access failed: the namespace's error
     /// table, or (the namespace went meanwhile) a plain read or write error.
     fn storage_failure(
-        &self,
+        &mut self,
         sh: &Shared,
         nsid: u32,
         e: IoFailure,
         writing: bool,
         offset: u64,
     ) -> Completion {
-        let error = match self.namespaces.get(nsid) {
-            Some(ns) => host_error(sh, ns, e, writing, offset),
+        let error = match self.namespaces.get_mut(nsid) {
+            Some(ns) => {
+                let error = host_error(sh, ns, e, writing, offset);
+                // Gone (Namespace Not Ready, DNR: media_errors::GONE): its next commands
+                // fail at once, before the control side has applied the event.
+                if error.status == status::NAMESPACE_NOT_READY && error.dnr == Some(true) {
+                    ns.failure.get_or_insert_with(|| error.message.clone());
+                }
+                error
+            }
             None => {
                 let st = if writing {
                     status::WRITE_FAULT

@@ -330,12 +330,14 @@ class PythonDataPlane:
     def attach_namespace(self, ns: Namespace) -> None:
         with self.paused():
             self.namespaces[ns.nsid] = ns
+            self.io.gone.pop(ns.nsid, None)  # (storage the operator gave anew)
             if ns.passthrough:
                 self.io.passthrough = True
 
     def detach_namespace(self, nsid: int) -> None:
         with self.paused():
             self.namespaces.pop(nsid, None)
+            self.io.gone.pop(nsid, None)
 
     def update_namespace(self, ns: Namespace) -> None:
         pass  # the command set reads the Namespace itself

@@ -173,6 +173,9 @@ class IoCommandSet:
         #: told of a backend failure that changes the namespace (gone, or read-only): a
         #: StorageFailed event for the control side, which applies it
         self.emit: Callable[[StorageFailed], None] = _emit_nothing
+        #: namespaces whose storage is gone, by nsid, with why: their next commands fail
+        #: at once, before the control side has applied the event (Namespace.failure)
+        self.gone: dict[int, str] = {}
         #: SGL Support as Identify Controller reports it (SGLS bits 1:0): 0 PRPs only,
         #: else SGLS_BYTE_GRANULARITY or SGLS_DWORD_GRANULARITY (ControllerConfig's)
         self.sgl_support = sgl_support
@@ -202,6 +205,8 @@ class IoCommandSet:
             if self.passthrough:  # (False unless a passthrough namespace was ever added)
                 ns = self.namespaces.get(dw[1])
                 if ns is not None and ns.passthrough and ns.failure is None:
+                    if ns.nsid in self.gone:
+                        raise CommandError(Status.NAMESPACE_NOT_READY, self.gone[ns.nsid], dnr=True)
                     return self._pass_through(ns, dw)
             handler = self._handlers.get(dw[0] & 0xFF)
             if handler is None:
@@ -328,7 +333,7 @@ class IoCommandSet:
 
     def _namespace(self, nsid: int) -> Namespace:
         ns = self.namespaces.get(nsid)
-        if ns is None or ns.failure is not None:
+        if ns is None or ns.failure is not None or (self.gone and nsid in self.gone):
             if ns is None:
                 # Base 2.0+ (NSID types): an invalid NSID (0, above NN, FFFFFFFFh where
                 # no broadcast is allowed) is Invalid Namespace or Format; a valid but
@@ -339,7 +344,8 @@ class IoCommandSet:
                 raise CommandError(Status.INVALID_NAMESPACE, f"nsid {nsid:#x}")
             # Its storage is gone: fail fast, never touch it again (DNR: retrying
             # later will not help until the operator replaces it).
-            raise CommandError(Status.NAMESPACE_NOT_READY, str(ns.failure), dnr=True)
+            why = ns.failure or self.gone[nsid]
+            raise CommandError(Status.NAMESPACE_NOT_READY, why, dnr=True)
         return ns
 
     def _host_error(self, exc: OSError, ns: Namespace, writing: bool, offset: int) -> CommandError:
@@ -352,6 +358,8 @@ class IoCommandSet:
         reason = f"{ns.backend.description}: {exc.strerror or exc}"
         if failure.gone and exc.errno not in media_errors.GONE_ERRNOS:
             reason = f"{ns.backend.description}: its capacity is now 0 (the device is gone)"
+        if failure.gone:
+            self.gone[ns.nsid] = reason
         if failure.gone or failure.read_only:
             self.emit(StorageFailed(ns.nsid, failure.gone, failure.read_only, reason))
         return CommandError(failure.status, reason, dnr=failure.dnr, lba=offset >> ns.lba_shift)
@@ -487,8 +495,9 @@ class IoCommandSet:
         # durable: the flush does not pretend it was.
         error: CommandError | None = None
         for ns in list(self.namespaces.values()):
-            if ns.failure is not None:
-                error = error or CommandError(Status.NAMESPACE_NOT_READY, ns.failure, dnr=True)
+            why = ns.failure or self.gone.get(ns.nsid)
+            if why is not None:
+                error = error or CommandError(Status.NAMESPACE_NOT_READY, why, dnr=True)
                 continue
             try:
                 ns.backend.flush()

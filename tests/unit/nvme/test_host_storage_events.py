@@ -449,3 +449,29 @@ def test_window_sizes_on_rescan(tmp_path: Path) -> None:
     finally:
         fixed.close()
         to_end.close()
+
+
+def test_gone_storage_fails_the_next_command_before_the_event_is_applied(
+    file_ns: NamespaceFactory,
+) -> None:
+    """The data plane marks a namespace whose storage is gone itself: a command that
+    comes before the control side has applied the event fails too, even one the storage
+    would take (a flush of a loop device shrunk to nothing succeeds)."""
+    ns, spy = spied(file_ns)
+    h = setup(ns)
+    q = h.io[1]
+    buf = h.alloc(PAGE)
+    spy.fail = {"readv": error(errno.ENODEV)}
+    q.submit(rw(READ, 1, buf, 0, 1))
+    h.ctrl.data.process()  # (and no event applied)
+    assert [c.status for c in q.reap()] == [with_dnr(Status.NAMESPACE_NOT_READY)]
+    touched = len(spy.calls)
+    spy.fail = {}
+    for cmd in (rw(WRITE, 1, buf, 0, 1), [FLUSH, 1], rw(READ, 1, buf, 0, 1)):
+        q.submit(cmd)
+        h.ctrl.data.process()
+        assert [c.status for c in q.reap()] == [with_dnr(Status.NAMESPACE_NOT_READY)]
+    assert len(spy.calls) == touched
+    assert ns.failure is None  # the control side has not seen it yet
+    h.ctrl.data_plane_notified()
+    assert ns.failure is not None and smart(h)[0] == CRITICAL_WARNING_RELIABILITY_DEGRADED
