@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from nvme_mdev.control import call
+from nvme_mdev.control import ControlError, call
 from nvme_mdev.nvme.spec import FeatureId, Reg
 from nvme_mdev.nvme_host import (
     NvmeHost,
@@ -352,13 +352,46 @@ def test_a_request_the_worker_died_handling_is_answered_by_its_successor(
         served.stop()
 
 
-def _standby_of(supervisor: int, worker: int) -> int:
+def test_an_upgrade_under_a_supervisor_renews_its_standby(tmp_path: Path, image: Path) -> None:
+    """The standby successor has the code installed when it started: after an upgrade
+    (which may bring new code) another one takes its place, and a crash goes to that."""
+    served = Served(tmp_path, "--supervised", str(image))
+    try:
+        worker = _pid_of_socket_owner(served.control)
+        before = _standby_of(served.first.pid, worker)
+        upgraded = int(call(served.control, "upgrade", timeout=120)["pid"])
+        after = _standby_of(served.first.pid, upgraded, before)
+        deadline = time.monotonic() + 30
+        while alive(before):
+            assert time.monotonic() < deadline, "the old standby stays"
+            time.sleep(0.05)
+        time.sleep(1)  # (it has started Python by then, most likely: not needed)
+        os.kill(upgraded, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while (serving := _pid_of_socket_owner_or_none(served.control)) in (None, upgraded):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert serving == after
+        served.first.send_signal(signal.SIGTERM)
+        assert served.first.wait(timeout=60) == 0
+    finally:
+        served.stop()
+
+
+def _pid_of_socket_owner_or_none(path: str) -> int | None:
+    try:
+        return _pid_of_socket_owner(path)
+    except ControlError:
+        return None
+
+
+def _standby_of(supervisor: int, worker: int, *not_these: int) -> int:
     """The successor a supervisor keeps waiting for its worker's crash (it starts one
     STANDBY_DELAY after the worker)."""
     deadline = time.monotonic() + 30
     while True:
         for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == worker:
+            if not entry.name.isdigit() or int(entry.name) in (worker, *not_these):
                 continue
             try:
                 status = (entry / "status").read_text()

@@ -262,6 +262,10 @@ class Supervisor:
                     log.info("supervisor: the worker is pid %d now (upgraded)", self.pid)
                     with contextlib.suppress(OSError):
                         channel.send({"ack": True})  # the old worker may exit now
+                    # The standby imported the code installed before: start one that has
+                    # what the upgrade brought.
+                    self._discard_standby()
+                    self._start_standby(delay=STANDBY_DELAY)
                 else:
                     _close(fds)
 
