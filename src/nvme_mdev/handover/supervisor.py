@@ -62,11 +62,16 @@ _active = False
 CHECKPOINT_WAIT: Final = 2.0
 
 
+#: one exchange at a time on the supervisor's channel (a checkpoint and its receipt, an
+#: upgrade's news and its ack): the supervisor answers each in order
+exchange = threading.Lock()
+
+
 def state_changed() -> None:
     """Controller state that is not I/O changed: checkpoint it (if supervised), and
-    wait until the checkpoint is with the supervisor, so that the guest never learns of
-    a change (a completion's interrupt, a reply) that a crash could lose. Call it with
-    no lock held."""
+    wait until the supervisor has kept the checkpoint (in systemd's fd store too, when
+    run by systemd), so that the guest never learns of a change (a completion's
+    interrupt, a reply) that a crash could lose. Call it with no lock held."""
     global _changes
     if not _active:
         return
@@ -107,6 +112,7 @@ class Checkpointer:
         served = self._served
         channel = served.supervisor
         assert channel is not None
+        served.supervisor_receipts = served.supervisor_receipts or _says_hello(channel)
         global _covered
         while True:
             _changed.wait()
@@ -119,7 +125,12 @@ class Checkpointer:
             try:
                 with served.daemon.lock:
                     document = state_document(served, fds, checkpoint=True)
-                channel.send({"checkpoint": document}, fds)
+                with exchange:
+                    if served.supervisor_receipts:
+                        channel.send({"checkpoint": document, "receipt": covers}, fds)
+                        _await_receipt(channel, covers)
+                    else:  # (a supervisor of an older nvme-mdev: sent is all we know)
+                        channel.send({"checkpoint": document}, fds)
             except OSError as exc:
                 log.error("checkpoint not sent: %s", exc)
                 return
@@ -128,6 +139,36 @@ class Checkpointer:
             with _generations:
                 _covered = max(_covered, covers)
                 _generations.notify_all()
+
+
+#: what a supervisor sends first on a worker's channel, before the worker has it
+HELLO: Final = {"supervisor": {"receipts": True}}
+
+
+def _says_hello(channel: Channel) -> bool:
+    """Whether the supervisor confirms each checkpoint it keeps: it said so before this
+    process got the channel (one of an older nvme-mdev says nothing)."""
+    try:
+        message, fds = channel.receive(0)
+    except HandoverError:
+        return False  # (nothing there)
+    finally:
+        channel.sock.settimeout(None)  # (sending blocks, as ever)
+    _close(fds)
+    return bool(message.get("supervisor", {}).get("receipts"))
+
+
+def _await_receipt(channel: Channel, covers: int) -> None:
+    try:
+        while True:
+            message, fds = channel.receive(CHECKPOINT_WAIT)
+            _close(fds)
+            if message.get("kept") == covers:
+                return
+    except HandoverError as exc:
+        log.warning("checkpoint %d: no receipt from the supervisor (%s)", covers, exc)
+    finally:
+        channel.sock.settimeout(None)  # (sending blocks, as ever)
 
 
 # --- the supervisor ------------------------------------------------------------------
@@ -204,6 +245,7 @@ class Supervisor:
                 self._checkpoint = stored
                 return self._recover()
         ours, theirs = socket.socketpair()
+        Channel(ours).send(HELLO)  # (there before the worker looks)
         try:
             child = subprocess.Popen(
                 [*self.worker, "--checkpoint-fd", str(theirs.fileno())],
@@ -257,6 +299,9 @@ class Supervisor:
                         self._store.keep(message["checkpoint"], fds)
                     if old is not None:
                         _close(old[1])
+                    if "receipt" in message:
+                        with contextlib.suppress(OSError):
+                            channel.send({"kept": message["receipt"]})
                 elif "successor" in message:
                     self.pid = int(message["successor"])
                     log.info("supervisor: the worker is pid %d now (upgraded)", self.pid)
@@ -303,6 +348,7 @@ class Supervisor:
         if document.get("supervisor") is not None:
             fds[document["supervisor"]] = successor.theirs.fileno()
         channel = successor.channel
+        Channel(successor.ours).send(HELLO)  # (there before the successor looks)
         try:
             if VERSION not in hello.get("reads", []):
                 raise HandoverError(f"the successor reads state versions {hello.get('reads')}")

@@ -63,6 +63,8 @@ class Served:
     metrics: MetricsServer | None
     #: the supervisor's checkpoint channel, when one runs this process (crash recovery)
     supervisor: Channel | None = None
+    #: whether the supervisor confirms each checkpoint it kept (supervisor.py)
+    supervisor_receipts: bool = False
 
 
 @dataclass(frozen=True)
@@ -149,9 +151,12 @@ def _converse(served: Served, channel: Channel, child: subprocess.Popen[bytes]) 
         serving, _ = channel.receive(START_TIMEOUT)
         paused_ms = float(serving.get("paused_ms", paused_ms))
     if served.supervisor is not None:  # it waits for the successor now, not for us
-        with contextlib.suppress(OSError, HandoverError):
+        from .supervisor import exchange
+
+        with exchange, contextlib.suppress(OSError, HandoverError):
             served.supervisor.send({"successor": child.pid})
-            served.supervisor.receive(START_TIMEOUT)  # before we exit
+            while not served.supervisor.receive(START_TIMEOUT)[0].get("ack"):
+                pass  # (a late checkpoint receipt) the ack comes before we exit
     log.info("handed over to pid %d (guests paused %.1f ms)", child.pid, paused_ms)
     return Handed(child.pid, paused_ms)
 
@@ -181,6 +186,7 @@ def state_document(served: Served, fds: list[int], checkpoint: bool) -> dict[str
         storage=storage,
         controllers=controllers,
         supervisor=supervisor,
+        supervisor_receipts=served.supervisor_receipts,
     )
 
 
@@ -273,4 +279,4 @@ def take_over(fd: int, serve: Callable[[Served], int], crashed: bool = False) ->
     log.info(
         "took over %d controller(s); guests paused %.1f ms", len(daemon.controllers), paused_ms
     )
-    return serve(Served(daemon, control, metrics, supervisor))
+    return serve(Served(daemon, control, metrics, supervisor, bool(doc.get("supervisor_receipts"))))
