@@ -361,6 +361,11 @@ def test_an_upgrade_under_a_supervisor_renews_its_standby(tmp_path: Path, image:
         before = _standby_of(served.first.pid, worker)
         upgraded = int(call(served.control, "upgrade", timeout=120)["pid"])
         after = _standby_of(served.first.pid, upgraded, before)
+        # The new worker checkpoints over the channel the old one shared: a change
+        # made now is what the successor after a crash starts from.
+        extra = tmp_path / "extra.img"
+        extra.write_bytes(bytes(1 << 20))
+        call(served.control, "namespace_add", {"spec": str(extra)})
         deadline = time.monotonic() + 30
         while alive(before):
             assert time.monotonic() < deadline, "the old standby stays"
@@ -372,6 +377,8 @@ def test_an_upgrade_under_a_supervisor_renews_its_standby(tmp_path: Path, image:
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert serving == after
+        (listed,) = call(served.control, "list")["controllers"]
+        assert [n["nsid"] for n in listed["namespaces"]] == [1, 2]
         served.first.send_signal(signal.SIGTERM)
         assert served.first.wait(timeout=60) == 0
     finally:

@@ -153,10 +153,16 @@ def _converse(served: Served, channel: Channel, child: subprocess.Popen[bytes]) 
     if served.supervisor is not None:  # it waits for the successor now, not for us
         from .supervisor import exchange
 
-        with exchange, contextlib.suppress(OSError, HandoverError):
+        # Held until this process exits: the channel is the successor's now (no
+        # checkpoint of ours may go, nor its receipt be read, after this).
+        exchange.acquire()
+        with contextlib.suppress(OSError, HandoverError):
             served.supervisor.send({"successor": child.pid})
             while not served.supervisor.receive(START_TIMEOUT)[0].get("ack"):
                 pass  # (a late checkpoint receipt) the ack comes before we exit
+    # The successor reads the supervisor's channel from now on (one reader at a time).
+    with contextlib.suppress(OSError):
+        channel.send({"released": True})
     log.info("handed over to pid %d (guests paused %.1f ms)", child.pid, paused_ms)
     return Handed(child.pid, paused_ms)
 
@@ -275,6 +281,11 @@ def take_over(fd: int, serve: Callable[[Served], int], crashed: bool = False) ->
     paused_ms = (time.monotonic() - float(commit.get("held_at", time.monotonic()))) * 1000
     with contextlib.suppress(OSError):
         channel.send({"serving": True, "paused_ms": round(paused_ms, 2)})
+    if supervisor is not None and not crashed:
+        # The predecessor still talks to the supervisor over the channel we share:
+        # start checkpointing (and reading it) once it is done, or gone.
+        with contextlib.suppress(HandoverError):
+            channel.receive(START_TIMEOUT)
     channel.close()
     log.info(
         "took over %d controller(s); guests paused %.1f ms", len(daemon.controllers), paused_ms
