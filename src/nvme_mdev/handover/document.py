@@ -17,7 +17,6 @@ count), the JSON, then the fds, at most FDS_PER_MESSAGE per one-byte carrier mes
 from __future__ import annotations
 
 import array
-import contextlib
 import json
 import os
 import socket
@@ -26,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from .. import __version__
+from ..vfio_user.framing import close_fds
 
 FORMAT: Final = "nvme-mdev-state"
 #: the version this code writes; READS: those it can read
@@ -105,10 +105,10 @@ class Channel:
         try:
             message = json.loads(data)
         except ValueError as exc:
-            _close(fds)
+            close_fds(fds)
             raise HandoverError(f"a malformed message: {exc}") from None
         if not isinstance(message, dict):
-            _close(fds)
+            close_fds(fds)
             raise HandoverError("a malformed message: not an object")
         return message, fds
 
@@ -136,9 +136,3 @@ class Channel:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def _close(fds: Sequence[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)

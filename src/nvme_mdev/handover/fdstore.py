@@ -15,7 +15,6 @@ live as long as the socket that holds them. systemd must not poll the stored soc
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -23,6 +22,7 @@ import socket
 from typing import Any, Final
 
 from .. import systemd
+from ..vfio_user.framing import close_fds
 from .document import Channel, HandoverError
 
 log = logging.getLogger(__name__)
@@ -96,9 +96,7 @@ def stored_checkpoint() -> tuple[CheckpointStore, tuple[dict[str, Any], list[int
             document = json.loads(f.read())
     except (OSError, ValueError, IndexError) as exc:
         log.error("supervisor: the checkpoint in systemd's fd store is unreadable: %s", exc)
-        for held in fds:
-            with contextlib.suppress(OSError):
-                os.close(held)
+        close_fds(fds)
         return CheckpointStore(generation), None
     os.close(fds[0])
     return CheckpointStore(generation), (document, fds[1:])

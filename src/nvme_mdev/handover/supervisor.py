@@ -34,6 +34,7 @@ import time
 from typing import TYPE_CHECKING, Any, Final
 
 from .. import systemd
+from ..vfio_user.framing import close_fds
 from .document import VERSION, Channel, HandoverError
 from .fdstore import CheckpointStore, stored_checkpoint
 
@@ -154,7 +155,7 @@ def _says_hello(channel: Channel) -> bool:
         return False  # (nothing there)
     finally:
         channel.sock.settimeout(None)  # (sending blocks, as ever)
-    _close(fds)
+    close_fds(fds)
     return bool(message.get("supervisor", {}).get("receipts"))
 
 
@@ -162,7 +163,7 @@ def _await_receipt(channel: Channel, covers: int) -> None:
     try:
         while True:
             message, fds = channel.receive(CHECKPOINT_WAIT)
-            _close(fds)
+            close_fds(fds)
             if message.get("kept") == covers:
                 return
     except HandoverError as exc:
@@ -291,14 +292,14 @@ class Supervisor:
                     # must end when the worker does; a successor gets a new one).
                     mine = message["checkpoint"].get("supervisor")
                     if mine is not None and 0 <= mine < len(fds):
-                        _close([fds[mine]])
+                        close_fds([fds[mine]])
                         fds[mine] = -1
                     with self._lock:
                         old, self._checkpoint = self._checkpoint, (message["checkpoint"], fds)
                     if self._store is not None:
                         self._store.keep(message["checkpoint"], fds)
                     if old is not None:
-                        _close(old[1])
+                        close_fds(old[1])
                     if "receipt" in message:
                         with contextlib.suppress(OSError):
                             channel.send({"kept": message["receipt"]})
@@ -312,7 +313,7 @@ class Supervisor:
                     self._discard_standby()
                     self._start_standby(delay=STANDBY_DELAY)
                 else:
-                    _close(fds)
+                    close_fds(fds)
 
         self._listener = threading.Thread(target=run, name="supervisor", daemon=True)
         self._listener.start()
@@ -321,12 +322,13 @@ class Supervisor:
         crashed_at = time.monotonic()
         with self._lock:
             checkpoint = self._checkpoint
+            successor, self._standby = self._standby, None
         if checkpoint is None:
             log.error("supervisor: no checkpoint to recover from")
+            if successor is not None:
+                successor.discard()
             return False
         document, held = checkpoint
-        with self._lock:
-            successor, self._standby = self._standby, None
         hello: dict[str, Any] | None = None
         if successor is not None:
             try:
@@ -421,7 +423,7 @@ class Successor:
     def hello(self) -> dict[str, Any]:
         """Its first message (which versions it reads), once it has started."""
         message, fds = self.channel.receive(RECOVERY_TIMEOUT)
-        _close(fds)
+        close_fds(fds)
         return message
 
     def discard(self) -> None:
@@ -438,12 +440,6 @@ def _how(code: int) -> str:
     if code < 0:
         return f"signal {signal.Signals(-code).name}"
     return f"exit status {code}"
-
-
-def _close(fds: list[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 def supervise(worker: list[str], successor: list[str]) -> int:
