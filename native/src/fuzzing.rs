@@ -138,6 +138,19 @@ impl Host for NullHost {
             lba: 0,
         })
     }
+    fn fused(
+        &self,
+        _sqid: u16,
+        _first: &Sqe,
+        _second: &Sqe,
+    ) -> Result<(Completion, Completion), String> {
+        let refused = Completion {
+            status: status::INVALID_FIELD,
+            dw0: 0,
+            lba: 0,
+        };
+        Ok((refused, refused))
+    }
     fn fallback(&self) -> &dyn Fallback {
         &NoFallback
     }

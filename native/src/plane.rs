@@ -25,8 +25,8 @@ use crate::queues::{CompletionQueue, Doorbell, DoorbellPage, Slots, SubmissionQu
 use crate::rbd::{Finished, Op, RbdEngine};
 use crate::sgl::sgl_segments;
 use crate::spec::{
-    opcode, status, with_dnr, Sqe, BROADCAST_NSID, CDW0_FUSE, CDW0_FUSE_OR_PSDT, CDW0_PSDT, DEAC,
-    DNR, PAGE_MASK, PAGE_SIZE,
+    opcode, status, with_dnr, Sqe, BROADCAST_NSID, CDW0_FUSE, CDW0_FUSE_FIRST, CDW0_FUSE_OR_PSDT,
+    CDW0_FUSE_SECOND, CDW0_PSDT, DEAC, DNR, PAGE_MASK, PAGE_SIZE,
 };
 use crate::stats::{bump, Stats};
 use crate::storage::{CachedReads, IoFailure, Namespace, Store, IOV_MAX};
@@ -73,6 +73,16 @@ pub enum Outcome {
     Slow,
 }
 
+/// What became of the first command of a fused operation.
+enum Fused {
+    /// not one to pair (FUSE 11b, or an Abort marked it): the usual path takes it
+    Usual,
+    /// it stays in the SQ: its second has not come, or the CQ lacks room for both
+    Wait,
+    /// this many entries were taken and completed
+    Taken(u32),
+}
+
 /// What the data plane tells the control side (dataplane/events.py).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
@@ -107,6 +117,14 @@ pub trait Host: Send + Sync {
     fn notify(&self);
     /// Run a command the plane does not run itself; Err: the Python side failed (a bug).
     fn slow(&self, sqid: u16, sqe: &Sqe) -> Result<Completion, String>;
+    /// Run a fused operation (its first and second command) as one unit, with nothing
+    /// else in flight: the completions of both (nvme/io.py fused()).
+    fn fused(
+        &self,
+        sqid: u16,
+        first: &Sqe,
+        second: &Sqe,
+    ) -> Result<(Completion, Completion), String>;
     /// Guest memory that the table cannot reach in place.
     fn fallback(&self) -> &dyn Fallback;
 }
@@ -505,6 +523,7 @@ impl State {
                 tail: 0,
                 doorbell,
                 slots,
+                fused_wait: None,
             },
         );
         self.active = sorted_keys(&self.sqs);
@@ -833,9 +852,25 @@ impl State {
                 if cq.is_full(&self.memory, fb, page)? {
                     break;
                 }
+                let slot = sq.head;
                 let sqe = sq.fetch(&self.memory, fb)?;
+                if sqe.dw[0] & CDW0_FUSE_FIRST != 0 {
+                    // FUSE 01b (or 11b, reserved: the usual path refuses it)
+                    match self.fused_operation(sh, qid, cqid, slot, &sqe, seen)? {
+                        Fused::Usual => {}
+                        Fused::Wait => break,
+                        Fused::Taken(k) => {
+                            n += k;
+                            if self.halted {
+                                return Ok(done + n);
+                            }
+                            continue;
+                        }
+                    }
+                }
                 if let Some(journal) = self.journal {
-                    journal.fetched(qid, sq.head, sqe.cid());
+                    let head = self.sqs.get(u32::from(qid)).expect("active").head;
+                    journal.fetched(qid, head, sqe.cid());
                 }
                 n += 1;
                 if !self.aborts.is_empty() && self.aborts.remove(&(qid, sqe.cid())) {
@@ -883,6 +918,79 @@ impl State {
     fn fatal(&mut self, sh: &Shared, reason: String) {
         self.halted = true;
         sh.emit(Event::Fatal { reason });
+    }
+
+    /// The entry just fetched from `slot` of SQ `qid` is the first of a fused operation
+    /// (FUSE 01b, or 11b): run it with its second as one unit (dataplane/python.py
+    /// _fused_operation). The first stays in the SQ, unfetched, until its second
+    /// arrives (a guest may ring between the two) and the CQ has room for both.
+    fn fused_operation(
+        &mut self,
+        sh: &Shared,
+        qid: u16,
+        cqid: u16,
+        slot: u32,
+        first: &Sqe,
+        seen: u64,
+    ) -> Result<Fused, DmaError> {
+        let fb = sh.fb();
+        let page = self.page;
+        let aborted = |aborts: &HashSet<(u16, u16)>, sqe: &Sqe| {
+            !aborts.is_empty() && aborts.contains(&(qid, sqe.cid()))
+        };
+        let sq = self.sqs.get_mut(u32::from(qid)).expect("active");
+        sq.fused_wait = None;
+        if first.dw[0] & CDW0_FUSE != CDW0_FUSE_FIRST
+            || first.opcode() != opcode::COMPARE // (no such operation: refused at once)
+            || aborted(&self.aborts, first)
+        {
+            return Ok(Fused::Usual);
+        }
+        if sq.head == sq.tail {
+            sq.head = slot; // nothing after it yet: put it back
+            sq.fused_wait = Some(sq.tail);
+            return Ok(Fused::Wait);
+        }
+        let second = sq.peek(&self.memory, fb, sq.head)?;
+        if second.dw[0] & CDW0_FUSE != CDW0_FUSE_SECOND || aborted(&self.aborts, &second) {
+            if let Some(journal) = self.journal {
+                journal.fetched(qid, sq.head, first.cid());
+            }
+            let missing = failed(&CmdError::new(
+                status::ABORT_FUSE_MISSING,
+                "the second command of its fused operation is missing",
+            ));
+            self.complete(sh, qid, first, missing, seen)?;
+            return Ok(Fused::Taken(1)); // the next entry goes the usual way
+        }
+        let cq = self.cqs.get_mut(u32::from(cqid)).expect("checked");
+        cq.reserved += 1; // (is_full asks for room for one beside the reserved)
+        let full = cq.is_full(&self.memory, fb, page);
+        cq.reserved -= 1;
+        let sq = self.sqs.get_mut(u32::from(qid)).expect("active");
+        if full? {
+            sq.head = slot;
+            return Ok(Fused::Wait);
+        }
+        sq.head = sq.next(sq.head);
+        if let Some(journal) = self.journal {
+            journal.fetched(qid, sq.next(slot), first.cid());
+            journal.fetched(qid, sq.head, second.cid());
+        }
+        // Atomic against every other command of this controller: nothing in flight, and
+        // nothing else submitted until both are done (this thread runs them).
+        self.drain(sh, true);
+        if self.halted {
+            return Ok(Fused::Taken(2));
+        }
+        match sh.host.fused(qid, first, &second) {
+            Ok((compared, written)) => {
+                self.complete(sh, qid, first, compared, seen)?;
+                self.complete(sh, qid, &second, written, seen)?;
+            }
+            Err(reason) => self.fatal(sh, format!("I/O processing failed: {reason}")),
+        }
+        Ok(Fused::Taken(2))
     }
 
     /// The one place an I/O completion is written: the CQE, the statistics, the error
@@ -1173,9 +1281,22 @@ impl State {
         }
         let cdw0 = sqe.dw[0];
         if cdw0 & CDW0_FUSE_OR_PSDT != 0 {
-            let refusal = if cdw0 & CDW0_FUSE != 0 {
-                Some("fused operations are not supported")
-            } else if cdw0 & CDW0_PSDT == CDW0_PSDT {
+            let fuse = cdw0 & CDW0_FUSE;
+            if fuse != 0 {
+                // Alone: the pass hands pairs to the Python side (fused_operation).
+                let half_of_compare_and_write = (fuse == CDW0_FUSE_FIRST && op == opcode::COMPARE)
+                    || (fuse == CDW0_FUSE_SECOND && op == opcode::WRITE);
+                let (st, why) = if !half_of_compare_and_write {
+                    (status::INVALID_FIELD, "no such fused operation") // (11b included)
+                } else {
+                    (
+                        status::ABORT_FUSE_MISSING,
+                        "the other command of its fused operation is missing",
+                    )
+                };
+                return Outcome::Done(failed(&CmdError::new(st, why)));
+            }
+            let refusal = if cdw0 & CDW0_PSDT == CDW0_PSDT {
                 Some("PSDT 11b is reserved")
             } else if self.config.sgl_support == 0 {
                 Some("SGLs are not supported")

@@ -124,6 +124,7 @@ impl Fallback for PyFallback {
 struct PyHost {
     notify: Py<PyAny>,
     slow: Py<PyAny>,
+    fused: Py<PyAny>,
     fallback: PyFallback,
 }
 
@@ -143,6 +144,37 @@ impl Host for PyHost {
                 let (status, dw0, lba): (u16, u32, u64) =
                     self.slow.call1(py, (sqid, dw))?.extract(py)?;
                 Ok(Completion { status, dw0, lba })
+            };
+            run().map_err(|e| {
+                e.print(py);
+                e.value(py).to_string()
+            })
+        })
+    }
+
+    fn fused(
+        &self,
+        sqid: u16,
+        first: &Sqe,
+        second: &Sqe,
+    ) -> Result<(Completion, Completion), String> {
+        Python::attach(|py| {
+            let run = || -> PyResult<(Completion, Completion)> {
+                let dws = (PyTuple::new(py, first.dw)?, PyTuple::new(py, second.dw)?);
+                let ((s1, d1, l1), (s2, d2, l2)): ((u16, u32, u64), (u16, u32, u64)) =
+                    self.fused.call1(py, (sqid, dws.0, dws.1))?.extract(py)?;
+                Ok((
+                    Completion {
+                        status: s1,
+                        dw0: d1,
+                        lba: l1,
+                    },
+                    Completion {
+                        status: s2,
+                        dw0: d2,
+                        lba: l2,
+                    },
+                ))
             };
             run().map_err(|e| {
                 e.print(py);
@@ -229,7 +261,7 @@ impl Drop for PyPlane {
 impl PyPlane {
     #[new]
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (max_io_queues, max_transfer, max_namespaces, sgl_support, routes, uring, doorbell_page, notify, slow, memory))]
+    #[pyo3(signature = (max_io_queues, max_transfer, max_namespaces, sgl_support, routes, uring, doorbell_page, notify, slow, fused, memory))]
     fn new(
         max_io_queues: u16,
         max_transfer: u64,
@@ -240,6 +272,7 @@ impl PyPlane {
         doorbell_page: Option<Bound<'_, PyAny>>,
         notify: Py<PyAny>,
         slow: Py<PyAny>,
+        fused: Py<PyAny>,
         memory: Py<PyAny>,
     ) -> PyResult<Self> {
         let page = match doorbell_page {
@@ -263,6 +296,7 @@ impl PyPlane {
         let host = Box::new(PyHost {
             notify,
             slow,
+            fused,
             fallback: PyFallback { memory },
         });
         let shared = Shared::new(config, routes.inner.clone(), page, host)

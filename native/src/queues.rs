@@ -101,6 +101,9 @@ pub struct SubmissionQueue {
     pub tail: u32,
     pub doorbell: Doorbell,
     pub slots: Slots,
+    /// the tail at which the head entry, the first of a fused operation, waits for its
+    /// second: the plane leaves it in the queue until then
+    pub fused_wait: Option<u32>,
 }
 
 impl SubmissionQueue {
@@ -133,22 +136,44 @@ impl SubmissionQueue {
 
     /// The entry at the head, consumed.
     pub fn fetch(&mut self, memory: &GuestMemory, fb: &dyn Fallback) -> Result<Sqe, DmaError> {
-        let offset = u64::from(self.head) * SQE_SIZE;
+        let sqe = self.peek(memory, fb, self.head)?;
+        self.head = self.next(self.head);
+        Ok(sqe)
+    }
+
+    /// The entry in `slot` (< size), not consumed.
+    pub fn peek(
+        &mut self,
+        memory: &GuestMemory,
+        fb: &dyn Fallback,
+        slot: u32,
+    ) -> Result<Sqe, DmaError> {
+        let offset = u64::from(slot.min(self.size - 1)) * SQE_SIZE;
         let mut raw = [0u8; 64];
         match self.slots.host(memory, fb) {
             // SAFETY: the queue's slots are mapped at `host` for this generation, and
-            // head < size keeps the entry inside them.
+            // slot < size keeps the entry inside them.
             Some(host) => unsafe {
                 crate::memory::copy_from_guest(host.add(offset as usize), &mut raw)
             },
             None => memory.read(self.slots.base + offset, &mut raw, fb)?,
         }
-        self.head = if self.head + 1 == self.size {
+        Ok(Sqe::from_bytes(&raw))
+    }
+
+    /// The slot after `slot`, wrapping at the end of the queue.
+    pub fn next(&self, slot: u32) -> u32 {
+        if slot + 1 >= self.size {
             0
         } else {
-            self.head + 1
-        };
-        Ok(Sqe::from_bytes(&raw))
+            slot + 1
+        }
+    }
+
+    /// Entries wait that the plane can take: not only the first of a fused operation
+    /// whose second has not come.
+    pub fn has_work(&self) -> bool {
+        self.head != self.tail && Some(self.tail) != self.fused_wait
     }
 
     /// Ask the guest to ring on its next submission (before parking); true if commands
@@ -165,7 +190,7 @@ impl SubmissionQueue {
             fence(Ordering::SeqCst);
             self.refresh_tail(memory, fb, None)?;
         }
-        Ok(self.head != self.tail)
+        Ok(self.has_work())
     }
 
     /// A polling thread sees new entries by itself: EventIdx one behind the tail lets

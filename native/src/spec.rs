@@ -29,6 +29,7 @@ pub mod status {
     pub const INTERNAL_ERROR: u16 = 0x006;
     pub const ABORT_REQUESTED: u16 = 0x007;
     pub const ABORT_SQ_DELETED: u16 = 0x008;
+    pub const ABORT_FUSE_MISSING: u16 = 0x00A;
     pub const INVALID_NAMESPACE: u16 = 0x00B;
     pub const INVALID_SGL_SEGMENT_DESCRIPTOR: u16 = 0x00D;
     pub const INVALID_NUMBER_OF_SGL_DESCRIPTORS: u16 = 0x00E;
@@ -77,6 +78,9 @@ pub struct Sqe {
 /// CDW0 FUSE (bits 9:8) and PSDT (bits 15:14): anything but a plain PRP command.
 pub const CDW0_FUSE_OR_PSDT: u32 = 0xC300;
 pub const CDW0_FUSE: u32 = 0x3 << 8;
+/// FUSE 01b and 10b: the first and the second command of a fused operation.
+pub const CDW0_FUSE_FIRST: u32 = 0x1 << 8;
+pub const CDW0_FUSE_SECOND: u32 = 0x2 << 8;
 pub const CDW0_PSDT: u32 = 0x3 << 14;
 /// CDW12 Force Unit Access (Read, Write, Write Zeroes, ...).
 pub const FUA: u32 = 1 << 30;

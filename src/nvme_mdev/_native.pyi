@@ -29,6 +29,10 @@ class DataPlane:
         doorbell_page: memoryview | None,
         notify: Callable[[], None],
         slow: Callable[[int, tuple[int, ...]], tuple[int, int, int]],
+        fused: Callable[
+            [int, tuple[int, ...], tuple[int, ...]],
+            tuple[tuple[int, int, int], tuple[int, int, int]],
+        ],
         memory: Any,
     ) -> None: ...
     def start(self) -> None: ...

@@ -1,6 +1,6 @@
 """NVM Command Set 1.2, 3.3.8 Write Zeroes, 3.3.3 Dataset Management, 3.3.1 Compare,
 3.3.5 Verify, 3.3.2 Copy (descriptor format 0h), and the refusals: 3.3.7 Write
-Uncorrectable, fused operations (Base 3.4.2), reservations (Base 7.5-7.8)."""
+Uncorrectable and reservations (Base 7.5-7.8); fused Compare and Write (Base 3.4.2)."""
 
 from __future__ import annotations
 
@@ -173,16 +173,35 @@ def test_3_3_7_write_uncorrectable_is_not_supported(host: NvmeHost, io: HostQueu
     assert_status(c, Status.INVALID_OPCODE, dnr=True)
 
 
-@pytest.mark.parametrize("fuse", [1, 2], ids=["first", "second"])
-def test_3_4_2_fused_compare_and_write_is_refused(
+def test_3_4_2_fused_compare_and_write_writes_only_on_a_match(
+    host: NvmeHost, io: HostQueuePair
+) -> None:
+    """FUSES bit 0 (Compare and Write), ACWU set; the pair's Write runs only if its
+    Compare matched: Compare Failure, then Command Aborted due to Failed Fused Command."""
+    data = host.identify(1)
+    assert int.from_bytes(data[522:524], "little") & 1
+    assert int.from_bytes(data[532:534], "little") > 0  # ACWU, 0's based
+    old, new = pattern(512, 21), pattern(512, 22)
+    assert_ok(write_blocks(host, io, NS512, 3, old))
+    compare = nvm_command(IoOpcode.COMPARE, NS512, 3, 1, _buffer(host, old))
+    write = nvm_command(IoOpcode.WRITE, NS512, 3, 1, _buffer(host, new))
+    compared, written = io.compare_and_write(compare, write)
+    assert_ok(compared)
+    assert_ok(written)
+    compared, written = io.compare_and_write(compare, write)  # the blocks now hold `new`
+    assert_status(compared, Status.COMPARE_FAILURE, dnr=True)
+    assert_status(written, Status.ABORT_FUSE_FAILED, dnr=True)
+
+
+@pytest.mark.parametrize("fuse", [2, 3], ids=["second alone", "reserved"])
+def test_3_4_2_a_fused_command_without_its_pair(
     host: NvmeHost, io: HostQueuePair, fuse: int
 ) -> None:
-    """FUSES clear (no fused operations): a fused command is Invalid Field in Command."""
-    assert int.from_bytes(host.identify(1)[522:524], "little") == 0
-    dw = nvm_command(IoOpcode.COMPARE if fuse == 1 else IoOpcode.WRITE, NS512, 0, 1)
-    dw[6] = host.alloc(512)
+    """A second with no first is Missing Fused Command; FUSE 11b is Invalid Field."""
+    dw = nvm_command(IoOpcode.WRITE, NS512, 0, 1, host.alloc(512))
     dw[0] |= fuse << 8
-    assert_status(io.command(dw), Status.INVALID_FIELD, dnr=True)
+    status = Status.ABORT_FUSE_MISSING if fuse == 2 else Status.INVALID_FIELD
+    assert_status(io.command(dw), status, dnr=True)
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,8 @@
 DataPlane seam. Its thread holds no GIL; Python is entered only to run what it does
 not run itself (the slow path below: every opcode but Read, Write, Flush and Write
 Zeroes, namespaces served by Python backends, data in memory reachable only by
-messages), to reach such memory, and to wake the control side.
+messages; and fused Compare and Write pairs, once it has drained its I/O), to reach
+such memory, and to wake the control side.
 
 This module turns the controller's Python objects into what the crate takes
 (namespaces as descriptors, guest memory as a table of host addresses) and the
@@ -102,6 +103,7 @@ class NativeDataPlane:
             doorbell_words.cast("B") if doorbell_words is not None else None,
             _weakly(notify),
             _weakly(self._slow),
+            _weakly(self._fused),
             weakref.proxy(memory),
         )
         self._poll_timeout = poll_timeout
@@ -120,6 +122,18 @@ class NativeDataPlane:
         if not isinstance(outcome, Completed):  # (a synchronous engine: never)
             raise RuntimeError("the slow path's engine submitted a transfer")
         return outcome.status, outcome.dw0, outcome.lba
+
+    def _fused(
+        self, sqid: int, first: tuple[int, ...], second: tuple[int, ...]
+    ) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """A fused operation, with nothing in flight (the plane drained its I/O): the
+        Python command set runs both halves as one unit."""
+        self._slow_commands += 2
+        compared, written = self.io.fused(first, second)
+        return (
+            (compared.status, compared.dw0, compared.lba),
+            (written.status, written.dw0, written.lba),
+        )
 
     def _emit(self, event: DataPlaneEvent) -> None:
         with self._events_lock:

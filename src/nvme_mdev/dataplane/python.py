@@ -23,7 +23,15 @@ from ..guest_memory import DmaError, GuestMemory, MemoryChange
 from ..handover.journal import Journal
 from ..nvme.identity import ControllerConfig
 from ..nvme.interrupts import InterruptSink
-from ..nvme.io import Completed, IoCommandSet, IoCounters
+from ..nvme.io import (
+    CDW0_FUSE,
+    CDW0_FUSE_FIRST,
+    CDW0_FUSE_SECOND,
+    MISSING_FUSED,
+    Completed,
+    IoCommandSet,
+    IoCounters,
+)
 from ..nvme.namespace import Namespace
 from ..nvme.queues import (
     CompletionQueue,
@@ -412,13 +420,19 @@ class PythonDataPlane:
                 seen = clock()
                 n = 0
                 while n < burst and sq.head != sq.tail and not cq.is_full():
-                    if slots is not None:  # fetch(), inline: this runs for every command
+                    # fetch(), inline: this runs for every command
+                    if slots is not None:
                         dw = SQE.unpack_from(slots, sq.head * SQE_SIZE)
-                        sq.head = 0 if sq.head + 1 == sq.size else sq.head + 1
-                        if sq.journal is not None:
-                            sq.journal.fetched(sq.qid, sq.head, dw[0] >> 16)
                     else:
-                        dw = SQE.unpack(sq.fetch())
+                        dw = SQE.unpack(sq.memory.read_entry(sq.head))
+                    if dw[0] & 0x100 and (taken := self._fused_operation(sq, dw, seen)):
+                        if taken < 0:
+                            break  # its second has not come yet, or no room for both
+                        n += taken
+                        continue
+                    sq.head = 0 if sq.head + 1 == sq.size else sq.head + 1
+                    if sq.journal is not None:
+                        sq.journal.fetched(sq.qid, sq.head, dw[0] >> 16)
                     n += 1
                     if self.aborts and (sq.qid, dw[0] >> 16) in self.aborts:
                         self.aborts.discard((sq.qid, dw[0] >> 16))
@@ -444,6 +458,50 @@ class PythonDataPlane:
         if self._coalesced:
             self.flush_coalesced_interrupts(force=False)
         return done
+
+    def _fused_operation(self, sq: SubmissionQueue, first: tuple[int, ...], seen: int) -> int:
+        """The entry at the head of `sq` is the first of a fused operation (FUSE 01b; or
+        11b): run it with its second as one unit. Returns the entries taken; 0 if the
+        usual path takes this one (FUSE 11b, not a Compare, or an Abort marked it); -1
+        if it stays in
+        the SQ, unfetched, until its second arrives (a guest may ring between the two)
+        or the CQ has room for both completions."""
+        sq.fused_wait = -1
+        if (
+            first[0] & CDW0_FUSE != CDW0_FUSE_FIRST
+            or first[0] & 0xFF != IoOpcode.COMPARE  # (no such operation: refused at once)
+            or (self.aborts and (sq.qid, first[0] >> 16) in self.aborts)
+        ):
+            return 0
+        after = 0 if sq.head + 1 == sq.size else sq.head + 1
+        if after == sq.tail:
+            sq.fused_wait = sq.tail  # nothing new for the poller until the tail moves
+            return -1
+        second = SQE.unpack(sq.memory.read_entry(after))
+        if second[0] & CDW0_FUSE != CDW0_FUSE_SECOND or (
+            self.aborts and (sq.qid, second[0] >> 16) in self.aborts
+        ):
+            sq.fetch()
+            self._complete(sq, first, MISSING_FUSED, seen)
+            return 1  # the next entry goes the usual way
+        cq = sq.cq
+        cq.reserved += 1  # (is_full() asks for room for one beside the reserved)
+        try:
+            if cq.is_full():
+                return -1
+        finally:
+            cq.reserved -= 1
+        sq.fetch()
+        sq.fetch()
+        # Atomic against every other command of this controller: nothing in flight, and
+        # nothing else submitted until both are done (this thread runs them).
+        self.drain()
+        if self.halted:
+            return 2
+        compared, written = self.io.fused(first, second)
+        self._complete(sq, first, compared, seen)
+        self._complete(sq, second, written, seen)
+        return 2
 
     def _finish(self, transfers: list[Transfer], post: bool) -> None:
         """Complete the commands whose transfers the engine hands back. Every transfer
@@ -584,7 +642,7 @@ class PythonDataPlane:
         """Whether any I/O submission queue has commands (reads shadow doorbells)."""
         for sq in self._active:
             sq.refresh_tail()
-            if sq.head != sq.tail:
+            if sq.has_work():
                 return True
         return False
 

@@ -10,12 +10,20 @@ Refused, and reported as such in Identify and the Commands Supported and Effects
 - Write Uncorrectable (Invalid Command Opcode; ONCS bit 1 clear): the marks would
   have to outlive the process and be checked on every read, and a slice of host
   storage has nowhere truthful to keep them.
-- Fused operations, i.e. Compare and Write (Invalid Field in Command; FUSES 0):
-  atomicity needs both halves of the pair in one pass of the I/O queue, which the
-  controller's queue arbitration does not promise.
 A backend's failure completes the command with the status media_errors.py chooses.
 Limited Retry is accepted and has no effect: nothing here retries. Protection
 information fields are ignored: no namespace is formatted with it.
+
+Fused operations (Base 3.4.2): Compare and Write only (FUSES bit 0), as fused(). The
+data planes pair the two entries of the SQ and run them here as one unit, with nothing
+else of the controller's in flight (their I/O is drained first and nothing else is
+submitted meanwhile: atomic against every other command of this controller, the only
+one that may write the namespace). A lone half, or FUSE 11b, reaches execute(), which
+answers it (Missing Fused Command; Invalid Field). A pair larger than ACWU
+(acwu_blocks()), of other opcodes, or whose halves name different namespaces or LBA
+ranges fails whole with Invalid Field in Command; a failed Compare aborts the Write
+(Failed Fused Command); a failed Write leaves the Compare's status as it was. An RBD
+namespace runs the pair as librbd's compare-and-write where librbd takes the range.
 """
 
 from __future__ import annotations
@@ -68,11 +76,24 @@ ALLOWED_WRITES: Final = passthrough.ALLOWED_OPCODES
 
 # Command Dword 0
 CDW0_FUSE: Final = 0x3 << 8
+CDW0_FUSE_FIRST: Final = 0x1 << 8
+CDW0_FUSE_SECOND: Final = 0x2 << 8
 CDW0_PSDT: Final = 0x3 << 14
 # Command Dword 12 of Read, Write, Compare, Verify, Write Zeroes, Copy
 FUA: Final = 1 << 30
 PRACT: Final = 1 << 29  # PRINFO bit 3
 DEAC: Final = 1 << 25  # Write Zeroes: deallocate
+
+
+#: the largest logical block a namespace may have (namespace.SUPPORTED_BLOCK_SIZES)
+_LARGEST_BLOCK_SHIFT: Final = 12
+
+
+def acwu_blocks(max_transfer: int) -> int:
+    """Atomic Compare & Write Unit in logical blocks (Identify Controller ACWU is this
+    less one): what one data transfer holds in blocks of the largest format, so that the
+    unit holds for every namespace and a pair within it never meets MDTS first."""
+    return min(max_transfer >> _LARGEST_BLOCK_SHIFT, 1 << 16)
 
 
 @dataclass(frozen=True)
@@ -320,16 +341,25 @@ class IoCommandSet:
 
     def _sgl_handler(self, cdw0: int, handler: Handler) -> Handler:
         """The handler for a command whose data pointer is an SGL. Read and Write have
-        their own, so that their PRP path tests nothing it does not need."""
-        if cdw0 & CDW0_FUSE:
-            raise CommandError(Status.INVALID_FIELD, "fused operations are not supported")
-        if cdw0 & CDW0_PSDT == CDW0_PSDT:
-            raise CommandError(Status.INVALID_FIELD, "PSDT 11b is reserved")
-        if not self.sgl_support:
-            raise CommandError(Status.INVALID_FIELD, "SGLs are not supported")
+        their own, so that their PRP path tests nothing it does not need. A fused
+        command here is alone: the data planes hand pairs to fused()."""
+        fuse = cdw0 & CDW0_FUSE
+        if fuse:
+            if _FUSED_OPCODES.get(fuse) != cdw0 & 0xFF:  # (11b included: reserved)
+                raise CommandError(Status.INVALID_FIELD, "no such fused operation")
+            raise CommandError(
+                Status.ABORT_FUSE_MISSING, "the other command of its fused operation is missing"
+            )
+        self._check_pointer_type(cdw0)
         # PSDT 01b and 10b differ only in what MPTR holds, and no format has metadata.
         # The others find their data pointer through _segments().
         return self._sgl_handlers.get(cdw0 & 0xFF, handler)
+
+    def _check_pointer_type(self, cdw0: int) -> None:
+        if cdw0 & CDW0_PSDT == CDW0_PSDT:
+            raise CommandError(Status.INVALID_FIELD, "PSDT 11b is reserved")
+        if cdw0 & CDW0_PSDT and not self.sgl_support:
+            raise CommandError(Status.INVALID_FIELD, "SGLs are not supported")
 
     def _namespace(self, nsid: int) -> Namespace:
         ns = self.namespaces.get(nsid)
@@ -551,16 +581,115 @@ class IoCommandSet:
             self._commit(ns)
         # Fetch the host's data first: a bad data pointer fails before the media is read.
         expected = copy_from_guest(self.memory, self._segments(dw, length, to_guest=False))
-        stored = bytearray(length)
+        self._compare_stored(ns, offset, expected)
+
+    def fused(self, first: tuple[int, ...], second: tuple[int, ...]) -> tuple[Completed, Completed]:
+        """Compare and Write (NVM Command Set 2.x: Fused Operations): the Write runs
+        only if the Compare matched, and the caller lets nothing else of the controller's
+        run between them. The completions of the Compare and of the Write."""
+        try:
+            return self._compare_and_write(first, second)
+        except CommandError as err:  # the pair as a whole is refused: both say why
+            refused = failed(err)
+            return refused, refused
+
+    def _compare_and_write(
+        self, first: tuple[int, ...], second: tuple[int, ...]
+    ) -> tuple[Completed, Completed]:
+        opcodes = (first[0] & 0xFF, second[0] & 0xFF)
+        if opcodes != (IoOpcode.COMPARE, IoOpcode.WRITE):
+            # Base 3.4.2: a fused operation the controller does not support
+            raise CommandError(
+                Status.INVALID_FIELD,
+                f"fused {opcodes[0]:#x} and {opcodes[1]:#x}: only Compare and Write is supported",
+            )
+        if (
+            first[1] != second[1]
+            or first[10:12] != second[10:12]
+            or (first[12] ^ second[12]) & 0xFFFF
+        ):
+            raise CommandError(
+                Status.INVALID_FIELD, "Compare and Write: the two commands' LBA ranges differ"
+            )
+        blocks = (first[12] & 0xFFFF) + 1
+        unit = acwu_blocks(self.max_transfer)
+        if blocks > unit:
+            raise CommandError(Status.INVALID_FIELD, f"Compare and Write: {blocks} blocks > ACWU")
+        ns = self.namespaces.get(first[1])
+        if ns is not None and ns.passthrough:
+            # (the host's kernel passes no fused commands through)
+            raise CommandError(
+                Status.INVALID_FIELD, "no fused operations on a passthrough namespace"
+            )
+        try:
+            self._check_pointer_type(first[0])
+            ns = self._namespace(first[1])
+            offset, length = self._data_range(ns, first)
+            if first[12] & FUA:
+                self._commit(ns)
+            expected = copy_from_guest(self.memory, self._segments(first, length, to_guest=False))
+        except CommandError as err:
+            return failed(err), _FUSED_COMPARE_FAILED
+        # The Write's own checks and data, before anything is compared: librbd's
+        # compare-and-write takes both buffers at once.
+        write_error: CommandError | None = None
+        data = b""
+        try:
+            self._check_pointer_type(second[0])
+            if ns.readonly:
+                raise CommandError(Status.NAMESPACE_WRITE_PROTECTED)
+            data = copy_from_guest(self.memory, self._segments(second, length, to_guest=False))
+        except CommandError as err:
+            write_error = err
+        fua = bool(second[12] & FUA) or not self.write_cache
+        atomic = getattr(ns.backend, "compare_and_write", None)
+        matched: bool | None = None
+        if atomic is not None and write_error is None:
+            try:
+                matched = atomic(offset, expected, data, fua)
+            except OSError as exc:
+                return failed(self._host_error(exc, ns, True, offset)), _FUSED_COMPARE_FAILED
+            if matched is not None:
+                self._count_compare(length)
+                if not matched:
+                    return _COMPARE_FAILED, _FUSED_COMPARE_FAILED
+                self._count_write(length)
+                return SUCCESS, SUCCESS
+        # The generic pair (librbd did not take the range, or another backend)
+        try:
+            self._compare_stored(ns, offset, expected)
+        except CommandError as err:
+            return failed(err), _FUSED_COMPARE_FAILED
+        if write_error is not None:
+            return SUCCESS, failed(write_error)
+        try:
+            ns.backend.writev(offset, [memoryview(data)], fua)
+        except OSError as exc:
+            return SUCCESS, failed(self._host_error(exc, ns, True, offset))
+        self._count_write(length)
+        return SUCCESS, SUCCESS
+
+    def _compare_stored(self, ns: Namespace, offset: int, expected: bytes | bytearray) -> None:
+        """Read the blocks at `offset` and compare them with `expected`: Compare Failure
+        if any byte differs."""
+        stored = bytearray(len(expected))
         try:
             ns.backend.readv(offset, [memoryview(stored)])
         except OSError as exc:
             raise self._host_error(exc, ns, False, offset) from exc
+        self._count_compare(len(expected))
+        if stored != expected:  # bytearray on the left: one memcmp
+            raise CommandError(Status.COMPARE_FAILURE, "the blocks differ from the host's data")
+
+    def _count_compare(self, length: int) -> None:
         counters = self.counters
         counters.host_read_commands += 1
         counters.bytes_read += length
-        if stored != expected:  # bytearray on the left: one memcmp
-            raise CommandError(Status.COMPARE_FAILURE, "the blocks differ from the host's data")
+
+    def _count_write(self, length: int) -> None:
+        counters = self.counters
+        counters.host_write_commands += 1
+        counters.bytes_written += length
 
     def verify(self, dw: tuple[int, ...]) -> None:
         """Verify (NVM 3.3.5): read the blocks and transfer nothing. MDTS does not apply;
@@ -629,6 +758,21 @@ class IoCommandSet:
             raise self._host_error(exc, ns, True, destination) from exc
         # Data Units Written counts blocks written; Host Write Commands counts Writes only.
         self.counters.bytes_written += length
+
+
+#: what each half of the one fused operation supported (Compare and Write) is
+_FUSED_OPCODES: Final = {CDW0_FUSE_FIRST: IoOpcode.COMPARE, CDW0_FUSE_SECOND: IoOpcode.WRITE}
+#: a fused operation's Write when its Compare failed
+_FUSED_COMPARE_FAILED: Final = failed(
+    CommandError(Status.ABORT_FUSE_FAILED, "its fused Compare failed")
+)
+_COMPARE_FAILED: Final = failed(
+    CommandError(Status.COMPARE_FAILURE, "the blocks differ from the host's data")
+)
+#: the first command of a fused operation whose second never came
+MISSING_FUSED: Final = failed(
+    CommandError(Status.ABORT_FUSE_MISSING, "the second command of its fused operation is missing")
+)
 
 
 def _after(views: Sequence[memoryview], skip: int) -> list[memoryview]:

@@ -274,6 +274,7 @@ class CompletionQueue:
 class SubmissionQueue:
     __slots__ = (
         "cq",
+        "fused_wait",
         "head",
         "journal",
         "memory",
@@ -306,6 +307,9 @@ class SubmissionQueue:
         self.stats = stats if stats is not None else QueueStats(qid)
         #: where a successor finds this queue after a crash (handover/journal.py)
         self.journal: Journal | None = None
+        #: the tail at which the head entry, the first of a fused operation, waits for
+        #: its second (-1: none): the data plane leaves it in the queue until then
+        self.fused_wait = -1
 
     def refresh_tail(self) -> None:
         """Take the tail from the shadow doorbell, if the guest uses one."""
@@ -346,11 +350,16 @@ class SubmissionQueue:
         fence, then load the tail again. The guest does the mirror image (store the
         tail, fence, load EventIdx), so at least one side sees the other's store."""
         if self.shadow is None:
-            return self.head != self.tail
+            return self.has_work()
         self.shadow.set_event_index(self.tail)  # the next new tail rings
         full_fence()
         self.refresh_tail()
-        return self.head != self.tail
+        return self.has_work()
+
+    def has_work(self) -> bool:
+        """Entries wait that the data plane can take: not only the first of a fused
+        operation whose second has not come (`fused_wait`)."""
+        return self.head != self.tail and self.tail != self.fused_wait
 
     def suppress_notification(self) -> None:
         """A polling thread sees new entries by itself: EventIdx one behind the tail

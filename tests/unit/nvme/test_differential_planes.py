@@ -1,7 +1,8 @@
 """The native data plane against the Python one, command for command.
 
 Hypothesis builds random streams of I/O commands (every opcode, valid and invalid
-namespaces and LBAs, FUA, fused and SGL flags), their data pointers (PRPs and PRP
+namespaces and LBAs, FUA, fused and SGL flags; fused Compare and Write pairs, some
+that match the storage), their data pointers (PRPs and PRP
 lists that are valid, misaligned, unmapped, chained into themselves; SGLs of random
 descriptors: data blocks, bit buckets, segments, loops) and memory layouts (holes
 punched in guest memory, memory reachable only by copies), with doorbells rung past
@@ -48,6 +49,7 @@ OPCODES = [
     0x7F,
 ]
 FUA = 1 << 30
+FUSE_FIRST, FUSE_SECOND = 0x1 << 8, 0x2 << 8
 
 
 @dataclass
@@ -142,7 +144,12 @@ def commands(draw: st.DrawFn) -> dict[str, object]:
             else st.integers(0, 48)
         ),
         "nlb": draw(st.integers(0, 15) if draw(st.integers(0, 3)) else st.integers(0, 255)),
-        "flags": draw(st.sampled_from([0] * 8 + [1 << 14, 1 << 15, 3 << 14, 1 << 8])),
+        "flags": draw(
+            st.sampled_from([0] * 8 + [1 << 14, 1 << 15, 3 << 14, 1 << 8, 2 << 8, 3 << 8])
+        ),
+        # a fused Compare and Write of the command's range instead (its data pointer
+        # for both halves; "match": the Compare's buffer holds what the storage holds)
+        "fused": draw(st.sampled_from([None] * 6 + ["pair", "match"])),
         "fua": draw(st.booleans()),
         "deac": draw(st.booleans()),
         "pointer": draw(st.sampled_from(["prp1", "prp1", "prp2", "list", "list", "sgl", "sgl"])),
@@ -177,8 +184,29 @@ def resolve(rig: Rig, address: tuple[str, int]) -> int:
     return value if kind == "wild" else rig.data + value
 
 
-def build(rig: Rig, cmd: dict[str, object], scratch: int) -> list[int]:
-    """The command's dwords; lists and segments go into the scratch data page."""
+def build(rig: Rig, cmd: dict[str, object], scratch: int) -> list[list[int]]:
+    """The command's dwords (two commands for a fused pair); lists and segments go into
+    the scratch data page."""
+    dw = build_one(rig, cmd, scratch)
+    if cmd["fused"] is None:
+        return [dw]
+    first, second = list(dw), list(dw)
+    first[0] = (dw[0] & ~0x3FF) | IoOpcode.COMPARE | FUSE_FIRST
+    second[0] = (dw[0] & ~0x3FF) | IoOpcode.WRITE | FUSE_SECOND
+    known = {
+        nsid: (bs, image) for (nsid, _b, bs, _ro), image in zip(NAMESPACES, rig.images, strict=True)
+    }
+    nsid, slba, nlb = dw[1], dw[10] | (dw[11] << 32), (dw[12] & 0xFFFF) + 1
+    if cmd["fused"] == "match" and nsid in known and known[nsid][0] * nlb <= PAGE:
+        bs, image = known[nsid]
+        data = image.read_bytes()[slba * bs : (slba + nlb) * bs]
+        rig.host.memory.write(scratch, data)
+        first[0] &= ~(3 << 14)  # PRP1 alone: the scratch page
+        first[6:10] = [scratch & 0xFFFFFFFF, scratch >> 32, 0, 0]
+    return [first, second]
+
+
+def build_one(rig: Rig, cmd: dict[str, object], scratch: int) -> list[int]:
     mem = rig.host.memory
     dw = [0] * 16
     dw[0] = int(cmd["opcode"]) | int(cmd["flags"])  # type: ignore[call-overload]
@@ -274,7 +302,8 @@ def test_both_planes_answer_every_stream_alike(
                 q = rig.host.io[1]
                 for i, cmd in enumerate(batch):
                     scratch = rig.page(DATA_PAGES - 1 - i)
-                    q.submit(build(rig, cmd, scratch), ring=False)
+                    for dw in build(rig, cmd, scratch):
+                        q.submit(dw, ring=False)
                 q.ring_sq()
                 if event == "bad doorbell":
                     rig.host.ctrl.mmio_write(DOORBELL_BASE + 8, 4, QUEUE_ENTRIES + page)

@@ -37,9 +37,9 @@ def test_identify_controller(host: Host) -> None:
     # ONCS: Compare, DSM, Write Zeroes, Save/Select, Timestamp, Verify, Copy, Copy atomicity;
     # not Write Uncorrectable (bit 1)
     assert u16(d, 520) == 0b11_1101_1101
-    assert u16(d, 522) == 0  # FUSES: no Compare and Write
+    assert u16(d, 522) == 1  # FUSES: Compare and Write
     assert d[525] == 0b111  # VWC present, Flush with broadcast NSID supported
-    assert u16(d, 532) == 0  # ACWU
+    assert u16(d, 532) == 127  # ACWU: 128 blocks, 512 KiB (MDTS) of 4 KiB blocks
     assert u16(d, 534) == 1  # CDFS: Copy descriptor format 0h
     # SGLS: byte-granular Data Blocks, Bit Bucket, SGLs longer than the transfer
     assert u32(d, 536) == 0b01 | (1 << 16) | (1 << 18)

@@ -337,7 +337,7 @@ def test_invalid_io_opcode(h: Host, opcode: int) -> None:
 
 @pytest.mark.parametrize("flags", [0x01, 0x02, 0x03, 0xC0, 0x41])
 def test_fused_or_reserved_psdt_io_command(h: Host, flags: int) -> None:
-    """FUSE (no fused operations: FUSES 0) and PSDT 11b (reserved)."""
+    """FUSE on a Read (no fused operation has one) and PSDT 11b (reserved)."""
     buf = h.alloc(PAGE)
     dw = rw(READ, 1, buf, 0, 1)
     dw[0] |= flags << 8

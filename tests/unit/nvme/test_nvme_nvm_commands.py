@@ -1,7 +1,7 @@
 """NVM Command Set 1.x I/O commands beyond Read and Write: Compare (3.3.1), Copy (3.3.2),
 Dataset Management attributes (3.3.3), Verify (3.3.5), Write Uncorrectable (3.3.7,
-refused), fused Compare and Write (Base 3.4.2, refused), and the FUA and Limited
-Retry bits, on a temp-file namespace."""
+refused), and the FUA and Limited Retry bits (fused Compare and Write:
+test_fused_compare_and_write.py), on a temp-file namespace."""
 
 from __future__ import annotations
 
@@ -382,19 +382,3 @@ def test_write_uncorrectable_refused(h: Host) -> None:
     _, d = h.identify(Cns.CS_CONTROLLER)
     assert d[2] == 0  # WUSL
     assert media(h, 0, 8) == IMAGE[:PAGE]
-
-
-@pytest.mark.parametrize("fuse", [0b01, 0b10, 0b11])
-def test_fused_compare_and_write_refused(hs: tuple[Host, SpyBackend], fuse: int) -> None:
-    """FUSES 0: either half of a fused pair (and the reserved value) is Invalid Field in
-    Command, and the write half writes nothing."""
-    h, spy = hs
-    prp1, _ = buffer_with(h, bytes(512))
-    for opcode in (COMPARE, WRITE):
-        dw = rw(opcode, 1, prp1, 0, 1)
-        dw[0] |= fuse << 8
-        assert h.io_cmd(1, dw).status == with_dnr(Status.INVALID_FIELD)
-    assert spy.count("writev") == 0
-    _, d = h.identify(Cns.CONTROLLER)
-    assert d[522:524] == bytes(2)  # FUSES
-    assert d[532:534] == bytes(2)  # ACWU

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from ... import __version__
 from ..errors import CommandError
-from ..io import COPY_DESCRIPTOR_FORMATS, copy_limits
+from ..io import COPY_DESCRIPTOR_FORMATS, acwu_blocks, copy_limits
 from ..namespace import Namespace
 from ..prp import send_to_host
 from ..sgl import sgls_field
@@ -28,8 +28,8 @@ OACS = 1 << 8
 # Timestamp (6), Verify (7), Copy (8), Copy Single Atomicity (9: the write portion of a
 # Copy is one write). Not Write Uncorrectable (1): see io.py.
 ONCS = (1 << 0) | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 6) | (1 << 7) | (1 << 8) | (1 << 9)
-# FUSES: no fused operations (Compare and Write is refused: see io.py)
-FUSES = 0
+# FUSES: Compare and Write (bit 0; see io.py)
+FUSES = 1 << 0
 # LPA: commands supported and effects (1), extended data for Get Log Page (2)
 LPA = (1 << 1) | (1 << 2)
 # OAES: Namespace Attribute Notices (8)
@@ -71,7 +71,7 @@ def controller_data(ctrl: Controller) -> bytes:
     data[513] = (4 << 4) | 4  # CQES: 16 bytes
     struct.pack_into("<HIHH", data, 514, 0, cfg.max_namespaces, ONCS, FUSES)  # MAXCMD NN
     data[525] = VWC
-    struct.pack_into("<H", data, 532, 0)  # ACWU: no Compare and Write
+    struct.pack_into("<H", data, 532, acwu_blocks(cfg.max_transfer) - 1)  # ACWU, 0's based
     struct.pack_into("<H", data, 534, COPY_DESCRIPTOR_FORMATS)  # CDFS (OCFS)
     struct.pack_into("<I", data, 536, sgls_field(ctrl.config.sgl_support))  # SGLS
     struct.pack_into("<I", data, 540, 0)  # MNAN
