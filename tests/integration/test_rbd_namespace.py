@@ -676,3 +676,80 @@ def test_a_lost_cluster_fails_commands_retryably_and_serves_again(
         assert status == 0
         assert read(host, 1, 0, 8192) == (0, before)
         assert read(host, 1, 64, 8192) == (0, b"\x62" * 8192)
+
+
+# --- fused Compare and Write ------------------------------------------------------------
+
+COMPARE = 0x05
+COMPARE_FAILED = 0x4285  # Compare Failure, DNR
+FUSED_FAILED = 0x4009  # Command Aborted due to Failed Fused Command, DNR
+
+
+def compare_and_write(
+    host: NvmeHost, nsid: int, lba: int, expected: bytes, new: bytes
+) -> tuple[int, int]:
+    """A fused Compare and Write of `new` where `expected` should be: both statuses."""
+    q = host.io.get(1) or host.create_queue_pair(1)
+    buffers = []
+    for data in (expected, new):
+        buf = host.alloc(len(data))
+        host.ram.write(buf, data)
+        buffers.append(host.prps(buf, len(data)))
+    nlb = len(new) // 512
+    first = nvm_command(COMPARE, nsid, lba, nlb, *buffers[0])
+    second = nvm_command(WRITE, nsid, lba, nlb, *buffers[1])
+    compared, written = q.compare_and_write(first, second, timeout=PATIENCE)
+    return compared.status, written.status
+
+
+def test_compare_and_write_is_librbds_compare_and_write(
+    ceph_cluster: CephCluster, daemon: DaemonProcess, tmp_path: Path, plane: str
+) -> None:
+    """A pair librbd takes (one 512-byte block) runs as its compare-and-write (its
+    `cmp` counter moves, `wr` does not): a match writes, a mismatch writes nothing."""
+    name = image_name("caw")
+    daemon.ok(
+        "controller", "create", "vm", "--socket", str(tmp_path / "vm.sock"),
+        "--data-plane", plane, "--ns", spec(ceph_cluster, name, "create=4M"),
+    )  # fmt: skip
+    new, other = b"\x5a" * 512, b"\xa5" * 512
+    with NvmeHost(str(tmp_path / "vm.sock")) as host:
+        host.enable()
+        before = librbd_counters(ceph_cluster, daemon.proc.pid)
+        assert compare_and_write(host, 1, 9, bytes(512), new) == (0, 0)
+        after = librbd_counters(ceph_cluster, daemon.proc.pid)
+        assert (after["cmp"], after["wr"]) == (before["cmp"] + 1, before["wr"])
+        assert compare_and_write(host, 1, 9, bytes(512), other) == (COMPARE_FAILED, FUSED_FAILED)
+        last = librbd_counters(ceph_cluster, daemon.proc.pid)
+        assert (last["cmp"], last["wr"]) == (after["cmp"] + 1, after["wr"])
+        assert read(host, 1, 9, 512) == (0, new)
+    assert export(ceph_cluster, tmp_path, name)[9 * 512 : 10 * 512] == new
+
+
+def test_compare_and_write_across_an_object_goes_the_generic_way(
+    ceph_cluster: CephCluster, daemon: DaemonProcess, tmp_path: Path, plane: str
+) -> None:
+    """4 KiB objects: a pair across two of them (librbd refuses that one) is compared
+    and written by the device itself, with nothing else in flight."""
+    name = image_name("caw-objects")
+    ceph_cluster.run(
+        "rbd", "create", "--size", "1M", "--object-size", "4K", f"{ceph_cluster.pool}/{name}"
+    )
+    daemon.ok(
+        "controller", "create", "vm", "--socket", str(tmp_path / "vm.sock"),
+        "--data-plane", plane, "--ns", spec(ceph_cluster, name),
+    )  # fmt: skip
+    new = random.Random(3).randbytes(1024)
+    with NvmeHost(str(tmp_path / "vm.sock")) as host:
+        host.enable()
+        before = librbd_counters(ceph_cluster, daemon.proc.pid)
+        assert compare_and_write(host, 1, 7, bytes(1024), new) == (0, 0)  # bytes 3584..4607
+        assert compare_and_write(host, 1, 7, bytes(1024), bytes(1024)) == (
+            COMPARE_FAILED,
+            FUSED_FAILED,
+        )
+        after = librbd_counters(ceph_cluster, daemon.proc.pid)
+        assert after["cmp"] == before["cmp"]  # (refused before reaching the OSDs)
+        assert after["wr"] == before["wr"] + 1
+        assert read(host, 1, 7, 1024) == (0, new)
+    assert export(ceph_cluster, tmp_path, name)[7 * 512 : 9 * 512] == new

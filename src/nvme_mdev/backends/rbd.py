@@ -199,6 +199,7 @@ def _declare(rados: ctypes.CDLL, rbd: ctypes.CDLL) -> None:
             "rbd_aio_release": (None, [vp]),
             "rbd_flush": (i, [vp]),
             "rbd_write_zeroes": (ctypes.c_ssize_t, [vp, u64, sz, i, i]),
+            "rbd_compare_and_write": (ctypes.c_ssize_t, [vp, u64, sz, vp, vp, P(u64), i]),
             "rbd_lock_acquire": (i, [vp, i]),
             "rbd_lock_release": (i, [vp]),
             "rbd_lock_break": (i, [vp, i, cp]),
@@ -689,6 +690,31 @@ class RbdBackend:
         if not write and rc < total:
             raise EndOfStorage(offset + rc)  # the image shrank under the namespace
         return total
+
+    def compare_and_write(
+        self, offset: int, expected: bytes | bytearray, data: bytes | bytearray, fua: bool
+    ) -> bool | None:
+        """A fused Compare and Write as librbd's own compare-and-write, atomic on the
+        OSD: True if the blocks held `expected` and now hold `data`, False if they
+        differ (nothing written); None if librbd does not take this range (EINVAL: it
+        crosses an object, or is more than this librbd takes in one call),
+        and the caller compares and writes itself."""
+        length = len(expected)
+        mismatch = _c_uint64()
+        compare = (_c_char * length).from_buffer_copy(expected)
+        new = (_c_char * length).from_buffer_copy(data)
+        rc = self.rbd.rbd_compare_and_write(
+            self._image, offset, length, compare, new, ctypes.byref(mismatch), 0
+        )
+        if rc == -errno.EINVAL:
+            return None
+        if rc == -errno.EILSEQ:
+            return False
+        if rc < 0:
+            raise _failed(rc, f"{self.description}: compare and write")
+        if fua:
+            self.flush()
+        return True
 
     def flush(self) -> None:
         if self.readonly:
