@@ -34,7 +34,7 @@ with fuzzing.instrumented(__name__):
 
     from nvme_mdev.backends.file import FileBackend, NullBackend
     from nvme_mdev.nvme.namespace import Namespace
-    from nvme_mdev.nvme.spec import SQE, AdminOpcode, Reg
+    from nvme_mdev.nvme.spec import SQE, AdminOpcode, IoOpcode, Reg
 
 MEMORY_SIZE = 2 << 20
 DATA_AREA = 1 << 20  # the data area: the upper half of guest memory
@@ -85,6 +85,13 @@ class State:
         self.aers: set[int] = set()
         #: I/O queue pair 1 is still the fake host's
         self.io = True
+        #: the CID of a Compare with FUSE 01b that waits in the SQ for the next command
+        #: (its second, or the one that shows it missing)
+        self.fused_first: int | None = None
+
+
+def _is_fused_first(dwords: list[int]) -> bool:
+    return dwords[0] & 0xFF == IoOpcode.COMPARE and (dwords[0] >> 8) & 0x3 == 0x1
 
 
 def _run(host: Host, io: bool, dwords: list[int], state: State) -> bool:
@@ -105,9 +112,19 @@ def _run(host: Host, io: bool, dwords: list[int], state: State) -> bool:
     done = queue.reap()
     other = host.admin.reap() if io else []
     mine = [c for c in done if c.cid == cid]
+    waiting = state.fused_first if io else None
+    if waiting is not None:
+        # the next command pairs with it or shows it missing; an Abort may end it earlier
+        ended = [c for c in done if c.cid == waiting]
+        assert len(ended) <= 1, (waiting, done)
+        if ended:
+            state.fused_first = None
     is_aer = not io and dwords[0] & 0xFF == AdminOpcode.ASYNC_EVENT_REQUEST
     if is_aer and not mine:
         aers.add(cid)
+    elif io and not mine and _is_fused_first(dwords):
+        assert state.fused_first is None, (state.fused_first, done)
+        state.fused_first = cid
     else:
         assert len(mine) == 1, (hex(dwords[0]), done)
         if not io and dwords[0] & 0xFF in _QUEUE_CHANGES and mine[0].status == 0:
@@ -115,6 +132,8 @@ def _run(host: Host, io: bool, dwords: list[int], state: State) -> bool:
     for c in done + other:
         assert (c.status >> 8) & 0x7 in _SCTS, c
         assert c.sq_id == (1 if io and c in done else 0), c
+        if c in done and c.cid == waiting:
+            continue
         if c.cid != cid or c in other:
             # only an AER completes on its own
             assert c.sq_id == 0 and c.cid in aers, (c, aers)
