@@ -41,11 +41,16 @@ class _Server(ThreadingHTTPServer):
         address: tuple[str, int],
         handler: type[BaseHTTPRequestHandler],
         max_connections: int,
+        listener: socket.socket | None = None,
     ) -> None:
         self.max_connections = max_connections
         self._active = 0
         self._active_lock = threading.Lock()
-        super().__init__(address, handler)
+        super().__init__(address, handler, bind_and_activate=listener is None)
+        if listener is not None:  # a predecessor's: serve on it, bind nothing
+            self.socket.close()
+            self.socket = listener
+            self.server_address = listener.getsockname()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._active_lock:
@@ -88,7 +93,10 @@ class MetricsServer:
         *,
         timeout: float = TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
+        listener: socket.socket | None = None,
     ) -> None:
+        """`listener`: serve on this listening socket (bound to `address`) instead of
+        binding one."""
         host, sep, port = address.rpartition(":")
         if not sep or not port.isdigit():
             raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:9464")
@@ -131,7 +139,7 @@ class MetricsServer:
                 pass  # a scrape every few seconds is not news
 
         self._httpd = _Server(
-            (host.strip("[]") or "127.0.0.1", int(port)), Handler, max_connections
+            (host.strip("[]") or "127.0.0.1", int(port)), Handler, max_connections, listener
         )
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="metrics", daemon=True
@@ -140,12 +148,9 @@ class MetricsServer:
     @classmethod
     def from_listener(cls, listener: socket.socket, snapshots: Snapshots) -> MetricsServer:
         """Serve on the socket a predecessor process listened on (upgrade in place)."""
-        host, _port = listener.getsockname()[:2]
-        server = cls(f"[{host}]:0" if ":" in host else f"{host}:0", snapshots)
-        server._httpd.socket.close()
-        server._httpd.socket = listener
-        server._httpd.server_address = listener.getsockname()
-        return server
+        host, port = listener.getsockname()[:2]
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return cls(address, snapshots, listener=listener)
 
     @property
     def listener(self) -> socket.socket:

@@ -122,3 +122,25 @@ def test_connections_past_the_limit_get_503(stalled: list[socket.socket]) -> Non
             pytest.fail("the server stayed full after a client left")
     finally:
         server.stop()
+
+
+def test_a_successor_serves_on_its_predecessors_listener_and_binds_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    bound: list[Any] = []
+    real_bind = socket.socket.bind
+
+    def bind(sock: socket.socket, address: Any) -> None:
+        bound.append(address)
+        real_bind(sock, address)
+
+    monkeypatch.setattr(socket.socket, "bind", bind)
+    server = MetricsServer.from_listener(listener, snapshots)
+    server.start()
+    try:
+        assert bound == []  # not even a port of its own for a moment
+        assert server.port == listener.getsockname()[1]
+        assert scrape(server) == 200
+    finally:
+        server.stop()

@@ -8,10 +8,12 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -266,9 +268,19 @@ def test_one_upgrade_at_a_time(tmp_path: Path, image: Path) -> None:
 
 
 def test_cli_upgrade_and_sighup(tmp_path: Path, image: Path) -> None:
-    """`nvme-mdev upgrade` prints one line; SIGHUP to the daemon does the same."""
-    served = Served(tmp_path, str(image))
+    """`nvme-mdev upgrade` prints one line; SIGHUP to the daemon does the same. The
+    Prometheus endpoint stays on its port, served by each process in turn."""
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    served = Served(tmp_path, str(image), "--metrics", f"127.0.0.1:{port}")
+
+    def scrape() -> str:
+        url = f"http://127.0.0.1:{port}/metrics"
+        with urllib.request.urlopen(url, timeout=30) as reply:
+            return str(reply.read().decode())
+
     try:
+        assert "nvme_mdev_io_thread_parks_total" in scrape()
         out = subprocess.run(
             [*CLI, "upgrade", "--control", served.control],
             capture_output=True,
@@ -279,6 +291,7 @@ def test_cli_upgrade_and_sighup(tmp_path: Path, image: Path) -> None:
         assert out.stdout.startswith("upgraded: pid ") and "guests paused" in out.stdout
         new = int(out.stdout.split()[2])
         assert served.first.wait(timeout=30) == 0 and alive(new)
+        assert "nvme_mdev_io_thread_parks_total" in scrape()  # the new process answers
         os.kill(new, signal.SIGHUP)
         deadline = time.monotonic() + 60
         while alive(new):
@@ -287,6 +300,7 @@ def test_cli_upgrade_and_sighup(tmp_path: Path, image: Path) -> None:
         listed = call(served.control, "list")
         assert listed["controllers"][0]["socket"] == str(served.socket)
         served.pid = _pid_of_socket_owner(served.control)
+        assert "nvme_mdev_io_thread_parks_total" in scrape()
     finally:
         served.stop()
 
