@@ -248,3 +248,31 @@ def test_eventidx_unmapped_while_parking_makes_the_controller_fatal_not_the_thre
         assert c.cid == cid and c.status == 0
     finally:
         io.stop()
+
+
+def test_a_fused_first_waits_parked_for_its_second(host: Host) -> None:
+    """A Compare with FUSE 01b rung alone waits in the SQ for its second (Base 3.4.2):
+    meanwhile the I/O thread parks, with EventIdx armed at the tail that holds it, rather
+    than polling it for ever; the Write rung later wakes it and the pair runs."""
+    shadow, eventidx = shadow_setup(host)
+    q = shadowed_queue_pair(host, shadow, eventidx)
+    io = io_thread(host, 0.05)
+    try:
+        expected, new = host.buffer(512), host.buffer(512)  # the image is zeros
+        host.memory.write(new, b"\xa5" * 512)
+        compare, write = rw(0x05, 1, expected, 0, 1), rw(0x01, 1, new, 0, 1)
+        compare[0] |= 0x1 << 8
+        write[0] |= 0x2 << 8
+        before = parks(host)
+        first = q.submit(compare)
+        wait_until_parked(host, q, before)
+        assert q.reap() == []  # not answered alone
+        second = q.submit(write)  # rings: EventIdx asks
+        done = {c.cid: c.status for c in completions(q, 2)}
+        assert done == {first: 0, second: 0}
+        read = host.buffer(512)
+        q.submit(rw(0x02, 1, read, 0, 1))
+        assert [c.status for c in completions(q, 1)] == [0]
+        assert host.memory.read(read, 512) == b"\xa5" * 512
+    finally:
+        io.stop()
