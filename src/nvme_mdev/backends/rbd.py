@@ -692,19 +692,17 @@ class RbdBackend:
         return total
 
     def compare_and_write(
-        self, offset: int, expected: bytes | bytearray, data: bytes | bytearray, fua: bool
+        self, offset: int, expected: bytes, data: bytes, fua: bool
     ) -> bool | None:
         """A fused Compare and Write as librbd's own compare-and-write, atomic on the
         OSD: True if the blocks held `expected` and now hold `data`, False if they
         differ (nothing written); None if librbd does not take this range (EINVAL: it
         crosses an object, or is more than this librbd takes in one call),
         and the caller compares and writes itself."""
-        length = len(expected)
         mismatch = _c_uint64()
-        compare = (_c_char * length).from_buffer_copy(expected)
-        new = (_c_char * length).from_buffer_copy(data)
+        # (bytes go to C as they are: librbd only reads both buffers, during the call)
         rc = self.rbd.rbd_compare_and_write(
-            self._image, offset, length, compare, new, ctypes.byref(mismatch), 0
+            self._image, offset, len(expected), expected, data, ctypes.byref(mismatch), 0
         )
         if rc == -errno.EINVAL:
             return None

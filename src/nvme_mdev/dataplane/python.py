@@ -463,9 +463,8 @@ class PythonDataPlane:
         """The entry at the head of `sq` is the first of a fused operation (FUSE 01b; or
         11b): run it with its second as one unit. Returns the entries taken; 0 if the
         usual path takes this one (FUSE 11b, not a Compare, or an Abort marked it); -1
-        if it stays in
-        the SQ, unfetched, until its second arrives (a guest may ring between the two)
-        or the CQ has room for both completions."""
+        if it stays in the SQ, unfetched, until its second arrives (a guest may ring
+        between the two) or the CQ has room for both completions."""
         sq.fused_wait = -1
         if (
             first[0] & CDW0_FUSE != CDW0_FUSE_FIRST

@@ -61,6 +61,12 @@ class Resumed:
         assert message.header.is_reply
         return message.header
 
+    def __enter__(self) -> Resumed:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         self.server.stop()
         self.reader.close()
@@ -76,16 +82,13 @@ def dma_map(offset: int = 0) -> bytes:
 def test_a_request_answered_before_the_crash_is_skipped(
     sock_dir: Path, device: FakeDevice, memfd: int
 ) -> None:
-    resumed = Resumed(sock_dir, device, answered_before=7)
-    try:
+    with Resumed(sock_dir, device, answered_before=7) as resumed:
         resumed.send(7, p.Command.DMA_MAP, dma_map(), [memfd])  # answered by the dead one
         resumed.send(8, p.Command.DEVICE_RESET, b"")
         resumed.server.start()
         assert resumed.reply().msg_id == 8  # none for 7
         assert resumed.memory.regions == ()  # 7 was not handled again
         assert resumed.journal.last_answered() == 8
-    finally:
-        resumed.close()
 
 
 def test_a_request_not_answered_is_handled_again(
@@ -94,8 +97,7 @@ def test_a_request_not_answered_is_handled_again(
     """The dead process mapped the region (the checkpoint has it) and died before it
     answered: the DMA_MAP, handled again, succeeds; the same DMA_MAP sent anew is the
     client's mistake and fails as ever."""
-    resumed = Resumed(sock_dir, device, answered_before=6)
-    try:
+    with Resumed(sock_dir, device, answered_before=6) as resumed:
         resumed.memory.map(IOVA, SIZE, True, True, os.dup(memfd), 0)
         resumed.send(7, p.Command.DMA_MAP, dma_map(), [memfd])
         resumed.send(8, p.Command.DMA_MAP, dma_map(), [memfd])
@@ -105,27 +107,21 @@ def test_a_request_not_answered_is_handled_again(
         assert (second.msg_id, second.error) == (8, errno.EEXIST)
         assert len(resumed.memory.regions) == 1
         assert resumed.journal.last_answered() == 8
-    finally:
-        resumed.close()
 
 
 def test_a_replayed_dma_map_of_another_file_or_offset_is_refused(
     sock_dir: Path, device: FakeDevice, memfd: int
 ) -> None:
-    resumed = Resumed(sock_dir, device, answered_before=None)
-    try:
+    with Resumed(sock_dir, device, answered_before=None) as resumed:
         resumed.memory.map(IOVA, SIZE, True, True, os.dup(memfd), 0)
         resumed.send(0, p.Command.DMA_MAP, dma_map(offset=SIZE), [memfd])
         resumed.server.start()
         header = resumed.reply()
         assert (header.msg_id, header.error) == (0, errno.EEXIST)
-    finally:
-        resumed.close()
 
 
 def test_a_replayed_dma_unmap_of_what_is_gone_succeeds(sock_dir: Path, device: FakeDevice) -> None:
-    resumed = Resumed(sock_dir, device, answered_before=3)
-    try:
+    with Resumed(sock_dir, device, answered_before=3) as resumed:
         unmap = p.DmaUnmap(0, IOVA, SIZE).encode()
         resumed.send(4, p.Command.DMA_UNMAP, unmap)
         resumed.send(5, p.Command.DMA_UNMAP, unmap)
@@ -133,5 +129,3 @@ def test_a_replayed_dma_unmap_of_what_is_gone_succeeds(sock_dir: Path, device: F
         first, second = resumed.reply(), resumed.reply()
         assert (first.msg_id, first.error) == (4, 0)
         assert (second.msg_id, second.error) == (5, errno.ENOENT)
-    finally:
-        resumed.close()
